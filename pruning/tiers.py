@@ -1,0 +1,56 @@
+"""Tier maps: which blocks stay dense, go 2:4 or keep their top-K, and the masks they imply."""
+import torch
+
+from sparse_kernels import DENSE, SPARSE_24, TOPK, block_topk_mask, nm_mask
+from sparse_kernels.format import check_tier_map
+
+
+def check_ratios(ratios) -> tuple[float, float, float]:
+    """Validate (dense, 2:4, top-K) fractions: three numbers in [0, 1] summing to 1."""
+    ratios = tuple(float(r) for r in ratios)
+    if len(ratios) != 3 or any(not 0.0 <= r <= 1.0 for r in ratios) \
+            or abs(sum(ratios) - 1.0) > 1e-6:
+        raise ValueError(f"tier ratios must be three fractions (dense, 2:4, top-K) in [0, 1] "
+                         f"summing to 1, got {ratios}")
+    return ratios
+
+
+def assign_tiers(block_scores: torch.Tensor, ratios=(0.35, 0.45, 0.20)) -> torch.Tensor:
+    """Tier map (int8, same shape as ``block_scores``) from block importance.
+
+    Blocks are ranked by score, highest first (ties to the lower flat index): the first
+    ``int(n * ratios[0])`` stay dense, the next ``int(n * ratios[1])`` go 2:4, the rest top-K.
+    """
+    r_dense, r_24, _ = check_ratios(ratios)
+    n = block_scores.numel()
+    n_dense, n_24 = int(n * r_dense), int(n * r_24)
+    order = torch.sort(block_scores.flatten().float(), descending=True, stable=True).indices
+    tiers = torch.full((n,), TOPK, dtype=torch.int8, device=block_scores.device)
+    tiers[order[:n_dense]] = DENSE
+    tiers[order[n_dense:n_dense + n_24]] = SPARSE_24
+    return tiers.reshape(block_scores.shape)
+
+
+def tier_mask(scores: torch.Tensor, tier_map: torch.Tensor, topk: int = 15,
+              block_size: int = 16) -> torch.Tensor:
+    """Bool mask [out, in] (True = kept) that ``tier_map`` implies for ``scores [out, in]``.
+
+    Dense blocks keep everything, 2:4 blocks the 2 best of every 4 input columns of a row,
+    top-K blocks their ``topk`` best entries.
+    """
+    out_f, in_f = scores.shape
+    tiers = check_tier_map(tier_map, out_f, in_f, block_size).to(scores.device)
+    per_entry = tiers.repeat_interleave(block_size, 0).repeat_interleave(block_size, 1)
+    per_entry = per_entry[:out_f, :in_f]
+    return torch.where(per_entry == DENSE, True,
+                       torch.where(per_entry == SPARSE_24, nm_mask(scores, 2, 4),
+                                   block_topk_mask(scores, topk, block_size)))
+
+
+def apply_tier_map(weight: torch.Tensor, tier_map: torch.Tensor, topk: int = 15,
+                   block_size: int = 16, scores: torch.Tensor | None = None) -> torch.Tensor:
+    """``weight`` with everything outside ``tier_mask`` zeroed (scores default to ``|weight|``)."""
+    if scores is None:
+        scores = weight.detach().abs().float()
+    mask = tier_mask(scores, tier_map, topk, block_size)
+    return weight.masked_fill(~mask, 0)

@@ -1,0 +1,64 @@
+"""Builds ``sparse_kernels._C``: the C++ CPU kernels always, the CUDA kernels when possible.
+
+Environment:
+  SPARSE_KERNELS_NO_EXT=1     build no native code at all (the torch reference serves every op)
+  TORCH_CUDA_ARCH_LIST        CUDA architectures (default "8.0;9.0a")
+  SPARSE_KERNELS_NATIVE_ARCH  "0" to build the CPU kernels without -march=native (portable wheels)
+"""
+import glob
+import os
+import shutil
+
+from setuptools import setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _sources(folder, pattern):
+    return sorted(glob.glob(os.path.join("csrc", folder, pattern)))
+
+
+def _cuda_skip_reason(torch_module):
+    """Why the CUDA kernels cannot be built here, or None when they can."""
+    if not _sources("cuda", "*.cu"):
+        return "csrc/cuda has no .cu sources yet"
+    if torch_module.version.cuda is None:
+        return f"torch {torch_module.__version__} is a CPU-only build"
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    if CUDA_HOME is None or shutil.which("nvcc", path=os.path.join(CUDA_HOME, "bin")) is None:
+        return "nvcc was not found (set CUDA_HOME)"
+    return None
+
+
+def _extensions():
+    if os.environ.get("SPARSE_KERNELS_NO_EXT", "0") == "1":
+        print("sparse_kernels: SPARSE_KERNELS_NO_EXT=1, building no native code; "
+              "the torch reference serves every op")
+        return [], {}
+    import torch
+    from torch.utils import cpp_extension
+
+    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
+    if os.environ.get("SPARSE_KERNELS_NATIVE_ARCH", "1") == "1":
+        cxx_flags.append("-march=native")
+    sources = _sources("cpu", "*.cpp")
+    include_dirs = [os.path.join(HERE, "csrc")]
+    skip = _cuda_skip_reason(torch)
+    if skip is None:
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
+        sources += _sources("cuda", "*.cu") + _sources("cuda", "*.cpp")
+        ext = cpp_extension.CUDAExtension(
+            "sparse_kernels._C", sources, include_dirs=include_dirs,
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]},
+            extra_link_args=["-fopenmp"], py_limited_api=False)
+    else:
+        print(f"sparse_kernels: CUDA kernels skipped ({skip}); building the C++ CPU kernels only")
+        ext = cpp_extension.CppExtension(
+            "sparse_kernels._C", sources, include_dirs=include_dirs,
+            extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-fopenmp"])
+    return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(no_python_abi_suffix=True)}
+
+
+ext_modules, cmdclass = _extensions()
+setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -1,0 +1,20 @@
+"""Three-tier hybrid sparse kernels: dense, 2:4 and top-K blocks of a pruned weight.
+
+Public API:
+  HybridWeight            the packed format (format.py)
+  hybrid_linear           y = x @ W^T + bias from a HybridWeight
+  HybridSparseLinear      nn.Module holding a HybridWeight; sparsify_model swaps them in
+  wanda_scores, block_topk_mask, nm_mask, compress_24   pruning-side kernels
+  available_backends      which backends this install can run
+"""
+from ._ops import block_topk_mask, compress_24, nm_mask, wanda_scores
+from .backends import available_backends
+from .format import DENSE, SPARSE_24, TIER_NAMES, TOPK, HybridWeight
+from .functional import hybrid_linear
+from .modules import HybridSparseLinear, sparsify_model
+
+__all__ = [
+    "HybridWeight", "HybridSparseLinear", "sparsify_model", "hybrid_linear",
+    "wanda_scores", "block_topk_mask", "nm_mask", "compress_24", "available_backends",
+    "DENSE", "SPARSE_24", "TOPK", "TIER_NAMES",
+]

@@ -1,0 +1,129 @@
+"""Every op of the package, declared once under the ``sparse_kernels`` namespace.
+
+Each op has one schema, a fake (meta) implementation for tracing, and its pure-torch
+reference (``reference.py``) registered as ``CompositeExplicitAutograd``: it serves any device
+that no compiled backend claims. Compiled backends register faster implementations for the
+``CPU`` / ``CUDA`` dispatch keys (``csrc/``); the dispatcher prefers those.
+
+The thin wrappers at the bottom pick a backend (``backends.py``): ``"torch"`` calls the
+reference directly, any other name calls the dispatched op.
+"""
+import torch
+
+from . import reference
+from ._loader import native_loaded  # noqa: F401  (loads the library before the first call)
+from .backends import resolve_backend
+
+_LIB = torch.library.Library("sparse_kernels", "DEF")
+
+_SCHEMAS = {
+    "wanda_scores": "(Tensor weight, Tensor act_sq_norm, int block_size) -> (Tensor, Tensor)",
+    "block_topk_mask": "(Tensor scores, int k, int block_size) -> Tensor",
+    "nm_mask": "(Tensor scores, int n, int m) -> Tensor",
+    "compress_24": "(Tensor blocks) -> (Tensor, Tensor)",
+    "hybrid_linear": (
+        "(Tensor x, Tensor dense_rowptr, Tensor dense_cols, Tensor dense_vals, "
+        "Tensor s24_rowptr, Tensor s24_cols, Tensor s24_vals, Tensor s24_meta, "
+        "Tensor topk_rowptr, Tensor topk_cols, Tensor topk_vals, Tensor topk_pos, "
+        "int out_features, Tensor? bias=None) -> Tensor"),
+}
+
+for _name, _schema in _SCHEMAS.items():
+    _LIB.define(_name + _schema)
+    _LIB.impl(_name, getattr(reference, _name), "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("sparse_kernels::wanda_scores")
+def _(weight, act_sq_norm, block_size):
+    out_f, in_f = weight.shape
+    blocks = (-(-out_f // block_size), -(-in_f // block_size))
+    return (weight.new_empty(weight.shape, dtype=torch.float32),
+            weight.new_empty(blocks, dtype=torch.float32))
+
+
+@torch.library.register_fake("sparse_kernels::block_topk_mask")
+def _(scores, k, block_size):
+    return scores.new_empty(scores.shape, dtype=torch.bool)
+
+
+@torch.library.register_fake("sparse_kernels::nm_mask")
+def _(scores, n, m):
+    return scores.new_empty(scores.shape, dtype=torch.bool)
+
+
+@torch.library.register_fake("sparse_kernels::compress_24")
+def _(blocks):
+    n, b, _ = blocks.shape
+    return blocks.new_empty((n, b, b // 2)), blocks.new_empty((n, b), dtype=torch.int16)
+
+
+@torch.library.register_fake("sparse_kernels::hybrid_linear")
+def _(x, dense_rowptr, dense_cols, dense_vals, s24_rowptr, s24_cols, s24_vals, s24_meta,
+      topk_rowptr, topk_cols, topk_vals, topk_pos, out_features, bias=None):
+    return x.new_empty((x.shape[0], out_features))
+
+
+def _call(name: str, backend: str | None, device: torch.device, *args):
+    if resolve_backend(backend, device) == "torch":
+        return getattr(reference, name)(*args)
+    return getattr(torch.ops.sparse_kernels, name)(*args)
+
+
+def _check_float(name: str, t: torch.Tensor) -> None:
+    if t.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"{name} must be float32, bfloat16 or float16, got {t.dtype}")
+
+
+def _check_2d(name: str, t: torch.Tensor) -> None:
+    if t.dim() != 2:
+        raise ValueError(f"{name} must be 2-D [out_features, in_features], got shape "
+                         f"{tuple(t.shape)}")
+
+
+def _check_block_size(block_size: int) -> None:
+    if block_size not in (4, 8, 12, 16):
+        raise ValueError(f"block_size must be 4, 8, 12 or 16 (a multiple of 4 so 2:4 groups "
+                         f"align, at most 16 so a top-K position fits a byte), got {block_size}")
+
+
+def wanda_scores(weight: torch.Tensor, act_sq_norm: torch.Tensor, block_size: int = 16, *,
+                 backend: str | None = None):
+    """Fused Wanda scores and block scores; see ``reference.wanda_scores`` for the contract."""
+    _check_2d("weight", weight)
+    _check_float("weight", weight)
+    _check_block_size(block_size)
+    if act_sq_norm.shape != (weight.shape[1],):
+        raise ValueError(f"act_sq_norm must have shape ({weight.shape[1]},) (one entry per input "
+                         f"column of weight), got {tuple(act_sq_norm.shape)}")
+    _check_float("act_sq_norm", act_sq_norm)
+    return _call("wanda_scores", backend, weight.device, weight, act_sq_norm, block_size)
+
+
+def block_topk_mask(scores: torch.Tensor, k: int, block_size: int = 16, *,
+                    backend: str | None = None) -> torch.Tensor:
+    """Bool mask keeping the ``k`` best scores of each block; see ``reference.block_topk_mask``."""
+    _check_2d("scores", scores)
+    _check_float("scores", scores)
+    _check_block_size(block_size)
+    if not 1 <= k <= block_size * block_size:
+        raise ValueError(f"k must be in 1..{block_size * block_size} (block_size^2), got {k}")
+    return _call("block_topk_mask", backend, scores.device, scores, k, block_size)
+
+
+def nm_mask(scores: torch.Tensor, n: int = 2, m: int = 4, *,
+            backend: str | None = None) -> torch.Tensor:
+    """Bool mask keeping the ``n`` best of every ``m`` input columns; see ``reference.nm_mask``."""
+    _check_2d("scores", scores)
+    _check_float("scores", scores)
+    if not 1 <= n <= m:
+        raise ValueError(f"N:M needs 1 <= n <= m, got n={n}, m={m}")
+    return _call("nm_mask", backend, scores.device, scores, n, m)
+
+
+def compress_24(blocks: torch.Tensor, *, backend: str | None = None):
+    """2:4 blocks [n, B, B] -> (values [n, B, B/2], meta [n, B] int16); see ``reference``."""
+    if blocks.dim() != 3 or blocks.shape[1] != blocks.shape[2]:
+        raise ValueError(f"blocks must be [n, B, B], got shape {tuple(blocks.shape)}")
+    _check_float("blocks", blocks)
+    _check_block_size(blocks.shape[1])
+    return _call("compress_24", backend, blocks.device, blocks)

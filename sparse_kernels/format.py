@@ -1,0 +1,287 @@
+"""``HybridWeight``: the packed three-tier format the kernels consume.
+
+A weight ``W [out, in]`` (rows = output features, columns = input features) is cut into
+``B x B`` blocks, ``B`` in {4, 8, 12, 16}; edge blocks are zero-padded to ``B x B``. Its tier
+map ``[ceil(out/B), ceil(in/B)]`` (int8) gives each block a tier:
+
+====  =======  ===============================================================
+code  tier     kept
+====  =======  ===============================================================
+0     dense    all ``B*B`` values
+1     2:4      at most 2 non-zeros in each aligned group of 4 input columns of a row
+2     top-K    at most ``K`` non-zeros anywhere in the block
+====  =======  ===============================================================
+
+Layout contract (every tensor contiguous; ``n_t`` = number of blocks of tier ``t``):
+
+* per tier, a CSR index over block-rows: ``<tier>_rowptr`` int32 ``[nbr + 1]`` and
+  ``<tier>_cols`` int32 ``[n_t]``, the block columns, ascending within a block-row. The value
+  tensors below list the blocks in the same order.
+* ``dense_vals`` ``[n_dense, B, B]``, the block row-major, in the weight's dtype.
+* ``s24_vals`` ``[n_24, B, B/2]`` and ``s24_meta`` int16 ``[n_24, B]``: the kept half of each
+  row and the 2-bit positions; slot ``j`` of a row is column ``4*(j//2) + ((meta >> 2j) & 3)``
+  of the block (see ``reference.compress_24``).
+* ``topk_vals`` ``[n_topk, K]`` and ``topk_pos`` uint8 ``[n_topk, K]``: values and positions
+  ``row * B + col`` inside the block, ascending. A block with fewer than K non-zeros pads with
+  zero values at unused positions (possibly in the zero padding of an edge block).
+* ``tier_map`` int8 ``[nbr, nbc]`` is kept beside them for reports.
+
+Bytes of an fp16 16x16 block at the ideal: dense 512, 2:4 256 + 32, top-K(15) 30 + 15.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+
+import torch
+
+from . import _ops, reference
+
+DENSE, SPARSE_24, TOPK = 0, 1, 2
+TIER_NAMES = {DENSE: "dense", SPARSE_24: "2:4", TOPK: "top-K"}
+FORMAT_VERSION = 1
+
+# Field order of the packed tensors = argument order of the hybrid_linear op.
+PACKED_FIELDS = ("dense_rowptr", "dense_cols", "dense_vals",
+                 "s24_rowptr", "s24_cols", "s24_vals", "s24_meta",
+                 "topk_rowptr", "topk_cols", "topk_vals", "topk_pos")
+
+
+def tier_grid(out_features: int, in_features: int, block_size: int) -> tuple[int, int]:
+    """Shape of the tier map of a ``[out_features, in_features]`` weight."""
+    return -(-out_features // block_size), -(-in_features // block_size)
+
+
+def check_tier_map(tier_map: torch.Tensor, out_features: int, in_features: int,
+                   block_size: int) -> torch.Tensor:
+    """Validate a tier map for a weight shape and return it as int8 on the CPU."""
+    grid = tier_grid(out_features, in_features, block_size)
+    if not isinstance(tier_map, torch.Tensor) or tier_map.dtype.is_floating_point \
+            or tier_map.dtype.is_complex or tier_map.dtype == torch.bool:
+        raise TypeError(f"tier_map must be an integer tensor (int8 codes 0=dense, 1=2:4, "
+                        f"2=top-K), got {getattr(tier_map, 'dtype', type(tier_map))}")
+    if tuple(tier_map.shape) != grid:
+        raise ValueError(f"tier_map has shape {tuple(tier_map.shape)}, but a "
+                         f"[{out_features}, {in_features}] weight in {block_size}x{block_size} "
+                         f"blocks needs {grid}")
+    bad = (tier_map < 0) | (tier_map > 2)
+    if bad.any():
+        r, c = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"tier_map[{r}, {c}] = {int(tier_map[r, c])}: tier codes must be "
+                         f"0 (dense), 1 (2:4) or 2 (top-K)")
+    return tier_map.to(device="cpu", dtype=torch.int8).contiguous()
+
+
+def _csr(is_tier: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Row pointers, block columns and flat block ids of the blocks where ``is_tier``."""
+    counts = is_tier.sum(1, dtype=torch.int32)
+    rowptr = torch.zeros(is_tier.shape[0] + 1, dtype=torch.int32, device=is_tier.device)
+    rowptr[1:] = torch.cumsum(counts, 0)
+    flat = is_tier.flatten().nonzero().flatten()
+    return rowptr, (flat % is_tier.shape[1]).to(torch.int32), flat
+
+
+def _check_24_pattern(blocks: torch.Tensor, ids: torch.Tensor, nbc: int, b: int) -> None:
+    groups = (blocks[ids] != 0).reshape(len(ids), b, b // 4, 4).sum(-1)
+    bad = groups > 2
+    if bad.any():
+        i, row, g = (int(v) for v in bad.nonzero()[0])
+        br, bc = divmod(int(ids[i]), nbc)
+        raise ValueError(
+            f"block ({br}, {bc}) is tier 2:4 but row {br * b + row} has {int(groups[i, row, g])} "
+            f"non-zeros in input columns {bc * b + 4 * g}..{bc * b + 4 * g + 3} (2:4 keeps at "
+            f"most 2 of every 4); mask the weight first (pruning.apply_tier_map)")
+
+
+def _check_topk_pattern(blocks: torch.Tensor, ids: torch.Tensor, nbc: int, k: int) -> None:
+    counts = (blocks[ids] != 0).flatten(1).sum(-1)
+    bad = counts > k
+    if bad.any():
+        i = int(bad.nonzero()[0])
+        br, bc = divmod(int(ids[i]), nbc)
+        raise ValueError(f"block ({br}, {bc}) is tier top-K but has {int(counts[i])} non-zeros "
+                         f"(K = {k}); mask the weight first (pruning.apply_tier_map)")
+
+
+def _pack_topk(blocks: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[n, B*B] blocks with <= k non-zeros -> values [n, k], positions uint8 [n, k] ascending."""
+    nonzero = (blocks != 0).to(torch.int8)
+    pos = torch.sort(nonzero, dim=1, descending=True, stable=True).indices[:, :k]
+    pos = torch.sort(pos, dim=1).values
+    return torch.gather(blocks, 1, pos).contiguous(), pos.to(torch.uint8)
+
+
+@dataclass
+class HybridWeight:
+    """A weight in the packed three-tier format (layout in the module docstring)."""
+
+    out_features: int
+    in_features: int
+    block_size: int
+    topk: int
+    tier_map: torch.Tensor
+    dense_rowptr: torch.Tensor
+    dense_cols: torch.Tensor
+    dense_vals: torch.Tensor
+    s24_rowptr: torch.Tensor
+    s24_cols: torch.Tensor
+    s24_vals: torch.Tensor
+    s24_meta: torch.Tensor
+    topk_rowptr: torch.Tensor
+    topk_cols: torch.Tensor
+    topk_vals: torch.Tensor
+    topk_pos: torch.Tensor
+
+    @classmethod
+    def from_dense(cls, weight: torch.Tensor, tier_map: torch.Tensor, topk: int = 15,
+                   block_size: int = 16) -> HybridWeight:
+        """Pack ``weight [out, in]``, which already carries its zeros, by ``tier_map``.
+
+        Raises ``ValueError`` naming the block if a 2:4 block has more than 2 non-zeros in a
+        group of 4 or a top-K block more than ``topk``.
+        """
+        _ops._check_2d("weight", weight)
+        _ops._check_float("weight", weight)
+        _ops._check_block_size(block_size)
+        if not 1 <= topk <= block_size * block_size:
+            raise ValueError(f"topk must be in 1..{block_size * block_size} (block_size^2), "
+                             f"got {topk}")
+        out_f, in_f = weight.shape
+        tiers = check_tier_map(tier_map, out_f, in_f, block_size).to(weight.device)
+        nbr, nbc = tiers.shape
+        b = block_size
+        padded = torch.nn.functional.pad(weight.detach(), (0, nbc * b - in_f, 0, nbr * b - out_f))
+        blocks = padded.reshape(nbr, b, nbc, b).permute(0, 2, 1, 3).reshape(nbr * nbc, b, b)
+
+        dense_rowptr, dense_cols, dense_ids = _csr(tiers == DENSE)
+        s24_rowptr, s24_cols, s24_ids = _csr(tiers == SPARSE_24)
+        topk_rowptr, topk_cols, topk_ids = _csr(tiers == TOPK)
+        _check_24_pattern(blocks, s24_ids, nbc, b)
+        _check_topk_pattern(blocks, topk_ids, nbc, topk)
+
+        s24_vals, s24_meta = _ops.compress_24(blocks[s24_ids].contiguous())
+        topk_vals, topk_pos = _pack_topk(blocks[topk_ids].reshape(-1, b * b), topk)
+        return cls(out_f, in_f, b, topk, tiers,
+                   dense_rowptr, dense_cols, blocks[dense_ids].contiguous(),
+                   s24_rowptr, s24_cols, s24_vals, s24_meta,
+                   topk_rowptr, topk_cols, topk_vals, topk_pos)
+
+    # ------------------------------------------------------------------ views
+    def packed_tensors(self) -> tuple[torch.Tensor, ...]:
+        """The packed tensors in the argument order of the ``hybrid_linear`` op."""
+        return tuple(getattr(self, name) for name in PACKED_FIELDS)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor of the format, ``tier_map`` included, by field name."""
+        return {"tier_map": self.tier_map, **dict(zip(PACKED_FIELDS, self.packed_tensors()))}
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.dense_vals.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.dense_vals.device
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.out_features, self.in_features
+
+    def to_dense(self) -> torch.Tensor:
+        """The masked weight ``[out, in]``, bit-exact (zeros come back as +0.0)."""
+        return reference.unpack_blocks(*self.packed_tensors(), self.out_features,
+                                       self.in_features)
+
+    def to(self, device=None, dtype: torch.dtype | None = None) -> HybridWeight:
+        """Copy to another device and/or value dtype (indices keep their dtypes)."""
+        values = {"dense_vals", "s24_vals", "topk_vals"}
+        moved = {name: t.to(device=device, dtype=dtype if name in values else None)
+                 for name, t in self.tensors().items()}
+        moved["tier_map"] = self.tier_map  # reports only; stays on the CPU
+        return HybridWeight(self.out_features, self.in_features, self.block_size, self.topk,
+                            **moved)
+
+    # ------------------------------------------------------------------ sizes
+    def tier_counts(self) -> dict[str, int]:
+        return {TIER_NAMES[t]: int((self.tier_map == t).sum()) for t in TIER_NAMES}
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of every stored tensor, block index and tier map included."""
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+    @property
+    def ideal_nbytes(self) -> int:
+        """Bytes if each block stored only its kept values and their positions, no index."""
+        es, bb = self.dense_vals.element_size(), self.block_size ** 2
+        counts = self.tier_counts()
+        return (counts["dense"] * bb * es + counts["2:4"] * (bb // 2 * es + bb // 16)
+                + counts["top-K"] * self.topk * (es + 1))
+
+    @property
+    def dense_nbytes(self) -> int:
+        return self.out_features * self.in_features * self.dense_vals.element_size()
+
+    # ------------------------------------------------------------------ disk
+    def metadata(self) -> dict[str, str]:
+        return {"format": "sparse_kernels.HybridWeight", "format_version": str(FORMAT_VERSION),
+                "out_features": str(self.out_features), "in_features": str(self.in_features),
+                "block_size": str(self.block_size), "topk": str(self.topk)}
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write to a safetensors file atomically (a temp file renamed into place)."""
+        from safetensors.torch import save_file
+
+        path = os.fspath(path)
+        folder = os.path.dirname(os.path.abspath(path))
+        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file({k: t.contiguous().cpu() for k, t in self.tensors().items()}, tmp,
+                      metadata=self.metadata())
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> HybridWeight:
+        """Read a file written by ``save``."""
+        from safetensors import safe_open
+
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no HybridWeight file at {path!r}")
+        with safe_open(path, framework="pt", device=str(device)) as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != "sparse_kernels.HybridWeight":
+                raise ValueError(f"{path!r} is not a HybridWeight file (metadata: "
+                                 f"{json.dumps(meta)[:200]})")
+            if int(meta["format_version"]) > FORMAT_VERSION:
+                raise ValueError(f"{path!r} has format version {meta['format_version']}; this "
+                                 f"package reads up to {FORMAT_VERSION}: upgrade it")
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+        tensors["tier_map"] = tensors["tier_map"].cpu()
+        return cls(int(meta["out_features"]), int(meta["in_features"]),
+                   int(meta["block_size"]), int(meta["topk"]), **tensors)
+
+    @classmethod
+    def empty(cls, out_features: int, in_features: int, tier_map: torch.Tensor, topk: int = 15,
+              block_size: int = 16, dtype: torch.dtype = torch.float32,
+              device: str | torch.device | None = None) -> HybridWeight:
+        """Zero-filled tensors of the shapes ``tier_map`` implies (a target for loading)."""
+        tiers = check_tier_map(tier_map, out_features, in_features, block_size)
+        b = block_size
+        index = {}
+        for prefix, code in (("dense", DENSE), ("s24", SPARSE_24), ("topk", TOPK)):
+            rowptr, cols, _ = _csr(tiers == code)
+            index[prefix] = (rowptr.to(device), cols.to(device), len(cols))
+        n_dense, n_24, n_topk = index["dense"][2], index["s24"][2], index["topk"][2]
+        zeros = lambda *shape, dt=dtype: torch.zeros(shape, dtype=dt, device=device)  # noqa: E731
+        return cls(out_features, in_features, b, topk, tiers,
+                   *index["dense"][:2], zeros(n_dense, b, b),
+                   *index["s24"][:2], zeros(n_24, b, b // 2), zeros(n_24, b, dt=torch.int16),
+                   *index["topk"][:2], zeros(n_topk, topk), zeros(n_topk, topk, dt=torch.uint8))
+

@@ -1,0 +1,42 @@
+"""``hybrid_linear``: ``y = x @ W^T + bias`` straight from a ``HybridWeight``."""
+import torch
+
+from ._ops import _call
+from .format import HybridWeight
+
+
+def check_linear_inputs(x: torch.Tensor, in_features: int, out_features: int,
+                        dtype: torch.dtype, device: torch.device,
+                        bias: torch.Tensor | None) -> None:
+    if x.shape[-1] != in_features:
+        raise ValueError(f"x has {x.shape[-1]} input features (shape {tuple(x.shape)}), the "
+                         f"weight expects {in_features}")
+    if x.dtype != dtype:
+        raise TypeError(f"x is {x.dtype} but the weight values are {dtype}; cast one "
+                        f"(HybridWeight.to(dtype=...) or module.to(dtype))")
+    if x.device != device:
+        raise RuntimeError(f"x is on {x.device} but the weight is on {device}")
+    if bias is not None and (bias.shape != (out_features,) or bias.dtype != x.dtype):
+        raise ValueError(f"bias must be [{out_features}] {x.dtype}, got "
+                         f"{tuple(bias.shape)} {bias.dtype}")
+
+
+def apply_packed(x: torch.Tensor, packed: tuple[torch.Tensor, ...], out_features: int,
+                 bias: torch.Tensor | None, backend: str | None) -> torch.Tensor:
+    """Run the ``hybrid_linear`` op on already-checked inputs of any leading shape."""
+    lead = x.shape[:-1]
+    y = _call("hybrid_linear", backend, x.device, x.reshape(-1, x.shape[-1]), *packed,
+              out_features, bias)
+    return y.reshape(*lead, out_features)
+
+
+def hybrid_linear(x: torch.Tensor, weight: HybridWeight, bias: torch.Tensor | None = None, *,
+                  backend: str | None = None) -> torch.Tensor:
+    """Apply a packed hybrid weight to ``x [..., in_features]`` -> ``[..., out_features]``.
+
+    ``x``, the weight's values and ``bias [out_features]`` share one dtype (fp32, bf16 or fp16)
+    and device; accumulation is fp32. ``backend`` forces a backend (``available_backends()``).
+    """
+    check_linear_inputs(x, weight.in_features, weight.out_features, weight.dtype, weight.device,
+                        bias)
+    return apply_packed(x, weight.packed_tensors(), weight.out_features, bias, backend)

@@ -1,0 +1,93 @@
+"""``HybridSparseLinear`` and ``sparsify_model``: swap pruned ``nn.Linear`` layers for kernels."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .format import PACKED_FIELDS, HybridWeight
+from .functional import apply_packed, check_linear_inputs
+
+
+class HybridSparseLinear(nn.Module):
+    """A linear layer whose weight is stored in the packed three-tier format.
+
+    ``forward(x [..., in_features]) -> [..., out_features]`` equals ``F.linear(x, W, bias)`` for
+    the masked weight ``W`` it was built from. The packed tensors are buffers (names as in
+    ``HybridWeight``), so ``state_dict`` / ``load_state_dict`` round-trip between modules made
+    with the same tier map. ``backend`` pins a kernel backend (None: the fastest available).
+    """
+
+    def __init__(self, in_features: int, out_features: int, tier_map: torch.Tensor,
+                 topk: int = 15, block_size: int = 16, bias: bool = True, *,
+                 dtype: torch.dtype | None = None, device=None, backend: str | None = None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.block_size, self.topk, self.backend = block_size, topk, backend
+        dtype = dtype or torch.get_default_dtype()
+        empty = HybridWeight.empty(out_features, in_features, tier_map, topk, block_size,
+                                   dtype=dtype, device=device)
+        for name, tensor in empty.tensors().items():
+            self.register_buffer(name, tensor)
+        self.bias = (nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device),
+                                  requires_grad=False) if bias else None)
+
+    @classmethod
+    def from_weight(cls, weight: HybridWeight, bias: torch.Tensor | None = None, *,
+                    backend: str | None = None) -> HybridSparseLinear:
+        module = cls(weight.in_features, weight.out_features, weight.tier_map, weight.topk,
+                     weight.block_size, bias is not None, dtype=weight.dtype,
+                     device=weight.device, backend=backend)
+        for name, tensor in weight.tensors().items():
+            getattr(module, name).copy_(tensor)
+        if bias is not None:
+            module.bias.data.copy_(bias.detach())
+        return module
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, tier_map: torch.Tensor, topk: int = 15,
+                    block_size: int = 16, *, backend: str | None = None) -> HybridSparseLinear:
+        """Pack a pruned ``nn.Linear`` (its weight must already follow ``tier_map``)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"expected an nn.Linear, got {type(linear).__name__}")
+        weight = HybridWeight.from_dense(linear.weight.detach(), tier_map, topk, block_size)
+        return cls.from_weight(weight, linear.bias, backend=backend)
+
+    @property
+    def hybrid_weight(self) -> HybridWeight:
+        return HybridWeight(self.out_features, self.in_features, self.block_size, self.topk,
+                            **{name: getattr(self, name) for name in ("tier_map",) + PACKED_FIELDS})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_linear_inputs(x, self.in_features, self.out_features, self.dense_vals.dtype,
+                            self.dense_vals.device, self.bias)
+        packed = tuple(getattr(self, name) for name in PACKED_FIELDS)
+        return apply_packed(x, packed, self.out_features, self.bias, self.backend)
+
+    def extra_repr(self) -> str:
+        counts = self.hybrid_weight.tier_counts()
+        tiers = ", ".join(f"{name}={n}" for name, n in counts.items())
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"block_size={self.block_size}, topk={self.topk}, blocks({tiers}), "
+                f"bias={self.bias is not None}, backend={self.backend or 'auto'}")
+
+
+def sparsify_model(model: nn.Module, tier_maps: dict[str, torch.Tensor], topk: int = 15,
+                   block_size: int = 16, *, backend: str | None = None) -> nn.Module:
+    """Replace the ``nn.Linear`` named in ``tier_maps`` (names as in ``named_modules()``).
+
+    Each weight must already follow its tier map (pruned). Returns ``model``, changed in place.
+    All names are checked before any module is replaced, so a bad name changes nothing.
+    """
+    modules = dict(model.named_modules())
+    for name in tier_maps:
+        if name not in modules:
+            raise KeyError(f"the model has no module named {name!r}")
+        if not isinstance(modules[name], nn.Linear):
+            raise TypeError(f"{name!r} is a {type(modules[name]).__name__}, not an nn.Linear")
+    replacements = {name: HybridSparseLinear.from_linear(modules[name], tier_map, topk,
+                                                         block_size, backend=backend)
+                    for name, tier_map in tier_maps.items()}
+    for name, new in replacements.items():
+        parent_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), attr, new)
+    return model
