@@ -1,0 +1,279 @@
+// Hybrid matmul kernels for one block-row of the packed three-tier format, in plain C++ (no torch
+// headers, so they compile in a second and a standalone harness can call them).
+//
+// Layout of the packed tensors: sparse_kernels/format.py. The x buffers the kernels read are
+// zero-padded to whole 16-column blocks, so padded 2:4 slots and padded top-K positions (value
+// 0, possibly pointing into the padding) need no bounds checks.
+//
+// Explicit GCC/Clang vector types (f32x8) fix the vectorisation: left to itself the compiler
+// vectorised the wrong loop of the outer-product kernel and ran 30x slower.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
+
+namespace sparse_kernels_cpu {
+
+// Storage types of the 16-bit formats (bit-compatible with c10::BFloat16 / c10::Half).
+struct bf16_t { uint16_t bits; };
+struct fp16_t { uint16_t bits; };
+
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef uint16_t u16x8 __attribute__((vector_size(16)));
+typedef uint32_t u32x8 __attribute__((vector_size(32)));
+typedef uint64_t u64x4 __attribute__((vector_size(32)));
+
+inline float load_f32(const float* p) { return *p; }
+inline float load_f32(const bf16_t* p) {
+  const uint32_t bits = static_cast<uint32_t>(p->bits) << 16;
+  float out;
+  std::memcpy(&out, &bits, sizeof(out));
+  return out;
+}
+inline float load_f32(const fp16_t* p) {
+#if defined(__F16C__)
+  return _cvtsh_ss(p->bits);
+#else
+  // IEEE half -> single, subnormals and inf/nan included.
+  const uint32_t h = p->bits, sign = (h & 0x8000u) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff;
+  uint32_t bits;
+  if (exp == 0x1f) {
+    bits = sign | 0x7f800000u | (man << 13);
+  } else if (exp != 0) {
+    bits = sign | ((exp + 112) << 23) | (man << 13);
+  } else if (man == 0) {
+    bits = sign;
+  } else {  // subnormal: normalise
+    int e = -1;
+    uint32_t m = man;
+    do { m <<= 1; ++e; } while ((m & 0x400) == 0);
+    bits = sign | (static_cast<uint32_t>(112 - e) << 23) | ((m & 0x3ff) << 13);
+  }
+  float out;
+  std::memcpy(&out, &bits, sizeof(out));
+  return out;
+#endif
+}
+
+inline f32x8 splat8(float v) { return f32x8{v, v, v, v, v, v, v, v}; }
+inline f32x8 load8(const float* p) {
+  f32x8 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline void store8(float* p, f32x8 v) { std::memcpy(p, &v, sizeof(v)); }
+inline f32x8 load8(const bf16_t* p) {
+  u16x8 h;
+  std::memcpy(&h, p, sizeof(h));
+  const u32x8 bits = __builtin_convertvector(h, u32x8) << 16;
+  f32x8 out;
+  std::memcpy(&out, &bits, sizeof(out));
+  return out;
+}
+inline f32x8 load8(const fp16_t* p) {
+#if defined(__F16C__)
+  __m128i h;
+  std::memcpy(&h, p, sizeof(h));
+  const __m256 v = _mm256_cvtph_ps(h);
+  f32x8 out;
+  std::memcpy(&out, &v, sizeof(out));
+  return out;
+#else
+  f32x8 out;
+  for (int i = 0; i < 8; ++i) out[i] = load_f32(p + i);
+  return out;
+#endif
+}
+inline float hsum8(f32x8 v) {
+  float s = 0.f;
+  for (int i = 0; i < 8; ++i) s += v[i];
+  return s;
+}
+
+// Raw views of one weight's packed tensors; values typed T (float, bf16_t or fp16_t).
+template <typename T>
+struct PackedView {
+  const int32_t* dense_rowptr;
+  const int32_t* dense_cols;
+  const T* dense_vals;
+  const int32_t* s24_rowptr;
+  const int32_t* s24_cols;
+  const T* s24_vals;
+  const int16_t* s24_meta;
+  const int32_t* topk_rowptr;
+  const int32_t* topk_cols;
+  const T* topk_vals;
+  const uint8_t* topk_pos;
+  int64_t topk;
+};
+
+// Column (inside its block) of each kept slot j of one 2:4 row: 4 * (j / 2) + (2-bit position).
+template <int B>
+inline void slot_columns(int16_t meta, int (&col)[B / 2]) {
+  const uint32_t bits = static_cast<uint16_t>(meta);
+  for (int j = 0; j < B / 2; ++j) col[j] = 4 * (j / 2) + static_cast<int>((bits >> (2 * j)) & 3u);
+}
+
+// ------------------------------------------------------------------------------------------
+// 2:4 pair table of one row of x for the decode kernel: for every group g of 4 columns and every
+// 4-bit code (p0 | p1 << 2) of a 2:4 group's meta, the two x values that group's kept slots meet,
+// as one 8-byte pair: table[g * 16 + code] = (x[4g + p0], x[4g + p1]). A 2:4 row then gathers its
+// 8 x values with 4 loads instead of 8. x: in_pad floats; table: in_pad / 4 * 16 entries.
+inline void build_pair_table(const float* x, int64_t in_pad, uint64_t* table) {
+  for (int64_t g = 0; g < in_pad / 4; ++g) {
+    for (int code = 0; code < 16; ++code) {
+      const float pair[2] = {x[4 * g + (code & 3)], x[4 * g + (code >> 2)]};
+      std::memcpy(table + g * 16 + code, pair, sizeof(pair));
+    }
+  }
+}
+
+// Decode, M (1..3, a template parameter so loops over rows of x unroll) rows of x, B = 16.
+// xf: [M][in_pad] fp32; pairs: M pair tables (build_pair_table), pair_stride entries apart.
+// out: [M][16]. Each weight row meets the block's x as one 8-wide vector (dense: two products
+// folded into one; 2:4: the 8 kept values against their 8 paired x values) added to a per-row
+// accumulator; the horizontal sums happen once per block-row.
+template <typename T, int M>
+void row_dot_block_row16(const PackedView<T>& p, int64_t br, const float* xf, int64_t in_pad,
+                         const uint64_t* pairs, int64_t pair_stride, float* out) {
+  constexpr int B = 16;
+  f32x8 acc[M][B] = {};
+  float acc_topk[M][B] = {};
+
+  for (int32_t e = p.dense_rowptr[br]; e < p.dense_rowptr[br + 1]; ++e) {
+    const T* blk = p.dense_vals + static_cast<int64_t>(e) * B * B;
+    const float* xc = xf + static_cast<int64_t>(p.dense_cols[e]) * B;
+    f32x8 x_lo[M], x_hi[M];
+    for (int m = 0; m < M; ++m) {
+      x_lo[m] = load8(xc + m * in_pad);
+      x_hi[m] = load8(xc + m * in_pad + 8);
+    }
+    for (int i = 0; i < B; ++i) {
+      const f32x8 w_lo = load8(blk + i * B), w_hi = load8(blk + i * B + 8);
+      for (int m = 0; m < M; ++m) acc[m][i] += w_lo * x_lo[m] + w_hi * x_hi[m];
+    }
+  }
+
+  for (int32_t e = p.s24_rowptr[br]; e < p.s24_rowptr[br + 1]; ++e) {
+    const T* blk = p.s24_vals + static_cast<int64_t>(e) * B * (B / 2);
+    const int16_t* meta = p.s24_meta + static_cast<int64_t>(e) * B;
+    const int64_t group0 = static_cast<int64_t>(p.s24_cols[e]) * (B / 4);
+    for (int i = 0; i < B; ++i) {
+      const uint32_t code = static_cast<uint16_t>(meta[i]);
+      const f32x8 w = load8(blk + i * (B / 2));
+      for (int m = 0; m < M; ++m) {
+        const uint64_t* t = pairs + m * pair_stride + group0 * 16;
+        const u64x4 q = {t[code & 15], t[16 + ((code >> 4) & 15)], t[32 + ((code >> 8) & 15)],
+                         t[48 + (code >> 12)]};
+        f32x8 xg;
+        std::memcpy(&xg, &q, sizeof(xg));
+        acc[m][i] += w * xg;
+      }
+    }
+  }
+
+  for (int32_t e = p.topk_rowptr[br]; e < p.topk_rowptr[br + 1]; ++e) {
+    const float* xc = xf + static_cast<int64_t>(p.topk_cols[e]) * B;
+    const T* vals = p.topk_vals + e * p.topk;
+    const uint8_t* pos = p.topk_pos + e * p.topk;
+    for (int64_t s = 0; s < p.topk; ++s) {
+      const float w = load_f32(vals + s);
+      const int row = pos[s] / B, col = pos[s] % B;
+      for (int m = 0; m < M; ++m) acc_topk[m][row] += w * xc[m * in_pad + col];
+    }
+  }
+
+  for (int m = 0; m < M; ++m)
+    for (int i = 0; i < B; ++i) out[m * B + i] = hsum8(acc[m][i]) + acc_topk[m][i];
+}
+
+// ------------------------------------------------------------------------------------------
+// Many rows of x (B = 16): one chunk of x^T, xt [in_pad][16] fp32 (16 rows of x, zero-padded);
+// out: [16 outputs][16 rows]. V vectors of 8 rows are computed (V = 1 when the chunk holds at most
+// 8 real rows). Each weight value is broadcast against a contiguous vector of x rows, so a 2:4
+// slot or a top-K position costs one FMA per vector, the same as a dense value.
+template <typename T, int V>
+void outer_block_row16(const PackedView<T>& p, int64_t br, const float* xt, float* out) {
+  constexpr int B = 16, W = 16;
+  f32x8 acc[B][V] = {};
+
+  for (int32_t e = p.dense_rowptr[br]; e < p.dense_rowptr[br + 1]; ++e) {
+    const T* blk = p.dense_vals + static_cast<int64_t>(e) * B * B;
+    const float* xc = xt + static_cast<int64_t>(p.dense_cols[e]) * B * W;
+    for (int i = 0; i < B; ++i) {
+      f32x8 a[V];
+      for (int v = 0; v < V; ++v) a[v] = acc[i][v];
+      for (int c = 0; c < B; ++c) {
+        const f32x8 w = splat8(load_f32(blk + i * B + c));
+        for (int v = 0; v < V; ++v) a[v] += w * load8(xc + c * W + v * 8);
+      }
+      for (int v = 0; v < V; ++v) acc[i][v] = a[v];
+    }
+  }
+
+  for (int32_t e = p.s24_rowptr[br]; e < p.s24_rowptr[br + 1]; ++e) {
+    const T* blk = p.s24_vals + static_cast<int64_t>(e) * B * (B / 2);
+    const int16_t* meta = p.s24_meta + static_cast<int64_t>(e) * B;
+    const float* xc = xt + static_cast<int64_t>(p.s24_cols[e]) * B * W;
+    for (int i = 0; i < B; ++i) {
+      int c[B / 2];
+      slot_columns<B>(meta[i], c);
+      f32x8 a[V];
+      for (int v = 0; v < V; ++v) a[v] = acc[i][v];
+      for (int j = 0; j < B / 2; ++j) {
+        const f32x8 w = splat8(load_f32(blk + i * (B / 2) + j));
+        for (int v = 0; v < V; ++v) a[v] += w * load8(xc + c[j] * W + v * 8);
+      }
+      for (int v = 0; v < V; ++v) acc[i][v] = a[v];
+    }
+  }
+
+  for (int32_t e = p.topk_rowptr[br]; e < p.topk_rowptr[br + 1]; ++e) {
+    const float* xc = xt + static_cast<int64_t>(p.topk_cols[e]) * B * W;
+    const T* vals = p.topk_vals + e * p.topk;
+    const uint8_t* pos = p.topk_pos + e * p.topk;
+    for (int64_t s = 0; s < p.topk; ++s) {
+      const f32x8 w = splat8(load_f32(vals + s));
+      const int row = pos[s] / B, col = pos[s] % B;
+      for (int v = 0; v < V; ++v) acc[row][v] += w * load8(xc + col * W + v * 8);
+    }
+  }
+
+  for (int i = 0; i < B; ++i)
+    for (int v = 0; v < V; ++v) store8(out + i * W + v * 8, acc[i][v]);
+}
+
+// ------------------------------------------------------------------------------------------
+// Any block size: writes block-row br as fp32 rows [B][in_pad] into an already zeroed panel.
+template <typename T, int B>
+void decompress_block_row(const PackedView<T>& p, int64_t br, int64_t in_pad, float* panel) {
+  constexpr int H = B / 2;
+  for (int32_t e = p.dense_rowptr[br]; e < p.dense_rowptr[br + 1]; ++e) {
+    const T* blk = p.dense_vals + static_cast<int64_t>(e) * B * B;
+    float* dst = panel + static_cast<int64_t>(p.dense_cols[e]) * B;
+    for (int i = 0; i < B; ++i)
+      for (int c = 0; c < B; ++c) dst[i * in_pad + c] = load_f32(blk + i * B + c);
+  }
+  for (int32_t e = p.s24_rowptr[br]; e < p.s24_rowptr[br + 1]; ++e) {
+    const T* blk = p.s24_vals + static_cast<int64_t>(e) * B * H;
+    const int16_t* meta = p.s24_meta + static_cast<int64_t>(e) * B;
+    float* dst = panel + static_cast<int64_t>(p.s24_cols[e]) * B;
+    for (int i = 0; i < B; ++i) {
+      int c[H];
+      slot_columns<B>(meta[i], c);
+      for (int j = 0; j < H; ++j) dst[i * in_pad + c[j]] = load_f32(blk + i * H + j);
+    }
+  }
+  for (int32_t e = p.topk_rowptr[br]; e < p.topk_rowptr[br + 1]; ++e) {
+    float* dst = panel + static_cast<int64_t>(p.topk_cols[e]) * B;
+    for (int64_t s = 0; s < p.topk; ++s) {
+      const int pos = p.topk_pos[e * p.topk + s];
+      dst[(pos / B) * in_pad + pos % B] = load_f32(p.topk_vals + e * p.topk + s);
+    }
+  }
+}
+
+}  // namespace sparse_kernels_cpu

@@ -1,0 +1,199 @@
+// Torch binding of the hybrid matmul: y = x @ W^T (+ bias) from the packed three-tier format.
+//
+// Paths, all accumulating in fp32 (kernels in hybrid_kernels.h):
+//  * B = 16, M <= 3 rows of x: "row-dot" decode kernel, bandwidth-bound on the packed bytes.
+//  * B = 16, M >= 4: "outer-product" kernel over chunks of 16 rows of x^T. A block-row of the
+//    weight (about 160 KB in fp32 for 4096 columns) stays in cache while every chunk of x passes
+//    over it, so the weight is read from memory once and a sparse block costs only its kept values.
+//  * other block sizes: decompress panels of block-rows to fp32 and multiply with at::mm.
+// x is copied once to fp32, zero-padded to whole blocks (transposed for the outer-product path).
+
+#include "cpu/common.h"
+#include "cpu/hybrid_kernels.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <optional>
+#include <type_traits>
+
+namespace sparse_kernels_cpu {
+namespace {
+
+// Rows of fp32 weight decompressed per at::mm call: about 4 MiB, whole block-rows.
+int64_t panel_block_rows(int64_t in_pad, int64_t nbr, int B) {
+  const int64_t rows = (int64_t{1} << 20) / std::max<int64_t>(in_pad, 1);
+  return std::clamp<int64_t>(rows / B, 1, nbr);
+}
+
+template <typename T, int B>
+void run_decompress_mm(const PackedView<T>& p, const at::Tensor& x, at::Tensor& y, int64_t nbr) {
+  const int64_t M = x.size(0), in = x.size(1), out_features = y.size(1);
+  const int64_t in_pad = ceil_div(in, B) * B;
+  at::Tensor xf = at::zeros({M, in_pad}, y.options());
+  xf.narrow(1, 0, in).copy_(x);
+  at::Tensor yt = at::empty({out_features, M}, y.options());  // y^T: a panel's rows are contiguous
+  const int64_t step = panel_block_rows(in_pad, nbr, B);
+  at::Tensor panel = at::empty({step * B, in_pad}, y.options());
+  for (int64_t br0 = 0; br0 < nbr; br0 += step) {
+    const int64_t n_br = std::min(step, nbr - br0);
+    panel.zero_();
+    float* pp = panel.data_ptr<float>();
+    at::parallel_for(br0, br0 + n_br, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t br = begin; br < end; ++br)
+        decompress_block_row<T, B>(p, br, in_pad, pp + (br - br0) * B * in_pad);
+    });
+    const int64_t r0 = br0 * B, rows = std::min(n_br * B, out_features - r0);
+    at::Tensor yt_rows = yt.narrow(0, r0, rows);
+    at::mm_out(yt_rows, panel.narrow(0, 0, rows), xf.t());
+  }
+  y.copy_(yt.t());
+}
+
+template <typename T, int M>
+void run_row_dot16(const PackedView<T>& p, const at::Tensor& x, at::Tensor& y, int64_t nbr) {
+  constexpr int B = 16;
+  const int64_t in = x.size(1), out_features = y.size(1);
+  const int64_t in_pad = ceil_div(in, B) * B, pair_stride = in_pad / 4 * 16;
+  at::Tensor xf = at::zeros({M, in_pad}, y.options());
+  xf.narrow(1, 0, in).copy_(x);
+  const float* xp = xf.data_ptr<float>();
+  at::Tensor pairs = at::empty({M * pair_stride}, y.options().dtype(at::kLong));
+  uint64_t* pp = reinterpret_cast<uint64_t*>(pairs.data_ptr<int64_t>());
+  for (int m = 0; m < M; ++m) build_pair_table(xp + m * in_pad, in_pad, pp + m * pair_stride);
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, nbr, 1, [&](int64_t begin, int64_t end) {
+    float out[M * B];
+    for (int64_t br = begin; br < end; ++br) {
+      row_dot_block_row16<T, M>(p, br, xp, in_pad, pp, pair_stride, out);
+      const int64_t rows = std::min<int64_t>(B, out_features - br * B);
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t i = 0; i < rows; ++i) yp[m * out_features + br * B + i] = out[m * B + i];
+    }
+  });
+}
+
+template <typename T>
+void run_outer16(const PackedView<T>& p, const at::Tensor& x, at::Tensor& y, int64_t nbr) {
+  constexpr int B = 16, CHUNK = 16;
+  const int64_t M = x.size(0), in = x.size(1), out_features = y.size(1);
+  const int64_t in_pad = ceil_div(in, B) * B, chunks = ceil_div(M, CHUNK);
+  // x^T in chunks of 16 rows of x: xt[chunk][column][row in chunk], zero-padded.
+  at::Tensor xt = at::zeros({chunks * CHUNK, in_pad}, y.options());
+  xt.narrow(0, 0, M).narrow(1, 0, in).copy_(x);
+  xt = xt.view({chunks, CHUNK, in_pad}).transpose(1, 2).contiguous();
+  const float* xp = xt.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, nbr, 1, [&](int64_t begin, int64_t end) {
+    alignas(64) float out[B * CHUNK];
+    for (int64_t br = begin; br < end; ++br) {
+      const int64_t rows = std::min<int64_t>(B, out_features - br * B);
+      for (int64_t ch = 0; ch < chunks; ++ch) {
+        const int64_t m0 = ch * CHUNK, width = std::min<int64_t>(CHUNK, M - m0);
+        if (width <= 8) outer_block_row16<T, 1>(p, br, xp + ch * in_pad * CHUNK, out);
+        else outer_block_row16<T, 2>(p, br, xp + ch * in_pad * CHUNK, out);
+        for (int64_t i = 0; i < rows; ++i)
+          for (int64_t m = 0; m < width; ++m)
+            yp[(m0 + m) * out_features + br * B + i] = out[i * CHUNK + m];
+      }
+    }
+  });
+}
+
+template <typename T>
+PackedView<T> view_of(const at::Tensor* t, int64_t topk) {
+  return {t[0].data_ptr<int32_t>(), t[1].data_ptr<int32_t>(),
+          reinterpret_cast<const T*>(t[2].data_ptr()), t[3].data_ptr<int32_t>(),
+          t[4].data_ptr<int32_t>(), reinterpret_cast<const T*>(t[5].data_ptr()),
+          t[6].data_ptr<int16_t>(), t[7].data_ptr<int32_t>(), t[8].data_ptr<int32_t>(),
+          reinterpret_cast<const T*>(t[9].data_ptr()), t[10].data_ptr<uint8_t>(), topk};
+}
+
+at::Tensor hybrid_linear(const at::Tensor& x, const at::Tensor& dense_rowptr,
+                         const at::Tensor& dense_cols, const at::Tensor& dense_vals,
+                         const at::Tensor& s24_rowptr, const at::Tensor& s24_cols,
+                         const at::Tensor& s24_vals, const at::Tensor& s24_meta,
+                         const at::Tensor& topk_rowptr, const at::Tensor& topk_cols,
+                         const at::Tensor& topk_vals, const at::Tensor& topk_pos,
+                         int64_t out_features, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.dim() == 2, "hybrid_linear: x must be 2-D [M, in_features], got ", x.sizes());
+  check_cpu(x, "hybrid_linear: x");
+  TORCH_CHECK(dense_vals.dim() == 3 && dense_vals.size(1) == dense_vals.size(2),
+              "hybrid_linear: dense_vals must be [n, B, B], got ", dense_vals.sizes());
+  const int64_t B = dense_vals.size(1);
+  TORCH_CHECK(B == 4 || B == 8 || B == 12 || B == 16,
+              "hybrid_linear: block size must be 4, 8, 12 or 16, got ", B);
+  const int64_t nbr = ceil_div(out_features, B);
+  for (const at::Tensor* v : {&dense_vals, &s24_vals, &topk_vals}) {
+    TORCH_CHECK(v->scalar_type() == x.scalar_type(), "hybrid_linear: x is ", x.scalar_type(),
+                " but packed values are ", v->scalar_type());
+    check_cpu(*v, "hybrid_linear: packed values");
+  }
+  for (const at::Tensor* r : {&dense_rowptr, &s24_rowptr, &topk_rowptr}) {
+    TORCH_CHECK(r->scalar_type() == at::kInt && r->dim() == 1 && r->numel() == nbr + 1,
+                "hybrid_linear: each rowptr must be int32 [ceil(out/B) + 1] = [", nbr + 1,
+                "], got ", r->scalar_type(), " ", r->sizes());
+  }
+  TORCH_CHECK(dense_cols.scalar_type() == at::kInt && s24_cols.scalar_type() == at::kInt &&
+                  topk_cols.scalar_type() == at::kInt,
+              "hybrid_linear: block column indices must be int32");
+  TORCH_CHECK(s24_vals.dim() == 3 && s24_vals.size(1) == B && s24_vals.size(2) == B / 2,
+              "hybrid_linear: s24_vals must be [n, ", B, ", ", B / 2, "], got ", s24_vals.sizes());
+  TORCH_CHECK(s24_meta.scalar_type() == at::kShort && s24_meta.dim() == 2 &&
+                  s24_meta.size(0) == s24_vals.size(0) && s24_meta.size(1) == B,
+              "hybrid_linear: s24_meta must be int16 [", s24_vals.size(0), ", ", B, "], got ",
+              s24_meta.scalar_type(), " ", s24_meta.sizes());
+  TORCH_CHECK(topk_vals.dim() == 2, "hybrid_linear: topk_vals must be [n, K], got ",
+              topk_vals.sizes());
+  TORCH_CHECK(topk_pos.scalar_type() == at::kByte && topk_pos.sizes() == topk_vals.sizes(),
+              "hybrid_linear: topk_pos must be uint8 of topk_vals' shape ", topk_vals.sizes(),
+              ", got ", topk_pos.scalar_type(), " ", topk_pos.sizes());
+  TORCH_CHECK(dense_cols.numel() == dense_vals.size(0) && s24_cols.numel() == s24_vals.size(0) &&
+                  topk_cols.numel() == topk_vals.size(0),
+              "hybrid_linear: each tier needs one block column per block of values");
+  if (bias) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out_features,
+                "hybrid_linear: bias must be [", out_features, "], got ", bias->sizes());
+  }
+
+  const int64_t M = x.size(0);
+  // Contiguous copies only when needed; they live until the end of the call.
+  const at::Tensor packed[] = {dense_rowptr.contiguous(), dense_cols.contiguous(),
+                               dense_vals.contiguous(), s24_rowptr.contiguous(),
+                               s24_cols.contiguous(), s24_vals.contiguous(),
+                               s24_meta.contiguous(), topk_rowptr.contiguous(),
+                               topk_cols.contiguous(), topk_vals.contiguous(),
+                               topk_pos.contiguous()};
+  at::Tensor y = at::empty({M, out_features}, x.options().dtype(at::kFloat));
+  if (M > 0) {
+    dispatch_float(x, "hybrid_linear: x", [&](auto tag) {
+      using C10 = decltype(tag);  // float, c10::BFloat16 or c10::Half
+      using T = std::conditional_t<std::is_same_v<C10, float>, float,
+                                   std::conditional_t<std::is_same_v<C10, c10::Half>, fp16_t,
+                                                      bf16_t>>;
+      const PackedView<T> p = view_of<T>(packed, topk_vals.size(1));
+      switch (B) {
+        case 4: run_decompress_mm<T, 4>(p, x, y, nbr); break;
+        case 8: run_decompress_mm<T, 8>(p, x, y, nbr); break;
+        case 12: run_decompress_mm<T, 12>(p, x, y, nbr); break;
+        default:
+          if (M == 1) run_row_dot16<T, 1>(p, x, y, nbr);
+          else if (M == 2) run_row_dot16<T, 2>(p, x, y, nbr);
+          else if (M == 3) run_row_dot16<T, 3>(p, x, y, nbr);
+          else run_outer16<T>(p, x, y, nbr);
+      }
+    });
+  }
+  if (bias) y.add_(*bias);
+  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(sparse_kernels, CPU, m) { m.impl("hybrid_linear", &hybrid_linear); }
+
+}  // namespace sparse_kernels_cpu

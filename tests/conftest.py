@@ -1,0 +1,35 @@
+"""Shared helpers: random pruned weights in the hybrid format, per-dtype tolerances."""
+import pytest
+import torch
+
+import sparse_kernels as sk
+from pruning import apply_tier_map, assign_tiers
+
+# Tolerance of a backend against the fp32-accumulating reference, per output dtype: fp32 differs
+# only in summation order; 16-bit outputs may round one ulp apart.
+TOLERANCE = {torch.float32: dict(rtol=1e-4, atol=1e-4),
+             torch.bfloat16: dict(rtol=1.6e-2, atol=1e-2),
+             torch.float16: dict(rtol=2e-3, atol=2e-3)}
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+needs_cpu_backend = pytest.mark.skipif(
+    "cpu" not in sk.available_backends(),
+    reason="the C++ CPU backend did not load: " + str(sk._loader.native_load_error))
+
+
+def random_tier_map(out_features, in_features, block_size=16, ratios=(0.35, 0.45, 0.20),
+                    generator=None):
+    grid = sk.format.tier_grid(out_features, in_features, block_size)
+    return assign_tiers(torch.rand(grid, generator=generator), ratios)
+
+
+def random_hybrid(out_features, in_features, dtype=torch.float32, block_size=16, topk=15,
+                  ratios=(0.35, 0.45, 0.20), tier_map=None, seed=0):
+    """A random weight pruned to a tier map: returns (HybridWeight, masked dense weight)."""
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.randn(out_features, in_features, generator=g)
+    if tier_map is None:
+        tier_map = random_tier_map(out_features, in_features, block_size, ratios, g)
+    masked = apply_tier_map(weight, tier_map, topk, block_size).to(dtype)
+    return sk.HybridWeight.from_dense(masked, tier_map, topk, block_size), masked
