@@ -1,0 +1,44 @@
+"""Backend discovery and selection."""
+import pytest
+import torch
+
+import sparse_kernels as sk
+from sparse_kernels.backends import ENV_VAR, resolve_backend
+from conftest import needs_cpu_backend, random_hybrid
+
+
+def test_torch_is_always_available_and_last():
+    backends = sk.available_backends()
+    assert backends[-1] == "torch"
+
+
+@needs_cpu_backend
+def test_cpu_backend_is_the_default_on_cpu():
+    assert resolve_backend(None, torch.device("cpu")) == "cpu"
+
+
+def test_unknown_backend():
+    with pytest.raises(ValueError, match="unknown backend 'fast'"):
+        resolve_backend("fast", torch.device("cpu"))
+
+
+def test_unavailable_backend_says_why():
+    with pytest.raises(RuntimeError, match="backend 'cuda' is not available: .*Available: "):
+        resolve_backend("cuda", torch.device("cpu"))
+
+
+@needs_cpu_backend
+def test_backend_for_the_wrong_device():
+    with pytest.raises(RuntimeError, match="runs on cpu tensors, got tensors on meta"):
+        resolve_backend("cpu", torch.device("meta"))
+
+
+def test_env_var_forces_a_backend(monkeypatch):
+    hw, _ = random_hybrid(16, 16)
+    monkeypatch.setenv(ENV_VAR, "torch")
+    assert resolve_backend(None, torch.device("cpu")) == "torch"
+    assert resolve_backend("cpu" if "cpu" in sk.available_backends() else "torch",
+                           torch.device("cpu")) in ("cpu", "torch")  # the argument wins
+    monkeypatch.setenv(ENV_VAR, "nonsense")
+    with pytest.raises(ValueError, match="unknown backend 'nonsense'"):
+        sk.hybrid_linear(torch.randn(1, 16), hw)
