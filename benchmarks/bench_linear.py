@@ -1,0 +1,127 @@
+"""Hybrid matmul vs dense F.linear on LLM weight shapes, measured side by side in one run.
+
+For every shape x tier mix x batch x backend it times dense ``F.linear`` on the masked weight and
+``sparse_kernels.hybrid_linear`` on the packed one (median of --iters calls), prints a table and
+writes ``benchmarks/results/<device>-<YYYYMMDD>.json``.
+
+  python benchmarks/bench_linear.py                  # LLaMA-2-7B shapes, batch 1/4/16/128
+  python benchmarks/bench_linear.py --quick          # one small shape, a few seconds
+  python benchmarks/bench_linear.py --device cuda --dtype float16
+"""
+import argparse
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import sparse_kernels as sk  # noqa: E402
+from common import median_ms, results_path, write_results  # noqa: E402
+from pruning import apply_tier_map, assign_tiers  # noqa: E402
+
+DEFAULT_SHAPES = "4096x4096,11008x4096,4096x11008,1024x1024"
+QUICK_SHAPES = "1024x1024"
+TIER_MIXES = {"hybrid": (0.35, 0.45, 0.20), "all-2:4": (0.0, 1.0, 0.0),
+              "all-top-K": (0.0, 0.0, 1.0)}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shapes", default=None,
+                   help=f"comma-separated OUTxIN weight shapes (default {DEFAULT_SHAPES})")
+    p.add_argument("--batches", default="1,4,16,128", help="rows of x (default 1,4,16,128)")
+    p.add_argument("--mixes", default=",".join(TIER_MIXES),
+                   help=f"tier mixes among {', '.join(TIER_MIXES)}")
+    p.add_argument("--topk", type=int, default=15, help="K of top-K blocks (default 15)")
+    p.add_argument("--dtype", choices=DTYPES, default=None,
+                   help="value dtype (default float32 on cpu, float16 on cuda)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--backends", default=None,
+                   help="comma-separated backends (default: every available one but torch)")
+    p.add_argument("--iters", type=int, default=30, help="timed calls per measurement")
+    p.add_argument("--warmup", type=int, default=3, help="untimed calls first")
+    p.add_argument("--quick", action="store_true",
+                   help=f"only {QUICK_SHAPES}, batches 1 and 16, hybrid mix")
+    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/...)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.shapes = args.shapes or QUICK_SHAPES
+        args.batches, args.mixes = "1,16", "hybrid"
+    args.shapes = args.shapes or DEFAULT_SHAPES
+    return args
+
+
+def parse_shapes(text):
+    shapes = []
+    for item in text.split(","):
+        try:
+            out_f, in_f = (int(v) for v in item.lower().split("x"))
+        except ValueError:
+            raise SystemExit(f"--shapes: {item!r} is not OUTxIN (e.g. 4096x11008)")
+        shapes.append((out_f, in_f))
+    return shapes
+
+
+def make_weight(out_f, in_f, ratios, topk, dtype, device):
+    """A random weight pruned to ``ratios`` by Wanda-style block scores (unit activations)."""
+    g = torch.Generator().manual_seed(out_f * 31 + in_f)
+    weight = torch.randn(out_f, in_f, generator=g)
+    scores, block_scores = sk.wanda_scores(weight, torch.ones(in_f))
+    tiers = assign_tiers(block_scores, ratios)
+    masked = apply_tier_map(weight, tiers, topk, scores=scores).to(dtype)
+    packed = sk.HybridWeight.from_dense(masked, tiers, topk)
+    return masked.to(device), packed.to(device)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype or ("float16" if device.type == "cuda" else "float32")]
+    backends = (args.backends.split(",") if args.backends
+                else [b for b in sk.available_backends() if b != "torch"] or ["torch"])
+    for b in backends:
+        sk.backends.resolve_backend(b, device)  # fail now, not after an hour
+    mixes = args.mixes.split(",")
+    unknown = [m for m in mixes if m not in TIER_MIXES]
+    if unknown:
+        raise SystemExit(f"--mixes: unknown {unknown}; choose from {list(TIER_MIXES)}")
+    batches = [int(b) for b in args.batches.split(",")]
+
+    records = []
+    header = (f"{'backend':8} {'dtype':9} {'shape':>11} {'mix':9} {'batch':>5} {'dense ms':>9} "
+              f"{'hybrid ms':>9} {'speedup':>7} {'packed/dense':>12} {'ideal/dense':>11}")
+    print(header)
+    print("-" * len(header))
+    for out_f, in_f in parse_shapes(args.shapes):
+        for mix in mixes:
+            ratios = TIER_MIXES[mix]
+            masked, packed = make_weight(out_f, in_f, ratios, args.topk, dtype, device)
+            for batch in batches:
+                x = torch.randn(batch, in_f, device=device).to(dtype)
+                dense_ms = median_ms(lambda: F.linear(x, masked), device, args.warmup, args.iters)
+                for backend in backends:
+                    hybrid_ms = median_ms(lambda: sk.hybrid_linear(x, packed, backend=backend),
+                                          device, args.warmup, args.iters)
+                    rec = dict(backend=backend, dtype=str(dtype).removeprefix("torch."),
+                               out_features=out_f, in_features=in_f, batch=batch,
+                               tier_ratios=list(ratios), topk=args.topk,
+                               dense_ms=round(dense_ms, 4), hybrid_ms=round(hybrid_ms, 4),
+                               speedup=round(dense_ms / hybrid_ms, 3),
+                               packed_bytes=packed.nbytes, ideal_bytes=packed.ideal_nbytes,
+                               dense_bytes=packed.dense_nbytes)
+                    records.append(rec)
+                    print(f"{backend:8} {rec['dtype']:9} {f'{out_f}x{in_f}':>11} {mix:9} "
+                          f"{batch:>5} {dense_ms:>9.3f} {hybrid_ms:>9.3f} "
+                          f"{rec['speedup']:>6.2f}x {packed.nbytes / packed.dense_nbytes:>12.3f} "
+                          f"{packed.ideal_nbytes / packed.dense_nbytes:>11.3f}", flush=True)
+    path = args.out or results_path(device)
+    write_results(path, device, records, threads=torch.get_num_threads(),
+                  command=" ".join(["bench_linear.py", *(argv if argv else sys.argv[1:])]))
+    print(f"\nwrote {path}")
+    return records
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""What every benchmark shares: timing, the machine's name, and the JSON results file."""
+import datetime
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import time
+
+import torch
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = re.search(r"model name\s*:\s*(.+)", f.read()).group(1).strip()
+    except (OSError, AttributeError):
+        model = platform.processor() or platform.machine()
+    return f"{model} x{torch.get_num_threads()} threads"
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                              text=True, check=True,
+                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def median_ms(fn, device: torch.device, warmup: int, iters: int) -> float:
+    """Median wall time of one call of ``fn`` in milliseconds (GPU: CUDA events)."""
+    for _ in range(warmup):
+        fn()
+    samples = []
+    if device.type == "cuda":
+        for _ in range(iters):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            samples.append(start.elapsed_time(end))
+    else:
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(samples)
+
+
+def results_path(device: torch.device, suffix: str = "") -> str:
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", device_name(device)).strip("-").lower()
+    day = datetime.date.today().strftime("%Y%m%d")
+    return os.path.join(RESULTS_DIR, f"{slug}-{day}{suffix}.json")
+
+
+def write_results(path: str, device: torch.device, records: list[dict], **extra) -> None:
+    """Write ``{device, torch, commit, ..., records}`` atomically."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    payload = {"device": device_name(device), "torch": torch.__version__,
+               "commit": git_commit(), **extra, "records": records}
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(payload, f, indent=1)
+        f.write("\n")
+    os.replace(tmp, path)
