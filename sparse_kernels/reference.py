@@ -30,7 +30,8 @@ def _pad_to(t: torch.Tensor, rows: int, cols: int, value: float = 0.0) -> torch.
 def _to_blocks(t: torch.Tensor, block_size: int) -> torch.Tensor:
     """[R*B, C*B] -> [R, C, B*B], each block flattened row-major."""
     r, c = t.shape[0] // block_size, t.shape[1] // block_size
-    return t.reshape(r, block_size, c, block_size).permute(0, 2, 1, 3).reshape(r, c, -1)
+    return t.reshape(r, block_size, c, block_size).permute(0, 2, 1, 3).reshape(
+        r, c, block_size * block_size)
 
 
 def _from_blocks(blocks: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -46,7 +47,8 @@ def _select_top(scores: torch.Tensor, valid: torch.Tensor, count: int) -> torch.
     Best = highest score, ties to the lower index; invalid entries are never kept, so fewer
     than ``count`` survive where fewer are valid.
     """
-    key = torch.nan_to_num(scores.float(), nan=float("-inf"))
+    key = torch.nan_to_num(scores.float(), nan=float("-inf"), posinf=float("inf"),
+                           neginf=float("-inf"))
     order = torch.sort(key, dim=-1, descending=True, stable=True).indices
     # A second stable sort moves valid entries ahead without disturbing their order.
     valid_in_order = torch.gather(valid, -1, order)
