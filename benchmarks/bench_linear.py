@@ -17,13 +17,15 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import sparse_kernels as sk  # noqa: E402
-from common import median_ms, results_path, write_results  # noqa: E402
+from common import CacheFlusher, median_ms, results_path, write_results  # noqa: E402
 from pruning import apply_tier_map, assign_tiers  # noqa: E402
 
 DEFAULT_SHAPES = "4096x4096,11008x4096,4096x11008,1024x1024"
 QUICK_SHAPES = "1024x1024"
+# "all-dense" runs the hybrid kernel on dense blocks only: the same bytes as F.linear, so it
+# separates what the kernel gains from what the format gains.
 TIER_MIXES = {"hybrid": (0.35, 0.45, 0.20), "all-2:4": (0.0, 1.0, 0.0),
-              "all-top-K": (0.0, 0.0, 1.0)}
+              "all-top-K": (0.0, 0.0, 1.0), "all-dense": (1.0, 0.0, 0.0)}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -42,6 +44,9 @@ def parse_args(argv=None):
                    help="comma-separated backends (default: every available one but torch)")
     p.add_argument("--iters", type=int, default=30, help="timed calls per measurement")
     p.add_argument("--warmup", type=int, default=3, help="untimed calls first")
+    p.add_argument("--warm-cache", action="store_true",
+                   help="do not evict the weight from the caches between calls (by default each "
+                        "timed call starts cold, as a layer does in decode)")
     p.add_argument("--quick", action="store_true",
                    help=f"only {QUICK_SHAPES}, batches 1 and 16, hybrid mix")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/...)")
@@ -88,6 +93,7 @@ def main(argv=None):
     if unknown:
         raise SystemExit(f"--mixes: unknown {unknown}; choose from {list(TIER_MIXES)}")
     batches = [int(b) for b in args.batches.split(",")]
+    flush = None if args.warm_cache else CacheFlusher(device)
 
     records = []
     header = (f"{'backend':8} {'dtype':9} {'shape':>11} {'mix':9} {'batch':>5} {'dense ms':>9} "
@@ -100,10 +106,11 @@ def main(argv=None):
             masked, packed = make_weight(out_f, in_f, ratios, args.topk, dtype, device)
             for batch in batches:
                 x = torch.randn(batch, in_f, device=device).to(dtype)
-                dense_ms = median_ms(lambda: F.linear(x, masked), device, args.warmup, args.iters)
+                dense_ms = median_ms(lambda: F.linear(x, masked), device, args.warmup, args.iters,
+                                     flush)
                 for backend in backends:
                     hybrid_ms = median_ms(lambda: sk.hybrid_linear(x, packed, backend=backend),
-                                          device, args.warmup, args.iters)
+                                          device, args.warmup, args.iters, flush)
                     rec = dict(backend=backend, dtype=str(dtype).removeprefix("torch."),
                                out_features=out_f, in_features=in_f, batch=batch,
                                tier_ratios=list(ratios), topk=args.topk,
@@ -118,6 +125,7 @@ def main(argv=None):
                           f"{packed.ideal_nbytes / packed.dense_nbytes:>11.3f}", flush=True)
     path = args.out or results_path(device)
     write_results(path, device, records, threads=torch.get_num_threads(),
+                  cache="warm" if args.warm_cache else "cold",
                   command=" ".join(["bench_linear.py", *(argv if argv else sys.argv[1:])]))
     print(f"\nwrote {path}")
     return records

@@ -33,21 +33,39 @@ def git_commit() -> str:
         return "unknown"
 
 
-def median_ms(fn, device: torch.device, warmup: int, iters: int) -> float:
-    """Median wall time of one call of ``fn`` in milliseconds (GPU: CUDA events)."""
+class CacheFlusher:
+    """Evicts the weights from the caches between timed calls, as decode does: a model's layers
+    together are far larger than any cache, so each layer's weight arrives from memory. Writing
+    a buffer larger than the last-level cache (CPU L3, GPU L2) does it; the write is not timed.
+    """
+
+    def __init__(self, device: torch.device, nbytes: int = 256 << 20):
+        self.buffer = torch.empty(nbytes // 4, dtype=torch.float32, device=device)
+
+    def __call__(self) -> None:
+        self.buffer.fill_(1.0)
+
+
+def median_ms(fn, device: torch.device, warmup: int, iters: int, flush=None) -> float:
+    """Median wall time of one call of ``fn`` in milliseconds (GPU: CUDA events).
+
+    ``flush``, if given, runs untimed before every timed call (see ``CacheFlusher``).
+    """
     for _ in range(warmup):
         fn()
     samples = []
-    if device.type == "cuda":
-        for _ in range(iters):
+    for _ in range(iters):
+        if flush is not None:
+            flush()
+        if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
             start.record()
             fn()
             end.record()
             torch.cuda.synchronize()
             samples.append(start.elapsed_time(end))
-    else:
-        for _ in range(iters):
+        else:
             t0 = time.perf_counter()
             fn()
             samples.append((time.perf_counter() - t0) * 1e3)

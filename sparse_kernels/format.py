@@ -217,7 +217,7 @@ class HybridWeight:
         """Bytes if each block stored only its kept values and their positions, no index."""
         es, bb = self.dense_vals.element_size(), self.block_size ** 2
         counts = self.tier_counts()
-        return (counts["dense"] * bb * es + counts["2:4"] * (bb // 2 * es + bb // 16)
+        return (counts["dense"] * bb * es + counts["2:4"] * (bb // 2 * es + bb // 8)
                 + counts["top-K"] * self.topk * (es + 1))
 
     @property
