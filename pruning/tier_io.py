@@ -1,0 +1,74 @@
+"""Tier maps of a whole model on disk: one safetensors file, JSON metadata, atomic writes."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+import torch
+from torch import nn
+
+from sparse_kernels.format import tier_grid
+
+FORMAT = "sparse_kernels.tier_maps"
+FORMAT_VERSION = 1
+
+
+def save_tier_maps(path: str | os.PathLike, tier_maps: dict[str, torch.Tensor], *,
+                   block_size: int, topk: int, tier_ratios=None, method: str | None = None,
+                   source_model: str | None = None) -> None:
+    """Write ``{module name: int8 tier map}`` and what made them; a temp file is renamed in."""
+    from safetensors.torch import save_file
+
+    path = os.fspath(path)
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "block_size": block_size,
+            "topk": topk, "tier_ratios": list(tier_ratios) if tier_ratios else None,
+            "method": method, "source_model": source_model}
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({name: t.to(torch.int8).contiguous().cpu() for name, t in tier_maps.items()},
+                  tmp, metadata={"sparse_kernels": json.dumps(meta)})
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def load_tier_maps(path: str | os.PathLike, model: nn.Module | None = None):
+    """``(tier_maps, metadata)`` from ``save_tier_maps``; checked against ``model`` if given."""
+    from safetensors import safe_open
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no tier-map file at {path!r}")
+    with safe_open(path, framework="pt") as f:
+        raw = (f.metadata() or {}).get("sparse_kernels")
+        meta = json.loads(raw) if raw else {}
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"{path!r} is not a tier-map file written by save_tier_maps")
+        if meta["format_version"] > FORMAT_VERSION:
+            raise ValueError(f"{path!r} has format version {meta['format_version']}; this "
+                             f"package reads up to {FORMAT_VERSION}")
+        tier_maps = {name: f.get_tensor(name) for name in f.keys()}
+    if model is not None:
+        check_against_model(tier_maps, model, meta["block_size"])
+    return tier_maps, meta
+
+
+def check_against_model(tier_maps: dict[str, torch.Tensor], model: nn.Module,
+                        block_size: int) -> None:
+    """Raise naming the first module whose tier map does not fit the model."""
+    from .models import get_weight, is_prunable
+
+    modules = dict(model.named_modules())
+    for name, tiers in tier_maps.items():
+        module = modules.get(name)
+        if module is None or not is_prunable(module):
+            raise ValueError(f"tier map for {name!r}, but the model has no Linear by that name")
+        out_f, in_f = get_weight(module).shape
+        grid = tier_grid(out_f, in_f, block_size)
+        if tuple(tiers.shape) != grid:
+            raise ValueError(f"tier map for {name!r} has shape {tuple(tiers.shape)}, but its "
+                             f"[{out_f}, {in_f}] weight in {block_size}x{block_size} blocks "
+                             f"needs {grid}")

@@ -1,0 +1,59 @@
+"""Tiny random Hugging Face causal LMs of several architectures, built from configs offline."""
+import torch
+
+VOCAB = 96
+
+
+def _build(config_cls, model_cls, **kw):
+    torch.manual_seed(0)
+    return model_cls(config_cls(**kw)).eval()
+
+
+def llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+    return _build(LlamaConfig, LlamaForCausalLM, vocab_size=VOCAB, hidden_size=64,
+                  intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=128)
+
+
+def mistral():
+    from transformers import MistralConfig, MistralForCausalLM
+    return _build(MistralConfig, MistralForCausalLM, vocab_size=VOCAB, hidden_size=64,
+                  intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=128, sliding_window=None)
+
+
+def qwen2():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    return _build(Qwen2Config, Qwen2ForCausalLM, vocab_size=VOCAB, hidden_size=64,
+                  intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=128)
+
+
+def opt():
+    from transformers import OPTConfig, OPTForCausalLM
+    return _build(OPTConfig, OPTForCausalLM, vocab_size=VOCAB, hidden_size=64, ffn_dim=96,
+                  num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=128,
+                  word_embed_proj_dim=64)
+
+
+def gpt_neox():
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+    return _build(GPTNeoXConfig, GPTNeoXForCausalLM, vocab_size=VOCAB, hidden_size=64,
+                  intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  max_position_embeddings=128)
+
+
+def gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+    return _build(GPT2Config, GPT2LMHeadModel, vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4,
+                  n_positions=128)
+
+
+ARCHITECTURES = {"llama": llama, "mistral": mistral, "qwen2": qwen2, "opt": opt,
+                 "gpt_neox": gpt_neox, "gpt2": gpt2}
+
+
+def calibration_ids(nsamples=4, seqlen=24, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, VOCAB, (nsamples, seqlen), generator=g)
