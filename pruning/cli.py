@@ -1,0 +1,256 @@
+"""``hybrid-prune``: prune a Hugging Face causal LM and measure it, from the command line.
+
+  hybrid-prune                       # = hybrid-prune prune: the embedded SmolLM2, three-tier
+  hybrid-prune prune --model meta-llama/Llama-2-7b-hf --method sparsegpt --pattern 2:4 --save out/
+  hybrid-prune eval --model out/ --tasks boolq rte --tier-maps out/tier_maps.safetensors --sparsify
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None,
+                   help="hub id or local path (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="model dtype")
+    p.add_argument("--device", default=None,
+                   help="where each layer runs while pruning and where eval runs (default: cpu)")
+    p.add_argument("--seqlen", type=int, default=512, help="tokens per sample / eval window")
+    p.add_argument("--ppl-source", default="embedded",
+                   help="perplexity text: embedded (held-out part), wikitext2, c4, ptb, a file")
+    p.add_argument("--ppl-windows", type=int, default=64,
+                   help="evaluate the last N windows of the text (0 = all)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hybrid-prune", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command")
+
+    p = sub.add_parser("prune", help="prune a model (the default command)")
+    _add_model_args(p)
+    p.add_argument("--method", default="wanda",
+                   help="magnitude | wanda | sparsegpt | wanda_obs (default wanda)")
+    p.add_argument("--pattern", default="three_tier",
+                   help="unstructured | N:M (2:4, 4:8) | block | block_topk | three_tier")
+    p.add_argument("--sparsity", type=float, default=0.5,
+                   help="unstructured / block patterns: fraction pruned (default 0.5)")
+    p.add_argument("--tier-ratios", type=float, nargs=3, default=(0.35, 0.45, 0.20),
+                   metavar=("R_DENSE", "R_24", "R_TOPK"), help="three_tier block fractions")
+    p.add_argument("--topk", type=int, default=15, help="K kept per top-K block (default 15)")
+    p.add_argument("--block-size", type=int, default=16, help="block size B (default 16)")
+    p.add_argument("--within-block", choices=("score", "magnitude"), default="score",
+                   help="what picks the kept weights inside 2:4 / top-K blocks")
+    p.add_argument("--ranking", choices=("matrix", "layer", "model"), default="matrix",
+                   help="where blocks compete for tiers (default: within each matrix)")
+    p.add_argument("--use-variant", action="store_true", help="Wanda's per-row variant")
+    p.add_argument("--calibration", default="embedded",
+                   help="embedded | wikitext2 | c4 | ptb | squad[:format] | gsm8k | a .txt/.jsonl "
+                        "file or folder | a mixture like wikitext2:0.5,c4:0.5")
+    p.add_argument("--nsamples", type=int, default=64, help="calibration samples (default 64)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=4, help="samples per forward call")
+    p.add_argument("--save", default=None, metavar="DIR",
+                   help="write the pruned model, tokenizer, tier_maps.safetensors, report.json")
+    p.add_argument("--eval-ppl", action=argparse.BooleanOptionalAction, default=None,
+                   help="dense and pruned perplexity (default: on for the embedded model)")
+    p.add_argument("--sparsify", action=argparse.BooleanOptionalAction, default=None,
+                   help="swap in HybridSparseLinear and time one decode step dense vs hybrid "
+                        "(default: on for the embedded model)")
+
+    e = sub.add_parser("eval", help="perplexity / zero-shot accuracy of a (pruned) model")
+    _add_model_args(e)
+    e.add_argument("--tasks", nargs="*", default=[], help="lm-eval tasks (e.g. boolq rte)")
+    e.add_argument("--task-dir", default=None, help="folder of local lm-eval task YAMLs")
+    e.add_argument("--limit", type=int, default=None, help="documents per task (lm-eval)")
+    e.add_argument("--no-ppl", action="store_true", help="skip perplexity")
+    e.add_argument("--tier-maps", default=None, help="tier_maps.safetensors from a prune --save")
+    e.add_argument("--sparsify", action="store_true",
+                   help="evaluate with HybridSparseLinear (needs --tier-maps)")
+    return parser
+
+
+def load_model(name: str | None, dtype: torch.dtype):
+    """(model, tokenizer, display name); ``None`` loads the embedded default model."""
+    if name is None:
+        from .embedded import EMBEDDED_MODEL_NAME, load_embedded_model
+
+        model, tokenizer = load_embedded_model(dtype=dtype)
+        return model, tokenizer, EMBEDDED_MODEL_NAME
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if os.path.sep in name and not os.path.exists(name):
+        raise SystemExit(f"--model: no such directory {name!r}")
+    model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+    return model, AutoTokenizer.from_pretrained(name), name
+
+
+def decode_step_ms(model, iters: int = 20, warmup: int = 3) -> float:
+    """Median time of one single-token forward (a decode step's matmuls) in milliseconds."""
+    import statistics
+
+    device = next(model.parameters()).device
+    ids = torch.ones(1, 1, dtype=torch.long, device=device)
+    samples = []
+    with torch.no_grad():
+        for i in range(warmup + iters):
+            t0 = time.perf_counter()
+            model(ids, use_cache=False)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if i >= warmup:
+                samples.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(samples)
+
+
+def swap_in_hybrid(model, tier_maps: dict, topk: int, block_size: int) -> int:
+    """Replace the nn.Linear modules that have tier maps; returns how many were swapped."""
+    import sparse_kernels as sk
+    from torch import nn
+
+    modules = dict(model.named_modules())
+    linear_maps = {n: t for n, t in tier_maps.items() if isinstance(modules.get(n), nn.Linear)}
+    sk.sparsify_model(model, linear_maps, topk=topk, block_size=block_size)
+    return len(linear_maps)
+
+
+def _perplexity(model, tokenizer, args) -> float:
+    from .eval import perplexity
+
+    return perplexity(model, tokenizer, args.ppl_source, seqlen=args.seqlen,
+                      max_windows=args.ppl_windows or None, device=args.device)
+
+
+def _save_atomically(folder: str, write) -> None:
+    """Run ``write(tmp_dir)`` and move the result to ``folder``; nothing is left half-written."""
+    parent = os.path.dirname(os.path.abspath(folder)) or "."
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=".hybrid-prune-")
+    try:
+        write(tmp)
+        if os.path.exists(folder):
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def tier_maps_for_kernels(result) -> dict:
+    """Tier maps to hand to the kernels: the pattern's own, or all-2:4 for a 2:4 pattern."""
+    if result.tier_maps:
+        return result.tier_maps
+    spec = result.pattern
+    if spec.kind == "nm" and (spec.n, spec.m) == (2, 4):
+        from sparse_kernels import SPARSE_24
+        from sparse_kernels.format import tier_grid
+
+        return {name: torch.full(tier_grid(*mask.shape, spec.block_size), SPARSE_24,
+                                 dtype=torch.int8) for name, mask in result.masks.items()}
+    return {}
+
+
+def run_prune(args) -> dict:
+    from . import prune
+    from .report import format_report
+
+    embedded = args.model is None
+    eval_ppl = embedded if args.eval_ppl is None else args.eval_ppl
+    sparsify = embedded if args.sparsify is None else args.sparsify
+    model, tokenizer, name = load_model(args.model, DTYPES[args.dtype])
+    model.eval()
+    out = {"model": name, "method": args.method, "pattern": args.pattern}
+    if eval_ppl:
+        out["ppl"] = {"dense": _perplexity(model, tokenizer, args)}
+        print(f"dense perplexity ({args.ppl_source}): {out['ppl']['dense']:.3f}")
+    t0 = time.perf_counter()
+    result = prune(model, args.calibration, args.method, args.pattern, args.sparsity,
+                   tier_ratios=tuple(args.tier_ratios), topk=args.topk,
+                   block_size=args.block_size, within_block=args.within_block,
+                   ranking=args.ranking, use_variant=args.use_variant, tokenizer=tokenizer,
+                   nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
+                   batch_size=args.batch_size, device=args.device)
+    out["prune_seconds"] = round(time.perf_counter() - t0, 1)
+    out["sparsity"] = result.report["sparsity"]
+    out["report"] = result.report
+    print(format_report(result.report))
+    print(f"pruned in {out['prune_seconds']} s")
+    if eval_ppl:
+        out["ppl"]["pruned"] = _perplexity(model, tokenizer, args)
+        print(f"pruned perplexity ({args.ppl_source}): {out['ppl']['pruned']:.3f}")
+    if args.save:
+        def write(folder):
+            model.save_pretrained(folder)
+            tokenizer.save_pretrained(folder)
+            if result.tier_maps:
+                result.save_tier_maps(os.path.join(folder, "tier_maps.safetensors"), name)
+            with open(os.path.join(folder, "report.json"), "w") as f:
+                json.dump(out, f, indent=1)
+        _save_atomically(args.save, write)
+        print(f"saved to {args.save}")
+    kernel_maps = tier_maps_for_kernels(result) if sparsify else {}
+    if sparsify and not kernel_maps:
+        print(f"--sparsify skipped: pattern {args.pattern!r} has no block tiers for the kernels "
+              "(use three_tier, block, block_topk or 2:4)")
+    elif sparsify:
+        dense_ms = decode_step_ms(model)
+        swapped = swap_in_hybrid(model, kernel_maps, args.topk, args.block_size)
+        hybrid_ms = decode_step_ms(model)
+        out["decode_step_ms"] = {"dense": round(dense_ms, 3), "hybrid": round(hybrid_ms, 3),
+                                 "speedup": round(dense_ms / hybrid_ms, 3),
+                                 "modules_swapped": swapped}
+        print(f"one decode step (batch 1): dense {dense_ms:.2f} ms, hybrid {hybrid_ms:.2f} ms "
+              f"({dense_ms / hybrid_ms:.2f}x, {swapped} Linear layers swapped)")
+        if args.save:  # the report gains the speed; everything else is already saved
+            with open(os.path.join(args.save, "report.json"), "w") as f:
+                json.dump(out, f, indent=1)
+    return out
+
+
+def run_eval(args) -> dict:
+    model, tokenizer, name = load_model(args.model, DTYPES[args.dtype])
+    model.eval()
+    out = {"model": name}
+    if args.sparsify:
+        if not args.tier_maps:
+            raise SystemExit("--sparsify needs --tier-maps")
+        from .tier_io import load_tier_maps
+
+        tier_maps, meta = load_tier_maps(args.tier_maps, model)
+        out["modules_swapped"] = swap_in_hybrid(model, tier_maps, meta["topk"],
+                                                meta["block_size"])
+    if not args.no_ppl:
+        out["ppl"] = _perplexity(model, tokenizer, args)
+        print(f"perplexity ({args.ppl_source}): {out['ppl']:.3f}")
+    if args.tasks:
+        from .eval import zero_shot
+
+        out["zero_shot"] = zero_shot(model, tokenizer, args.tasks, task_dir=args.task_dir,
+                                     limit=args.limit, device=args.device)
+        for task, metrics in out["zero_shot"].items():
+            print(task, json.dumps(metrics))
+    return out
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+        argv.insert(0, "prune")  # no subcommand: prune
+    args = build_parser().parse_args(argv)
+    if args.device is None:
+        args.device = "cpu"
+    (run_prune if args.command == "prune" else run_eval)(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,152 @@
+"""Pruning methods: pure functions from one weight matrix and its calibration statistics to a mask
+(plus a tier map for tiered patterns, plus the updated weight for OBS methods).
+
+Every method has the same interface (:class:`Method`); the layer-by-layer driver picks one by
+name with :func:`get_method` and never needs to know which it has:
+
+* ``needs_hessian`` / ``needs_activations`` tell the driver what to accumulate in
+  :class:`pruning.stats.LinearStats`;
+* ``scores(weight, stats)`` is the importance the method ranks by (fp32 ``[out, in]``, >= 0),
+  e.g. to rank blocks across matrices for ``ranking="layer"`` / ``"model"``;
+* ``prune(weight, stats, pattern, tier_map=None)`` returns a :class:`LayerPruning`.
+
+Methods never modify their inputs, work in fp32 and return new tensors.
+
+========== ===================================== =================================
+name       scores                                weight update
+========== ===================================== =================================
+magnitude  ``|W|``                               none
+wanda      ``|W| * sqrt(act_sq_norm)``           none
+sparsegpt  ``W^2 / diag(U)^2`` (``U`` = chol(H^-1)) OBS sweep (SparseGPT)
+wanda_obs  Wanda's                               OBS sweep with the Wanda mask fixed
+========== ===================================== =================================
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from ..patterns import Pattern, parse_pattern
+from ..stats import LinearStats
+
+
+@dataclass
+class LayerPruning:
+    """What a method decided for one weight matrix.
+
+    mask: bool ``[out, in]``, True = kept.
+    tier_map: int8 ``[ceil(out/B), ceil(in/B)]`` for tiered patterns (block, block_topk,
+        three_tier), else None.
+    weight: the updated weight of OBS methods, zeros already applied, in the input weight's
+        dtype; None = "apply ``mask`` to the original weight".
+    """
+
+    mask: torch.Tensor
+    tier_map: torch.Tensor | None
+    weight: torch.Tensor | None = None
+
+    def pruned_weight(self, original: torch.Tensor) -> torch.Tensor:
+        """The weight to install: ``weight`` if the method updated it, else ``original`` masked."""
+        if self.weight is not None:
+            return self.weight
+        return original.detach().masked_fill(~self.mask.to(original.device), 0)
+
+
+@runtime_checkable
+class Method(Protocol):
+    name: str
+    needs_hessian: bool
+    needs_activations: bool
+
+    def scores(self, weight: torch.Tensor, stats: LinearStats | None) -> torch.Tensor: ...
+
+    def prune(self, weight: torch.Tensor, stats: LinearStats | None, pattern: Pattern | str,
+              tier_map: torch.Tensor | None = None) -> LayerPruning: ...
+
+
+# Shared input checks (used by the method modules, defined before they are imported).
+
+def check_weight(weight: torch.Tensor) -> torch.Tensor:
+    """A detached 2-D floating-point weight, or ValueError / TypeError."""
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise ValueError(f"weight must be a 2-D tensor [out_features, in_features], got "
+                         f"{tuple(weight.shape) if isinstance(weight, torch.Tensor) else weight!r}")
+    if not weight.dtype.is_floating_point:
+        raise TypeError(f"weight must be floating point, got {weight.dtype}")
+    return weight.detach()
+
+
+def check_activations(method: str, weight: torch.Tensor, stats: LinearStats | None) -> torch.Tensor:
+    """``stats.act_sq_norm`` as fp32 on the weight's device, checked against the weight."""
+    act = getattr(stats, "act_sq_norm", None)
+    if act is None:
+        raise ValueError(f"{method} needs LinearStats.act_sq_norm (calibration activations); "
+                         f"got {'no stats' if stats is None else 'stats without it'}")
+    if tuple(act.shape) != (weight.shape[1],):
+        raise ValueError(f"{method}: act_sq_norm has shape {tuple(act.shape)}, the weight "
+                         f"{tuple(weight.shape)} needs ({weight.shape[1]},)")
+    return act.detach().to(device=weight.device, dtype=torch.float32)
+
+
+def check_hessian(method: str, weight: torch.Tensor, stats: LinearStats | None) -> torch.Tensor:
+    """``stats.hessian`` as fp32 on the weight's device, checked against the weight (a copy
+    is not made here; callers clone before modifying)."""
+    hessian = getattr(stats, "hessian", None)
+    if hessian is None:
+        raise ValueError(f"{method} needs LinearStats.hessian: accumulate it "
+                         f"(LinearStats.empty(in_features, hessian=True))")
+    n = weight.shape[1]
+    if tuple(hessian.shape) != (n, n):
+        raise ValueError(f"{method}: hessian has shape {tuple(hessian.shape)}, the weight "
+                         f"{tuple(weight.shape)} needs ({n}, {n})")
+    return hessian.detach().to(device=weight.device, dtype=torch.float32)
+
+
+def check_pattern(pattern: Pattern | str, tier_map: torch.Tensor | None) -> Pattern:
+    """A Pattern from a Pattern or a pattern name (default settings); rejects a tier_map for a
+    pattern without tiers."""
+    pattern = parse_pattern(pattern)
+    if tier_map is not None and not pattern.uses_tiers:
+        raise ValueError(f"a tier_map was given but pattern {pattern.name!r} has no tiers")
+    return pattern
+
+
+from .magnitude import Magnitude  # noqa: E402
+from .sparsegpt import SparseGPT  # noqa: E402
+from .wanda import Wanda  # noqa: E402
+from .wanda_obs import WandaOBS  # noqa: E402
+
+METHODS: dict[str, Method] = {
+    "magnitude": Magnitude(),
+    "wanda": Wanda(),
+    "sparsegpt": SparseGPT(),
+    "wanda_obs": WandaOBS(),
+}
+
+
+def get_method(name: str, **options) -> Method:
+    """The method called ``name`` (case-insensitive, ``-`` reads as ``_``).
+
+    ``options`` override the method's settings (e.g. ``blocksize=64, percdamp=0.05`` for the
+    OBS methods) and return a new instance; ``ValueError`` for an unknown name or option.
+    """
+    key = str(name).strip().lower().replace("-", "_")
+    if key not in METHODS:
+        raise ValueError(f"unknown pruning method {name!r}; choose one of "
+                         f"{', '.join(METHODS)}")
+    method = METHODS[key]
+    if not options:
+        return method
+    fields = {f.name for f in dataclasses.fields(method)}
+    unknown = sorted(set(options) - fields)
+    if unknown:
+        raise ValueError(f"method {key!r} has no option(s) {', '.join(unknown)}; it has "
+                         f"{', '.join(sorted(fields)) or 'none'}")
+    return dataclasses.replace(method, **options)
+
+
+__all__ = ["LayerPruning", "Method", "METHODS", "get_method", "Magnitude", "Wanda", "SparseGPT",
+           "WandaOBS"]

@@ -1,0 +1,41 @@
+"""Wanda mask + OBS update (the "ablate" method of the Wanda paper): the Wanda mask for the
+pattern is computed first (per-row unstructured, its variant, N:M, or tiers by Wanda scores),
+then SparseGPT's OBS sweep runs with that mask fixed (:func:`.sparsegpt.obs_sweep`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from ..patterns import Pattern
+from ..stats import LinearStats
+from . import LayerPruning, check_hessian, check_pattern, check_weight
+from .sparsegpt import obs_sweep, prepare_obs
+from .wanda import Wanda
+
+
+@dataclass(frozen=True)
+class WandaOBS:
+    """Wanda's mask, SparseGPT's weight update (``blocksize``, ``percdamp`` as SparseGPT)."""
+
+    blocksize: int = 128
+    percdamp: float = 0.01
+    name: ClassVar[str] = "wanda_obs"
+    needs_hessian: ClassVar[bool] = True
+    needs_activations: ClassVar[bool] = True
+
+    def scores(self, weight: torch.Tensor, stats: LinearStats) -> torch.Tensor:
+        """Wanda's scores ``|W| * sqrt(act_sq_norm)`` (the mask is chosen by them)."""
+        return Wanda().scores(weight, stats)
+
+    def prune(self, weight: torch.Tensor, stats: LinearStats, pattern: Pattern | str,
+              tier_map: torch.Tensor | None = None) -> LayerPruning:
+        pattern = check_pattern(pattern, tier_map)
+        weight = check_weight(weight)
+        hessian = check_hessian(self.name, weight, stats)
+        chosen = Wanda().prune(weight, stats, pattern, tier_map)
+        w, u = prepare_obs(weight, hessian, self.percdamp, stats.nsamples)
+        new, _ = obs_sweep(w, u, mask=chosen.mask, blocksize=self.blocksize)
+        return LayerPruning(chosen.mask, chosen.tier_map, new.to(weight.dtype))
