@@ -72,10 +72,11 @@ def median_ms(fn, device: torch.device, warmup: int, iters: int, flush=None) -> 
     return statistics.median(samples)
 
 
-def results_path(device: torch.device, suffix: str = "") -> str:
+def results_path(device: torch.device, prefix: str = "") -> str:
+    """benchmarks/results/<prefix><device>-<YYYYMMDD>.json"""
     slug = re.sub(r"[^A-Za-z0-9]+", "-", device_name(device)).strip("-").lower()
     day = datetime.date.today().strftime("%Y%m%d")
-    return os.path.join(RESULTS_DIR, f"{slug}-{day}{suffix}.json")
+    return os.path.join(RESULTS_DIR, f"{prefix}{slug}-{day}.json")
 
 
 def write_results(path: str, device: torch.device, records: list[dict], **extra) -> None:
