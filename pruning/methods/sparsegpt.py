@@ -140,10 +140,11 @@ def obs_sweep(w: torch.Tensor, u: torch.Tensor, *, mask: torch.Tensor | None = N
 
 
 def obs_update(weight: torch.Tensor, hessian: torch.Tensor, mask: torch.Tensor, *,
-               blocksize: int = 128, percdamp: float = 0.01) -> torch.Tensor:
+               blocksize: int = 128, percdamp: float = 0.01, nsamples: int | None = None
+               ) -> torch.Tensor:
     """``weight`` pruned to the fixed ``mask`` (True = kept) with SparseGPT's OBS update, in
     the weight's dtype (a new tensor)."""
-    w, u = prepare_obs(weight, hessian, percdamp)
+    w, u = prepare_obs(weight, hessian, percdamp, nsamples)
     new, _ = obs_sweep(w, u, mask=mask, blocksize=blocksize)
     return new.to(weight.dtype)
 

@@ -1,6 +1,6 @@
 """Wanda mask + OBS update (the "ablate" method of the Wanda paper): the Wanda mask for the
 pattern is computed first (per-row unstructured, its variant, N:M, or tiers by Wanda scores),
-then SparseGPT's OBS sweep runs with that mask fixed (:func:`.sparsegpt.obs_sweep`).
+then SparseGPT's OBS sweep runs with that mask fixed (:func:`.sparsegpt.obs_update`).
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 from ..patterns import Pattern
 from ..stats import LinearStats
 from . import LayerPruning, check_hessian, check_pattern, check_weight
-from .sparsegpt import obs_sweep, prepare_obs
+from .sparsegpt import obs_update
 from .wanda import Wanda
 
 
@@ -36,6 +36,6 @@ class WandaOBS:
         weight = check_weight(weight)
         hessian = check_hessian(self.name, weight, stats)
         chosen = Wanda().prune(weight, stats, pattern, tier_map)
-        w, u = prepare_obs(weight, hessian, self.percdamp, stats.nsamples)
-        new, _ = obs_sweep(w, u, mask=chosen.mask, blocksize=self.blocksize)
-        return LayerPruning(chosen.mask, chosen.tier_map, new.to(weight.dtype))
+        new = obs_update(weight, hessian, chosen.mask, blocksize=self.blocksize,
+                         percdamp=self.percdamp, nsamples=stats.nsamples)
+        return LayerPruning(chosen.mask, chosen.tier_map, new)
