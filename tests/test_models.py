@@ -81,3 +81,19 @@ def test_layerwise_stats_equal_full_forward_stats(arch):
         torch.testing.assert_close(stats.act_sq_norm, expected[name].act_sq_norm,
                                    rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(stats.hessian, expected[name].hessian, rtol=1e-4, atol=1e-4)
+
+
+def test_offloaded_weights_get_a_clear_error():
+    from pruning.models import module_device
+    layer = nn.Linear(4, 4, device="meta")
+    with pytest.raises(RuntimeError, match="offloaded to the meta device"):
+        module_device(layer)
+
+
+def test_layers_run_on_the_requested_device_and_go_back():
+    model = ARCHITECTURES["llama"]()
+    seen = []
+    layerwise(model, [calibration_ids()], lambda name, layer, linears, stats: seen.append(
+        next(layer.parameters()).device.type), device="cpu", progress=False)
+    assert seen == ["cpu", "cpu"]
+    assert all(p.device.type == "cpu" for p in model.parameters())

@@ -1,0 +1,38 @@
+"""Sparsity report numbers and tier-map file errors."""
+import pytest
+import torch
+
+import pruning
+from pruning.report import format_report, sparsity_report
+
+
+def test_report_counts():
+    masks = {"model.layers.0.a": torch.tensor([[True, False], [False, False]]),
+             "model.layers.1.b": torch.ones(2, 4, dtype=torch.bool)}
+    tiers = {"model.layers.0.a": torch.tensor([[0, 1], [2, 2]], dtype=torch.int8)}
+    report = sparsity_report(masks, tiers)
+    assert report["params"] == 12 and report["kept"] == 9
+    assert report["sparsity"] == pytest.approx(0.25)
+    assert report["per_layer"]["model.layers.0"]["sparsity"] == pytest.approx(0.75)
+    assert report["per_layer"]["model.layers.1"]["sparsity"] == 0.0
+    assert report["per_module"]["model.layers.0.a"]["tier_blocks"] == \
+        {"dense": 1, "2:4": 1, "top-K": 2}
+    assert report["per_tier"]["top-K"] == {"blocks": 2, "fraction": 0.5}
+    assert "overall sparsity 25.00% of 12 weights in 2 modules" in format_report(report)
+
+
+def test_tier_map_file_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no tier-map file"):
+        pruning.load_tier_maps(tmp_path / "missing.safetensors")
+    from safetensors.torch import save_file
+    save_file({"x": torch.zeros(1)}, tmp_path / "other.safetensors")
+    with pytest.raises(ValueError, match="not a tier-map file"):
+        pruning.load_tier_maps(tmp_path / "other.safetensors")
+
+
+def test_save_leaves_no_temp_file(tmp_path):
+    pruning.save_tier_maps(tmp_path / "t.safetensors", {"a": torch.zeros(2, 2)}, block_size=16,
+                           topk=15)
+    assert [p.name for p in tmp_path.iterdir()] == ["t.safetensors"]
+    loaded, meta = pruning.load_tier_maps(tmp_path / "t.safetensors")
+    assert loaded["a"].dtype == torch.int8 and meta["block_size"] == 16
