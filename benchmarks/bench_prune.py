@@ -30,6 +30,8 @@ CONFIGS = {
     "wanda:three_tier:magnitude": dict(method="wanda", pattern="three_tier",
                                        within_block="magnitude"),
     "sparsegpt:three_tier": dict(method="sparsegpt", pattern="three_tier"),
+    "wanda:three_tier:row": dict(method="wanda", pattern="three_tier", ranking="row"),
+    "sparsegpt:three_tier:row": dict(method="sparsegpt", pattern="three_tier", ranking="row"),
 }
 
 
@@ -77,8 +79,9 @@ def main(argv=None):
         result = pruning.prune(model, samples, batch_size=4, progress=False, **CONFIGS[name])
         seconds = time.perf_counter() - t0
         value = ppl()
-        records.append(dict(config=name, **CONFIGS[name], sparsity=result.report["sparsity"],
-                            ppl=value, prune_seconds=round(seconds, 1)))
+        records.append(dict(config=name, arguments=CONFIGS[name],
+                            sparsity=result.report["sparsity"], ppl=value,
+                            prune_seconds=round(seconds, 1)))
         print(f"{name:28} {result.report['sparsity']:>8.3f} {value:>9.3f} {seconds:>8.1f}",
               flush=True)
     path = args.out or results_path(torch.device("cpu"), prefix="prune-")

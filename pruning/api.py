@@ -83,7 +83,8 @@ def prune(model: nn.Module, calibration="embedded", method: str = "wanda",
     ``[nsamples, seqlen]`` (then ``nsamples`` / ``seqlen`` are taken from it). method:
     ``magnitude``, ``wanda``, ``sparsegpt`` or ``wanda_obs`` (Wanda's mask + SparseGPT's weight
     update). pattern: ``unstructured``, ``N:M`` (``2:4``, ``4:8``), ``block``, ``block_topk``
-    or ``three_tier``. seqlen defaults to the model's context, at most 2048. device: where each
+    or ``three_tier``; tiered patterns rank blocks per ``ranking``: ``matrix``, ``row`` (each
+    block-row), ``layer`` or ``model``. seqlen defaults to the model's context, at most 2048. device: where each
     layer runs for its turn. Masks are applied (and OBS-updated weights written); the result
     holds the masks, the tier maps of tiered patterns and a sparsity report.
     """

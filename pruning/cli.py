@@ -50,8 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--block-size", type=int, default=16, help="block size B (default 16)")
     p.add_argument("--within-block", choices=("score", "magnitude"), default="score",
                    help="what picks the kept weights inside 2:4 / top-K blocks")
-    p.add_argument("--ranking", choices=("matrix", "layer", "model"), default="matrix",
-                   help="where blocks compete for tiers (default: within each matrix)")
+    p.add_argument("--ranking", choices=("matrix", "row", "layer", "model"), default="matrix",
+                   help="where blocks compete for tiers: each matrix (default), each block-row "
+                        "of a matrix, each decoder layer, or the whole model")
     p.add_argument("--use-variant", action="store_true", help="Wanda's per-row variant")
     p.add_argument("--calibration", default="embedded",
                    help="embedded | wikitext2 | c4 | ptb | squad[:format] | gsm8k | a .txt/.jsonl "

@@ -40,7 +40,7 @@ __all__ = [
 PATTERN_KINDS = ("unstructured", "nm", "block", "block_topk", "three_tier")
 TIERED_KINDS = ("block", "block_topk", "three_tier")
 WITHIN_BLOCK = ("score", "magnitude")
-RANKINGS = ("matrix", "layer", "model")
+RANKINGS = ("matrix", "row", "layer", "model")
 BLOCK_SIZES = (4, 8, 12, 16)
 
 _NM = re.compile(r"^(\d+):(\d+)$")
@@ -68,8 +68,10 @@ class Pattern:
     block_size: B, in {4, 8, 12, 16}.
     within_block: what picks the kept weights inside 2:4 and top-K blocks: the method's
         ``"score"`` (default) or ``"magnitude"`` (|W|, the research code's behaviour).
-    ranking: where blocks are ranked into tiers: ``"matrix"`` (here) or ``"layer"`` /
-        ``"model"`` (the driver ranks jointly and passes each matrix's ``tier_map`` in).
+    ranking: where blocks are ranked into tiers: ``"matrix"`` (all blocks of the matrix, as
+        the research code does), ``"row"`` (within each block-row, so every group of B output
+        features gets the ratios, as Wanda compares weights within each output row), or
+        ``"layer"`` / ``"model"`` (the driver ranks jointly and passes each ``tier_map`` in).
     use_variant: Wanda's per-row cumulative-score variant (unstructured only).
 
     Tier maps of ``block`` and ``block_topk``: kept blocks are ``DENSE`` (0), removed / cut
@@ -304,6 +306,13 @@ def rank_blocks(blocks: torch.Tensor, pattern: Pattern) -> torch.Tensor:
     if not pattern.uses_tiers:
         raise ValueError(f"pattern {pattern.name!r} has no tier map; rank_blocks applies to "
                          f"{', '.join(TIERED_KINDS)}")
+    if pattern.ranking == "row" and blocks.dim() == 2:
+        return torch.stack([_rank_one_group(row, pattern) for row in blocks])
+    return _rank_one_group(blocks, pattern)
+
+
+def _rank_one_group(blocks: torch.Tensor, pattern: Pattern) -> torch.Tensor:
+    """Tier map of blocks that all compete with each other (any shape)."""
     if pattern.kind == "three_tier":
         return assign_tiers(blocks, pattern.tier_ratios)
     n = blocks.numel()
@@ -383,7 +392,7 @@ def build_mask(scores: torch.Tensor, pattern: Pattern, *, unstructured: str = "r
         raise ValueError(f"unstructured must be 'row' or 'matrix', got {unstructured!r}")
     if pattern.kind == "nm":
         return sk.nm_mask(scores.float(), pattern.n, pattern.m), None
-    if tier_map is None and pattern.ranking != "matrix":
+    if tier_map is None and pattern.ranking not in ("matrix", "row"):
         raise ValueError(f"ranking={pattern.ranking!r} ranks blocks across matrices: the driver "
                          f"must pass each matrix's tier_map (see rank_blocks_jointly)")
     selection = None

@@ -193,3 +193,14 @@ def test_bad_arguments(kwargs, message):
 def test_text_calibration_needs_a_tokenizer():
     with pytest.raises(ValueError, match="needs a tokenizer"):
         pruning.prune(ARCHITECTURES["llama"](), "embedded", "wanda", progress=False)
+
+
+def test_row_ranking_gives_every_block_row_the_ratios():
+    model = ARCHITECTURES["llama"]()
+    result = pruning.prune(model, calibration_ids(), "wanda", "three_tier", ranking="row",
+                           tier_ratios=(0.25, 0.5, 0.25), progress=False)
+    for name, tiers in result.tier_maps.items():
+        per_row = tiers.shape[1]
+        for row in tiers:
+            assert int((row == DENSE).sum()) == int(per_row * 0.25), name
+            assert int((row == SPARSE_24).sum()) == int(per_row * 0.5), name
