@@ -5,6 +5,7 @@ Backends, fastest first: ``cuda`` (csrc/cuda, not built yet), ``triton`` (not bu
 A call picks, in order: its ``backend=`` argument, the ``SPARSE_KERNELS_BACKEND`` environment
 variable, then the fastest available backend for the tensor's device.
 """
+import functools
 import os
 
 import torch
@@ -28,15 +29,25 @@ def _unavailable_reason(backend: str) -> str | None:
 
 def available_backends() -> list[str]:
     """Backends this install can run, fastest first (``torch`` is always last and present)."""
-    return [b for b in KNOWN_BACKENDS if _unavailable_reason(b) is None]
+    return list(_available())
+
+
+@functools.cache
+def _available() -> tuple[str, ...]:
+    # Fixed once the library has (or has not) loaded; cached because every op call asks.
+    return tuple(b for b in KNOWN_BACKENDS if _unavailable_reason(b) is None)
+
+
+@functools.cache
+def _default_backend(device_type: str) -> str:
+    return next(b for b in _available() if _BACKEND_DEVICE.get(b, device_type) == device_type)
 
 
 def resolve_backend(requested: str | None, device: torch.device) -> str:
     """The backend that serves a call on ``device``; raises if ``requested`` cannot."""
     requested = requested or os.environ.get(ENV_VAR) or None
     if requested is None:
-        return next(b for b in available_backends()
-                    if _BACKEND_DEVICE.get(b, device.type) == device.type)
+        return _default_backend(device.type)
     if requested not in KNOWN_BACKENDS:
         raise ValueError(f"unknown backend {requested!r}; known: {', '.join(KNOWN_BACKENDS)}")
     reason = _unavailable_reason(requested)
