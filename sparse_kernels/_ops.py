@@ -32,6 +32,9 @@ for _name, _schema in _SCHEMAS.items():
     _LIB.define(_name + _schema)
     _LIB.impl(_name, getattr(reference, _name), "CompositeExplicitAutograd")
 
+# The dispatched overloads, looked up once: every op call goes through _call.
+_DISPATCHED = {name: getattr(torch.ops.sparse_kernels, name).default for name in _SCHEMAS}
+
 
 @torch.library.register_fake("sparse_kernels::wanda_scores")
 def _(weight, act_sq_norm, block_size):
@@ -66,7 +69,7 @@ def _(x, dense_rowptr, dense_cols, dense_vals, s24_rowptr, s24_cols, s24_vals, s
 def _call(name: str, backend: str | None, device: torch.device, *args):
     if resolve_backend(backend, device) == "torch":
         return getattr(reference, name)(*args)
-    return getattr(torch.ops.sparse_kernels, name)(*args)
+    return _DISPATCHED[name](*args)
 
 
 def _check_float(name: str, t: torch.Tensor) -> None:

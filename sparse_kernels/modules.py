@@ -28,8 +28,10 @@ class HybridSparseLinear(nn.Module):
                                    dtype=dtype, device=device)
         for name, tensor in empty.tensors().items():
             self.register_buffer(name, tensor)
-        self.bias = (nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device),
-                                  requires_grad=False) if bias else None)
+        # Registered even when absent (as nn.Linear does), so forward finds it in _parameters.
+        self.register_parameter("bias", nn.Parameter(
+            torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False)
+            if bias else None)
 
     @classmethod
     def from_weight(cls, weight: HybridWeight, bias: torch.Tensor | None = None, *,
@@ -58,10 +60,14 @@ class HybridSparseLinear(nn.Module):
                             **{name: getattr(self, name) for name in ("tier_map",) + PACKED_FIELDS})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_linear_inputs(x, self.in_features, self.out_features, self.dense_vals.dtype,
-                            self.dense_vals.device, self.bias)
-        packed = tuple(getattr(self, name) for name in PACKED_FIELDS)
-        return apply_packed(x, packed, self.out_features, self.bias, self.backend)
+        # Direct dict lookups: nn.Module.__getattr__ costs about 1 us each, and a decode step
+        # of a small model calls hundreds of these modules.
+        buffers, bias = self._buffers, self._parameters["bias"]
+        packed = tuple(buffers[name] for name in PACKED_FIELDS)
+        values = buffers["dense_vals"]
+        check_linear_inputs(x, self.in_features, self.out_features, values.dtype, values.device,
+                            bias)
+        return apply_packed(x, packed, self.out_features, bias, self.backend)
 
     def extra_repr(self) -> str:
         counts = self.hybrid_weight.tier_counts()
