@@ -28,7 +28,7 @@ import sparse_kernels as sk
 from sparse_kernels import DENSE, SPARSE_24, TOPK
 from sparse_kernels.format import check_tier_map
 
-from .tiers import assign_tiers, check_ratios, tier_mask
+from .tiers import assign_tiers, check_ratios, per_entry_tiers, tier_mask
 
 __all__ = [
     "Pattern", "parse_pattern", "PATTERN_KINDS", "TIERED_KINDS", "WITHIN_BLOCK", "RANKINGS",
@@ -338,11 +338,6 @@ def rank_blocks_jointly(blocks: list[torch.Tensor], pattern: Pattern) -> list[to
             for t, b in zip(torch.split(tiers, [b.numel() for b in blocks]), blocks)]
 
 
-def _per_entry(tier_map: torch.Tensor, out_f: int, in_f: int, block_size: int) -> torch.Tensor:
-    return tier_map.repeat_interleave(block_size, 0).repeat_interleave(block_size, 1)[
-        :out_f, :in_f]
-
-
 def tiered_mask(scores: torch.Tensor, pattern: Pattern, tier_map: torch.Tensor | None = None,
                 selection: torch.Tensor | None = None):
     """Mask and tier map of a tiered pattern (block, block_topk, three_tier).
@@ -363,7 +358,7 @@ def tiered_mask(scores: torch.Tensor, pattern: Pattern, tier_map: torch.Tensor |
         if bool((tier_map == SPARSE_24).any()):
             raise ValueError("pattern 'block' keeps blocks dense (0) or removes them (2); its "
                              "tier_map must not contain 2:4 blocks (1)")
-        return _per_entry(tier_map == DENSE, out_f, in_f, b).contiguous(), tier_map
+        return per_entry_tiers(tier_map == DENSE, out_f, in_f, b).contiguous(), tier_map
     selection = scores if selection is None else selection
     return tier_mask(selection.float(), tier_map, pattern.topk, b), tier_map
 

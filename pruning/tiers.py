@@ -31,6 +31,13 @@ def assign_tiers(block_scores: torch.Tensor, ratios=(0.35, 0.45, 0.20)) -> torch
     return tiers.reshape(block_scores.shape)
 
 
+def per_entry_tiers(tier_map: torch.Tensor, out_features: int, in_features: int,
+                    block_size: int) -> torch.Tensor:
+    """Each weight's entry of a block map: ``[out, in]`` from ``[ceil(out/B), ceil(in/B)]``."""
+    return tier_map.repeat_interleave(block_size, 0).repeat_interleave(block_size, 1)[
+        :out_features, :in_features]
+
+
 def tier_mask(scores: torch.Tensor, tier_map: torch.Tensor, topk: int = 15,
               block_size: int = 16) -> torch.Tensor:
     """Bool mask [out, in] (True = kept) that ``tier_map`` implies for ``scores [out, in]``.
@@ -40,8 +47,7 @@ def tier_mask(scores: torch.Tensor, tier_map: torch.Tensor, topk: int = 15,
     """
     out_f, in_f = scores.shape
     tiers = check_tier_map(tier_map, out_f, in_f, block_size).to(scores.device)
-    per_entry = tiers.repeat_interleave(block_size, 0).repeat_interleave(block_size, 1)
-    per_entry = per_entry[:out_f, :in_f]
+    per_entry = per_entry_tiers(tiers, out_f, in_f, block_size)
     return torch.where(per_entry == DENSE, True,
                        torch.where(per_entry == SPARSE_24, nm_mask(scores, 2, 4),
                                    block_topk_mask(scores, topk, block_size)))
