@@ -327,10 +327,6 @@ def _weak(obj):
         return lambda: None
 
 
-def clear_token_cache() -> None:
-    _TOKEN_CACHE.clear()
-
-
 def _check_ids(t: torch.Tensor, dims=(2,)) -> None:
     if t.dim() not in dims:
         raise ValueError(f"token ids must be a {' or '.join(f'{d}-D' for d in dims)} tensor, "
