@@ -40,9 +40,6 @@ inline float to_float(c10::BFloat16 v) {
 
 inline float to_float(c10::Half v) { return static_cast<float>(v); }
 
-template <typename T>
-inline T from_float(float v) { return static_cast<T>(v); }
-
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 }  // namespace sparse_kernels_cpu
