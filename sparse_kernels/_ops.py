@@ -5,12 +5,17 @@ reference (``reference.py``) registered as ``CompositeExplicitAutograd``: it ser
 that no compiled backend claims. Compiled backends register faster implementations for the
 ``CPU`` / ``CUDA`` dispatch keys (``csrc/``); the dispatcher prefers those.
 
+The Triton kernels are ops of their own (``sparse_kernels::triton_*``, ``torch.library.triton_op``
+so ``torch.compile`` sees inside them); where a GPU is present and no CUDA kernel was built they
+also serve the ``CUDA`` key of these ops.
+
 The thin wrappers at the bottom pick a backend (``backends.py``): ``"torch"`` calls the
-reference directly, any other name calls the dispatched op.
+reference directly, ``"triton"`` the Triton op, any other name the dispatched op.
 """
 import torch
 
 from . import reference
+from . import triton as triton_backend
 from ._loader import native_loaded  # noqa: F401  (loads the library before the first call)
 from .backends import resolve_backend
 
@@ -66,9 +71,16 @@ def _(x, dense_rowptr, dense_cols, dense_vals, s24_rowptr, s24_cols, s24_vals, s
     return x.new_empty((x.shape[0], out_features))
 
 
+if torch.cuda.is_available():
+    triton_backend.register_for_cuda(_LIB)
+
+
 def _call(name: str, backend: str | None, device: torch.device, *args):
-    if resolve_backend(backend, device) == "torch":
+    chosen = resolve_backend(backend, device)
+    if chosen == "torch":
         return getattr(reference, name)(*args)
+    if chosen == "triton":
+        return triton_backend.OPS[name](*args)
     return _DISPATCHED[name](*args)
 
 

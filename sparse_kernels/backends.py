@@ -1,22 +1,37 @@
 """Which kernel backends this install can run, and which one serves a call.
 
-Backends, fastest first: ``cuda`` (csrc/cuda, not built yet), ``triton`` (not built yet),
-``cpu`` (the C++ kernels in csrc/cpu) and ``torch`` (the pure-torch reference, always present).
+Backends, fastest first:
+
+* ``cuda``: the CUDA kernels in csrc/cuda (CUDA tensors; built when torch is a CUDA build and
+  nvcc is found, usable when a GPU is present);
+* ``triton``: the Triton kernels in sparse_kernels/triton (CUDA tensors; CPU tensors too under
+  ``TRITON_INTERPRET=1``, for checking the kernels without a GPU);
+* ``cpu``: the C++ kernels in csrc/cpu (CPU tensors);
+* ``torch``: the pure-torch reference (any device, always present).
+
 A call picks, in order: its ``backend=`` argument, the ``SPARSE_KERNELS_BACKEND`` environment
-variable, then the fastest available backend for the tensor's device.
+variable, then the fastest available backend that natively serves the tensor's device (the
+interpreter is never picked by default).
 """
-import functools
 import os
 
 import torch
 
 from . import _loader
+from . import triton as triton_backend
 
 ENV_VAR = "SPARSE_KERNELS_BACKEND"
 KNOWN_BACKENDS = ("cuda", "triton", "cpu", "torch")
 
-# The device type each compiled backend runs on; "torch" runs anywhere.
-_BACKEND_DEVICE = {"cuda": "cuda", "triton": "cuda", "cpu": "cpu"}
+# The device type each compiled backend is the default for; "torch" serves any.
+_NATIVE_DEVICE = {"cuda": "cuda", "triton": "cuda", "cpu": "cpu"}
+
+
+def cuda_kernels_registered() -> bool:
+    """Whether the compiled library registered CUDA kernels (a CUDA build of the extension)."""
+    return (_loader.native_loaded() and
+            torch._C._dispatch_has_kernel_for_dispatch_key("sparse_kernels::hybrid_linear",
+                                                           "CUDA"))
 
 
 def _unavailable_reason(backend: str) -> str | None:
@@ -24,23 +39,37 @@ def _unavailable_reason(backend: str) -> str | None:
         return None
     if backend == "cpu":
         return None if _loader.native_loaded() else _loader.native_load_error
-    return f"the {backend} backend is not implemented in this version"
+    if backend == "triton":
+        return triton_backend.UNAVAILABLE_REASON
+    if not _loader.native_loaded():
+        return _loader.native_load_error
+    if not cuda_kernels_registered():
+        return ("the compiled library has no CUDA kernels (build with a CUDA build of torch "
+                "and nvcc on PATH or in CUDA_HOME)")
+    return None if torch.cuda.is_available() else "no CUDA GPU is visible"
+
+
+def _devices(backend: str) -> tuple[str, ...] | None:
+    """Device types a backend accepts when forced; None for any."""
+    if backend == "triton":
+        return triton_backend.DEVICES
+    return (_NATIVE_DEVICE[backend],) if backend in _NATIVE_DEVICE else None
+
+
+# Fixed at import, once the library has (or has not) loaded: every op call reads these, and
+# torch.compile reads plain values without tracing how they were found.
+_AVAILABLE = tuple(b for b in KNOWN_BACKENDS if _unavailable_reason(b) is None)
+_DEFAULT = {device: next(b for b in _AVAILABLE if _NATIVE_DEVICE.get(b, device) == device)
+            for device in ("cpu", "cuda")}
 
 
 def available_backends() -> list[str]:
     """Backends this install can run, fastest first (``torch`` is always last and present)."""
-    return list(_available())
+    return list(_AVAILABLE)
 
 
-@functools.cache
-def _available() -> tuple[str, ...]:
-    # Fixed once the library has (or has not) loaded; cached because every op call asks.
-    return tuple(b for b in KNOWN_BACKENDS if _unavailable_reason(b) is None)
-
-
-@functools.cache
 def _default_backend(device_type: str) -> str:
-    return next(b for b in _available() if _BACKEND_DEVICE.get(b, device_type) == device_type)
+    return _DEFAULT.get(device_type, "torch")
 
 
 def resolve_backend(requested: str | None, device: torch.device) -> str:
@@ -54,8 +83,8 @@ def resolve_backend(requested: str | None, device: torch.device) -> str:
     if reason is not None:
         raise RuntimeError(f"backend {requested!r} is not available: {reason}. "
                            f"Available: {', '.join(available_backends())}")
-    wanted = _BACKEND_DEVICE.get(requested, device.type)
-    if wanted != device.type:
-        raise RuntimeError(f"backend {requested!r} runs on {wanted} tensors, got tensors on "
-                           f"{device}; move them or pick another backend")
+    wanted = _devices(requested)
+    if wanted is not None and device.type not in wanted:
+        raise RuntimeError(f"backend {requested!r} runs on {' or '.join(wanted)} tensors, got "
+                           f"tensors on {device}; move them or pick another backend")
     return requested

@@ -1,8 +1,16 @@
 """Shared helpers: random pruned weights in the hybrid format, per-dtype tolerances."""
-import pytest
+import os
+
 import torch
 
-import sparse_kernels as sk
+# Without a GPU the Triton kernels run on CPU tensors through Triton's interpreter; it must be
+# chosen before sparse_kernels (and Triton's kernel decorators) are imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import sparse_kernels as sk  # noqa: E402
 from pruning import apply_tier_map, assign_tiers
 
 # Tolerance of a backend against the fp32-accumulating reference, per output dtype: fp32 differs
