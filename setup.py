@@ -13,6 +13,11 @@ from setuptools import setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
+# The .cu files include no torch headers, so they keep to C++17 (what .ci/cuda_check compiles
+# them with). No --use_fast_math: the pruning kernels must match the reference bit for bit
+# (IEEE sqrt and division, no flushing of subnormals).
+NVCC_FLAGS = ["-O3", "-std=c++17", "-lineinfo"]
+
 
 def _sources(folder, pattern):
     return sorted(glob.glob(os.path.join("csrc", folder, pattern)))
@@ -39,7 +44,8 @@ def _extensions():
     import torch
     from torch.utils import cpp_extension
 
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
+    # No -std here: torch's build adds the standard its own headers need (C++20 since 2.13).
+    cxx_flags = ["-O3", "-fopenmp"]
     if os.environ.get("SPARSE_KERNELS_NATIVE_ARCH", "1") == "1":
         cxx_flags.append("-march=native")
     sources = _sources("cpu", "*.cpp")
@@ -50,7 +56,7 @@ def _extensions():
         sources += _sources("cuda", "*.cu") + _sources("cuda", "*.cpp")
         ext = cpp_extension.CUDAExtension(
             "sparse_kernels._C", sources, include_dirs=include_dirs,
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]},
+            extra_compile_args={"cxx": cxx_flags, "nvcc": NVCC_FLAGS},
             extra_link_args=["-fopenmp"], py_limited_api=False)
     else:
         print(f"sparse_kernels: CUDA kernels skipped ({skip}); building the C++ CPU kernels only")
