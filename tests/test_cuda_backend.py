@@ -1,0 +1,307 @@
+"""The CUDA backend (csrc/cuda) against the pure-torch reference, through the public API with
+``backend="cuda"``: the hybrid matmul within the per-dtype tolerance, the pruning ops bit for bit
+(ties, NaN, -0.0, ragged blocks), ``torch.library.opcheck`` and the binding's argument checks.
+
+Every test needs a GPU and a library built with the CUDA kernels; each one skips on its own
+where either is missing."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import sparse_kernels as sk
+from conftest import DTYPES, TOLERANCE, random_hybrid
+from pruning import apply_tier_map
+from test_pruning_ops import NM, SHAPES, _bits, _random_24_blocks, _score_inputs
+
+OPS = ("wanda_scores", "block_topk_mask", "nm_mask", "compress_24", "hybrid_linear")
+
+
+def _cuda_skip_reason(op: str) -> str | None:
+    if not torch.cuda.is_available():
+        return "no CUDA GPU"
+    if not torch._C._dispatch_has_kernel_for_dispatch_key(f"sparse_kernels::{op}", "CUDA"):
+        return (f"no CUDA kernel registered for sparse_kernels::{op} (build with a CUDA build "
+                "of torch and nvcc)")
+    return None
+
+
+def needs_cuda(*ops: str):
+    """Skip the test unless a GPU is present and every op in `ops` has a CUDA kernel."""
+    reasons = list(dict.fromkeys(r for r in map(_cuda_skip_reason, ops) if r is not None))
+    return pytest.mark.skipif(bool(reasons), reason="; ".join(reasons))
+
+
+pytestmark = pytest.mark.gpu
+
+
+# --------------------------------------------------------------------------------------------
+# hybrid_linear
+
+LINEAR_SHAPES = [(37, 70), (100, 33), (16, 1), (129, 250)]
+ROWS = [1, 3, 16, 17, 64, 300]
+
+
+def _expected(x, masked, bias):
+    """fp32 x @ W^T + bias on the CPU, in x's dtype."""
+    out = F.linear(x.cpu().float(), masked.cpu().float(),
+                   None if bias is None else bias.cpu().float())
+    return out.to(x.dtype)
+
+
+def _check_linear(hw, masked, x, bias=None):
+    got = sk.hybrid_linear(x, hw, bias, backend="cuda")
+    assert got.device == x.device and got.dtype == x.dtype
+    assert got.shape == (*x.shape[:-1], hw.out_features)
+    torch.testing.assert_close(got.cpu(), _expected(x, masked, bias), **TOLERANCE[x.dtype])
+
+
+def _random_x(rows, in_features, dtype, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(rows, in_features, generator=g).to(dtype).cuda()
+
+
+@needs_cuda("hybrid_linear")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", LINEAR_SHAPES)
+@pytest.mark.parametrize("rows", ROWS)
+def test_hybrid_linear_matches_reference(dtype, shape, rows):
+    hw, masked = random_hybrid(*shape, dtype=dtype, seed=rows)
+    hw = hw.to("cuda")
+    x = _random_x(rows, shape[1], dtype)
+    bias = torch.randn(shape[0], generator=torch.Generator().manual_seed(2)).to(dtype).cuda()
+    _check_linear(hw, masked, x, bias)
+    _check_linear(hw, masked, x, None)
+
+
+@needs_cuda("hybrid_linear")
+@pytest.mark.parametrize("ratios", [(1, 0, 0), (0, 1, 0), (0, 0, 1), (0.35, 0.45, 0.20)],
+                         ids=["all-dense", "all-2:4", "all-top-K", "mixed"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 17, 64])
+def test_hybrid_linear_tier_mixes(ratios, dtype, rows):
+    hw, masked = random_hybrid(96, 160, dtype=dtype, ratios=ratios, seed=rows)
+    _check_linear(hw.to("cuda"), masked, _random_x(rows, 160, dtype))
+
+
+@needs_cuda("hybrid_linear")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 3, 16, 300])
+def test_hybrid_linear_block_rows_missing_tiers(dtype, rows):
+    # Block-row 0 has no dense block, 1 no 2:4 block, 2 only top-K blocks, 3 only dense ones;
+    # the last block-row and block-column are ragged.
+    tiers = torch.tensor([[1, 2, 1, 2, 1], [0, 2, 0, 0, 2], [2, 2, 2, 2, 2], [0, 0, 0, 0, 0]],
+                         dtype=torch.int8)
+    hw, masked = random_hybrid(57, 75, dtype=dtype, tier_map=tiers, topk=3)
+    _check_linear(hw.to("cuda"), masked, _random_x(rows, 75, dtype), None)
+
+
+@needs_cuda("hybrid_linear")
+@pytest.mark.parametrize("rows", [1, 17])
+def test_hybrid_linear_empty_block_rows(rows):
+    # All-zero block-rows: top-K blocks with no non-zero at all, and 2:4 blocks of zeros.
+    tiers = torch.tensor([[2, 2, 2], [0, 1, 2], [1, 1, 1]], dtype=torch.int8)
+    weight = torch.randn(48, 48)
+    weight[:16] = 0.0
+    weight[32:] = 0.0
+    masked = apply_tier_map(weight, tiers, 15, 16)
+    hw = sk.HybridWeight.from_dense(masked, tiers, 15, 16).to("cuda")
+    x = _random_x(rows, 48, torch.float32)
+    y = sk.hybrid_linear(x, hw, backend="cuda").cpu()
+    assert torch.equal(y[:, :16], torch.zeros(rows, 16))
+    assert torch.equal(y[:, 32:], torch.zeros(rows, 16))
+    _check_linear(hw, masked, x, None)
+
+
+@needs_cuda("hybrid_linear")
+@pytest.mark.parametrize("block_size", [4, 8, 12])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 17, 64])
+def test_hybrid_linear_other_block_sizes(block_size, dtype, rows):
+    hw, masked = random_hybrid(45, 50, dtype=dtype, block_size=block_size, topk=7, seed=rows)
+    bias = torch.randn(45).to(dtype).cuda()
+    _check_linear(hw.to("cuda"), masked, _random_x(rows, 50, dtype), bias)
+
+
+@needs_cuda("hybrid_linear")
+def test_hybrid_linear_strided_batched_and_empty_inputs():
+    hw, masked = random_hybrid(37, 70)
+    hw = hw.to("cuda")
+    _check_linear(hw, masked, torch.randn(6, 140).cuda()[:, ::2])  # non-contiguous rows
+    _check_linear(hw, masked, torch.randn(70, 5).cuda().t())  # transposed
+    _check_linear(hw, masked, torch.randn(2, 3, 70).cuda(), torch.randn(37).cuda())
+    empty = sk.hybrid_linear(torch.randn(0, 70).cuda(), hw, backend="cuda")
+    assert empty.shape == (0, 37) and empty.is_cuda
+
+
+# --------------------------------------------------------------------------------------------
+# Pruning ops: bit-exact against the reference
+
+
+@needs_cuda("wanda_scores")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("block_size", [4, 8, 12, 16])
+def test_wanda_scores_matches_reference(dtype, block_size):
+    g = torch.Generator().manual_seed(1)
+    for shape in [*SHAPES, (300, 1000)]:
+        w = torch.randn(shape, generator=g).to(dtype).cuda()
+        for act_dtype in DTYPES:
+            act = (torch.rand(shape[1], generator=g) * 4).to(act_dtype).cuda()
+            got_s, got_b = sk.wanda_scores(w, act, block_size, backend="cuda")
+            # The reference on the same GPU: torch's sqrt there is correctly rounded, as the
+            # kernel's, so the scores agree bit for bit; block means differ in summation order.
+            ref_s, ref_b = sk.wanda_scores(w, act, block_size, backend="torch")
+            assert got_s.dtype == got_b.dtype == torch.float32 and got_b.shape == ref_b.shape
+            assert torch.equal(got_s, ref_s), (shape, act_dtype)
+            torch.testing.assert_close(got_b, ref_b, rtol=1e-5, atol=1e-6,
+                                       msg=lambda m: f"{shape} {act_dtype}: {m}")
+
+
+@needs_cuda("wanda_scores")
+def test_wanda_scores_strided_inputs():
+    w = torch.randn(60, 29).cuda().t()  # transposed view
+    act = torch.rand(120).cuda()[::2]  # strided
+    got = sk.wanda_scores(w, act, 12, backend="cuda")
+    ref = sk.wanda_scores(w, act, 12, backend="torch")
+    assert torch.equal(got[0], ref[0])
+    torch.testing.assert_close(got[1], ref[1], rtol=1e-5, atol=1e-6)
+
+
+def _oracle(fn, scores, *args):
+    """The reference on the CPU: the semantic definition (stable CPU sort for the tie rule)."""
+    return fn(scores.cpu(), *args, backend="torch")
+
+
+@needs_cuda("block_topk_mask")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("block_size", [4, 8, 12, 16])
+def test_block_topk_mask_matches_reference(dtype, block_size):
+    for i, shape in enumerate(SHAPES):
+        for kind, scores in _score_inputs(shape, dtype, seed=10 + i, infinities=True):
+            for k in sorted({1, 15, block_size * block_size - 1, block_size * block_size}):
+                got = sk.block_topk_mask(scores.cuda(), k, block_size, backend="cuda")
+                want = _oracle(sk.block_topk_mask, scores, k, block_size)
+                assert got.is_cuda and got.dtype == torch.bool and got.shape == scores.shape
+                assert torch.equal(got.cpu(), want), (shape, kind, k)
+
+
+@needs_cuda("block_topk_mask")
+@pytest.mark.parametrize("block_size", [12, 16])
+def test_block_topk_mask_many_blocks(block_size):
+    g = torch.Generator().manual_seed(4)
+    for scores in (torch.randn(300, 520, generator=g),
+                   torch.randint(0, 4, (300, 520), generator=g).float(),
+                   torch.randn(300, 520, generator=g).to(torch.bfloat16)):
+        for k in (1, 15, 77, block_size * block_size - 1):
+            got = sk.block_topk_mask(scores.cuda(), k, block_size, backend="cuda")
+            assert torch.equal(got.cpu(), _oracle(sk.block_topk_mask, scores, k, block_size)), k
+
+
+@needs_cuda("block_topk_mask")
+def test_block_topk_mask_tie_rule_lower_index_wins():
+    got = sk.block_topk_mask(torch.zeros(4, 8).cuda(), 3, 4, backend="cuda")
+    expected = torch.zeros(4, 8, dtype=torch.bool)
+    expected[0, :3] = expected[0, 4:7] = True  # row-major inside each 4x4 block
+    assert torch.equal(got.cpu(), expected)
+
+
+@needs_cuda("nm_mask")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,m", [*NM, (17, 40), (39, 40)])
+def test_nm_mask_matches_reference(dtype, n, m):
+    for i, shape in enumerate([*SHAPES, (150, 118)]):
+        for kind, scores in _score_inputs(shape, dtype, seed=20 + i, infinities=True):
+            got = sk.nm_mask(scores.cuda(), n, m, backend="cuda")
+            want = _oracle(sk.nm_mask, scores, n, m)
+            assert got.is_cuda and got.dtype == torch.bool and got.shape == scores.shape
+            assert torch.equal(got.cpu(), want), (shape, kind)
+
+
+@needs_cuda("nm_mask")
+def test_nm_mask_tie_rule_and_nan():
+    scores = torch.tensor([[1.0, 1.0, 1.0, 1.0, float("nan"), -5.0, 0.0, -0.0]]).cuda()
+    got = sk.nm_mask(scores, 2, 4, backend="cuda")
+    assert got.cpu().tolist() == [[True, True, False, False, False, False, True, True]]
+
+
+@needs_cuda("compress_24")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("block_size", [4, 8, 12, 16])
+def test_compress_24_matches_reference(dtype, block_size):
+    for seed, (nb, maxnz, nan) in enumerate([(37, 2, False), (1, 2, False), (64, 2, True),
+                                             (20, 4, True), (0, 2, False), (1000, 2, False)]):
+        blocks = _random_24_blocks(nb, block_size, dtype, seed, maxnz, nan)
+        vals, meta = sk.compress_24(blocks.cuda(), backend="cuda")
+        ref_vals, ref_meta = sk.compress_24(blocks, backend="torch")
+        assert vals.is_cuda and vals.dtype == dtype and meta.dtype == torch.int16
+        assert vals.shape == (nb, block_size, block_size // 2) and meta.shape == (nb, block_size)
+        assert torch.equal(_bits(vals.cpu()), _bits(ref_vals)), (nb, maxnz, nan)
+        assert torch.equal(meta.cpu(), ref_meta), (nb, maxnz, nan)
+
+
+@needs_cuda("compress_24")
+def test_compress_24_non_contiguous_and_bit_15():
+    blocks = _random_24_blocks(12, 16, torch.float16, seed=7).cuda()
+    strided = torch.stack([blocks, blocks], 1)[:, 0]
+    assert not strided.is_contiguous()
+    vals, meta = sk.compress_24(strided, backend="cuda")
+    ref_vals, ref_meta = sk.compress_24(blocks.cpu(), backend="torch")
+    assert torch.equal(_bits(vals.cpu()), _bits(ref_vals)) and torch.equal(meta.cpu(), ref_meta)
+    last = torch.zeros(1, 16, 16)
+    last[0, :, 15] = 1.0
+    last[0, :, 14] = 2.0
+    _, meta = sk.compress_24(last.cuda(), backend="cuda")
+    assert (meta < 0).all() and torch.equal(meta.cpu(), sk.compress_24(last, backend="torch")[1])
+
+
+# --------------------------------------------------------------------------------------------
+# opcheck and the binding's argument checks
+
+
+def _opcheck_args(op: str):
+    g = torch.Generator().manual_seed(8)
+    w = torch.randn(20, 36, generator=g).cuda()
+    if op == "wanda_scores":
+        return (w, torch.rand(36, generator=g).cuda(), 8)
+    if op == "block_topk_mask":
+        return (w, 5, 8)
+    if op == "nm_mask":
+        return (w, 2, 4)
+    if op == "compress_24":
+        return (_random_24_blocks(3, 8, torch.float32, seed=9).cuda(),)
+    hw, _ = random_hybrid(37, 70)
+    return (torch.randn(17, 70, generator=g).cuda(), *hw.to("cuda").packed_tensors(), 37,
+            torch.randn(37, generator=g).cuda())
+
+
+@pytest.mark.parametrize("op", [pytest.param(op, marks=needs_cuda(op)) for op in OPS])
+def test_opcheck(op):
+    torch.library.opcheck(getattr(torch.ops.sparse_kernels, op).default, _opcheck_args(op))
+
+
+@needs_cuda(*OPS)
+def test_binding_rejects_bad_arguments():
+    ops = torch.ops.sparse_kernels
+    s = torch.rand(8, 8).cuda()
+    with pytest.raises(RuntimeError, match="act_sq_norm is on cpu"):
+        ops.wanda_scores(s, torch.rand(8), 8)
+    with pytest.raises(RuntimeError, match="k must be"):
+        ops.block_topk_mask(s, 0, 8)
+    with pytest.raises(RuntimeError, match="block_size"):
+        ops.block_topk_mask(s, 4, 5)
+    with pytest.raises(RuntimeError, match="n <= m"):
+        ops.nm_mask(s, 3, 2)
+    with pytest.raises(RuntimeError, match="float32"):
+        ops.nm_mask(s.double(), 2, 4)
+    with pytest.raises(RuntimeError, match="B = 4, 8, 12 or 16"):
+        ops.compress_24(torch.zeros(2, 6, 6).cuda())
+    hw, _ = random_hybrid(20, 30)
+    packed = list(hw.to("cuda").packed_tensors())
+    x = torch.randn(2, 30).cuda()
+    with pytest.raises(RuntimeError, match="dense_vals is on cpu"):
+        ops.hybrid_linear(x, *packed[:2], packed[2].cpu(), *packed[3:], 20, None)
+    with pytest.raises(RuntimeError, match="s24_meta must be int16"):
+        ops.hybrid_linear(x, *packed[:6], packed[6].int(), *packed[7:], 20, None)
+    with pytest.raises(RuntimeError, match=r"rowptr must be int32 \[ceil\(out/B\) \+ 1\]"):
+        ops.hybrid_linear(x, *packed, 40, None)
+    with pytest.raises(RuntimeError, match=r"bias must be \[20\]"):
+        ops.hybrid_linear(x, *packed, 20, torch.randn(20).cuda().half())
