@@ -1,13 +1,17 @@
 """Compile every Triton kernel for GPU targets, without a GPU.
 
-``python -m sparse_kernels.triton.compile_check [--arch 80 90]`` lowers each kernel through
-Triton's whole pipeline (TTIR -> TTGIR -> LLVM -> PTX -> cubin with ptxas) for each compute
-capability and each dtype it serves, so a kernel that cannot lower fails here rather than on the
-first GPU it meets. Run it without ``TRITON_INTERPRET`` (interpreted kernels cannot compile).
+``python -m sparse_kernels.triton.compile_check [--arch 80 90] [--dtypes fp16 ...]`` lowers each
+kernel through Triton's whole pipeline (TTIR -> TTGIR -> LLVM -> PTX -> cubin with ptxas) for
+each compute capability, each dtype it serves and each of its autotune configs, and checks that
+the config's shared memory fits the target, so a kernel that cannot run fails here rather than
+on the first GPU it meets. Run it without ``TRITON_INTERPRET`` (interpreted kernels cannot
+compile).
 """
 import argparse
+import os
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, compile as triton_compile
@@ -15,7 +19,9 @@ from triton.runtime.autotuner import Autotuner
 
 from . import compress, hybrid_linear, scores, select
 
-_DTYPES = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}
+_DTYPES = ("fp32", "fp16", "bf16")
+# Shared memory one CTA may use (opt-in maximum), per compute capability.
+_SHARED_BYTES = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 _PACKED = ["d_rowptr", "d_cols", "d_vals", "s_rowptr", "s_cols", "s_vals", "s_meta",
            "t_rowptr", "t_cols", "t_vals", "t_pos"]
 _PACKED_INDEX_TYPES = {"d_rowptr": "*i32", "d_cols": "*i32", "s_rowptr": "*i32",
@@ -38,9 +44,9 @@ def _cases(dtype: str) -> list[tuple]:
     return [
         ("hybrid_linear gemm", hybrid_linear._gemm_kernel, gemm,
          dict(_TILES16, DOT_FP32=dtype == "fp32", BLOCK_M=128)),
-        ("hybrid_linear decode", hybrid_linear._decode_kernel, decode,
+        ("hybrid_linear decode", hybrid_linear._decode, decode,
          dict(_TILES16, BM=16, FINAL=True)),
-        ("hybrid_linear decode split-K", hybrid_linear._decode_kernel, decode_partial,
+        ("hybrid_linear decode split-K", hybrid_linear._decode, decode_partial,
          dict(_TILES16, BM=1, FINAL=False)),
         ("wanda_scores", scores._wanda_kernel,
          {"w": f"*{dtype}", "norm": "*fp32", "scores": "*fp32", "block_scores": "*fp32",
@@ -57,43 +63,75 @@ def _cases(dtype: str) -> list[tuple]:
     ]
 
 
-def _jit_function(kernel):
-    while isinstance(kernel, Autotuner):
-        kernel = kernel.fn
-    return kernel
+def _variants(kernel, constexprs: dict) -> list[tuple[str, object, dict, dict]]:
+    """(label, jit function, constexprs, compile options) for each autotune config."""
+    if not isinstance(kernel, Autotuner):
+        return [("", kernel, constexprs, {})]
+    variants = []
+    for config in kernel.configs:
+        tuned = " ".join(f"{k}={v}" for k, v in config.kwargs.items())
+        label = f" [{tuned} warps={config.num_warps} stages={config.num_stages}]"
+        options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
+        variants.append((label.replace("[ ", "["), kernel.fn, {**constexprs, **config.kwargs},
+                         options))
+    return variants
 
 
-def compile_kernel(kernel, signature: dict, constexprs: dict, capability: int):
+def _jobs(archs, dtypes) -> list[tuple[int, str, int, int]]:
+    """(capability, dtype, case index, variant index) of every compilation."""
+    return [(capability, dtype, c, v)
+            for capability in archs for dtype in dtypes
+            for c, (_, kernel, _, constexprs) in enumerate(_cases(dtype))
+            for v in range(len(_variants(kernel, constexprs)))]
+
+
+def _run_job(job) -> tuple[bool, str]:
+    capability, dtype, c, v = job
+    name, kernel, signature, constexprs = _cases(dtype)[c]
+    label, fn, values, options = _variants(kernel, constexprs)[v]
+    what = f"sm_{capability} {dtype:4} {name}{label}"
+    start = time.perf_counter()
+    try:
+        compiled = compile_kernel(fn, signature, values, capability, options)
+    except Exception as exc:  # report every failing kernel, then fail
+        return False, f"FAIL {what}: {exc}"
+    return True, (f"ok   {what}: {len(compiled.asm['cubin'])} bytes of cubin, "
+                  f"{compiled.metadata.shared} bytes of shared memory, "
+                  f"{time.perf_counter() - start:.2f} s")
+
+
+def compile_kernel(fn, signature: dict, constexprs: dict, capability: int, options: dict):
     """Compile one kernel for ``sm_<capability>``; returns Triton's compiled kernel."""
-    fn = _jit_function(kernel)
     full = {name: signature.get(name, "constexpr") for name in fn.arg_names}
     missing = [n for n, t in full.items() if t == "constexpr" and n not in constexprs]
     if missing:
         raise ValueError(f"{fn.__name__}: no type or value for {missing}")
     source = ASTSource(fn, full, constexprs)
-    return triton_compile(source, target=GPUTarget("cuda", capability, 32))
+    compiled = triton_compile(source, target=GPUTarget("cuda", capability, 32), options=options)
+    limit = _SHARED_BYTES.get(capability)
+    if limit is not None and compiled.metadata.shared > limit:
+        raise RuntimeError(f"needs {compiled.metadata.shared} bytes of shared memory, "
+                           f"sm_{capability} has {limit}")
+    return compiled
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90],
                         help="compute capabilities to compile for (default: 80 90)")
+    parser.add_argument("--dtypes", nargs="+", choices=_DTYPES, default=list(_DTYPES),
+                        help="value dtypes (default: all)")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                        help="compilations in parallel (default: one per CPU)")
     args = parser.parse_args(argv)
-    failures = 0
-    for capability in args.arch:
-        for dtype in _DTYPES:
-            for name, kernel, signature, constexprs in _cases(dtype):
-                start = time.perf_counter()
-                try:
-                    compiled = compile_kernel(kernel, signature, constexprs, capability)
-                except Exception as exc:  # report every failing kernel, then fail
-                    failures += 1
-                    print(f"FAIL sm_{capability} {dtype:4} {name}: {exc}", flush=True)
-                    continue
-                print(f"ok   sm_{capability} {dtype:4} {name}: {len(compiled.asm['cubin'])} "
-                      f"bytes of cubin, {compiled.metadata.num_warps} warps, "
-                      f"{time.perf_counter() - start:.2f} s", flush=True)
-    return 1 if failures else 0
+    jobs = _jobs(args.arch, args.dtypes)
+    passed = 0
+    with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        for ok, line in pool.map(_run_job, jobs):
+            passed += ok
+            print(line, flush=True)
+    print(f"compiled {passed} of {len(jobs)}")
+    return 0 if passed == len(jobs) else 1
 
 
 if __name__ == "__main__":

@@ -5,9 +5,11 @@ the weight (B output features) and walks that block-row's dense, 2:4 and top-K b
 through the per-tier CSR, so it reads only the kept bytes. Two kernels:
 
 * decode (1-16 rows of x): no tensor cores; each block meets x by broadcast-multiply-and-sum,
-  2:4 and top-K blocks by gathering the x entries their positions select. A block-row of a
-  4096-wide weight is one program, too few to fill a GPU, so the block list of a row is split
-  into ``split`` contiguous chunks (split-K) whose fp32 partial sums the host adds.
+  2:4 and top-K blocks by gathering the x entries their positions select. A loop step takes
+  ``NB`` consecutive blocks of a tier at once, so several blocks' loads are in flight (decode is
+  bound by memory latency and bandwidth, not arithmetic). A block-row of a 4096-wide weight is
+  one program, too few to fill a GPU, so the block list of a row is split into ``split``
+  contiguous chunks (split-K) whose fp32 partial sums the host adds.
 * GEMM (more rows): a tile of ``BLOCK_M`` rows of x per program; each weight block is expanded
   to a dense B x B tile in registers (2:4 by its meta, top-K by its positions) and fed to
   ``tl.dot`` with fp32 accumulation.
@@ -35,34 +37,53 @@ def _tier_range(rowptr, r, s, split):
     return lo, tl.minimum(lo + chunk, end)
 
 
+# Each loader below takes the NB tier entries e0 .. e0 + NB - 1 (those below ``hi``) side by side
+# along the last axis, so one loop step has NB blocks' loads in flight.
+
 @triton.jit
-def _dense_tile(vals, e, B: tl.constexpr, BP: tl.constexpr):
-    """Dense block ``e`` as a [BP, BP] tile (rows = output features), native dtype."""
+def _dense_blocks(vals, cols, e0, hi, B: tl.constexpr, BP: tl.constexpr, NB: tl.constexpr):
+    """Values [BP (out), NB*BP], their x columns [NB*BP] and valid mask [NB*BP]."""
     i = tl.arange(0, BP)
-    ok = (i[:, None] < B) & (i[None, :] < B)
-    return tl.load(vals + e * (B * B) + i[:, None] * B + i[None, :], mask=ok, other=0.0)
+    k = tl.arange(0, NB * BP)
+    e = e0 + k // BP
+    j = k % BP
+    ok = (e < hi) & (j < B)
+    col = tl.load(cols + e, mask=ok, other=0) * B + j
+    w = tl.load(vals + e[None, :] * (B * B) + i[:, None] * B + j[None, :],
+                mask=(i < B)[:, None] & ok[None, :], other=0.0)
+    return w, col, ok
 
 
 @triton.jit
-def _s24_tile(vals, meta, e, B: tl.constexpr, BP: tl.constexpr, HP: tl.constexpr):
-    """2:4 block ``e``: kept values [BP, HP], their columns in the block, and the valid mask."""
-    i = tl.arange(0, BP)
-    h = tl.arange(0, HP)
-    ok = (i[:, None] < B) & (h[None, :] < B // 2)
-    v = tl.load(vals + e * (B * B // 2) + i[:, None] * (B // 2) + h[None, :], mask=ok, other=0.0)
-    bits = tl.load(meta + e * B + i, mask=i < B, other=0).to(tl.int32) & 0xFFFF
-    cols = 4 * (h[None, :] // 2) + ((bits[:, None] >> (2 * h[None, :])) & 3)
-    return v, cols, ok
+def _s24_blocks(vals, meta, cols, e0, hi, B: tl.constexpr, BP: tl.constexpr, HP: tl.constexpr,
+                NB: tl.constexpr):
+    """Kept values [BP (out), NB*HP], their column inside the block, the block's first x column,
+    and the valid mask (all [BP, NB*HP])."""
+    i = tl.arange(0, BP)[:, None]
+    k = tl.arange(0, NB * HP)[None, :]
+    e = e0 + k // HP
+    h = k % HP
+    ok = (e < hi) & (h < B // 2) & (i < B)
+    v = tl.load(vals + e * (B * B // 2) + i * (B // 2) + h, mask=ok, other=0.0)
+    bits = tl.load(meta + e * B + i, mask=ok, other=0).to(tl.int32) & 0xFFFF
+    inner = 4 * (h // 2) + ((bits >> (2 * h)) & 3)
+    first = tl.load(cols + e, mask=ok, other=0) * B
+    return v, inner, first, ok
 
 
 @triton.jit
-def _topk_entries(vals, pos, e, B: tl.constexpr, TOPK: tl.constexpr, KP: tl.constexpr):
-    """Top-K block ``e``: values [KP], their row and column in the block, and the valid mask."""
-    k = tl.arange(0, KP)
-    ok = k < TOPK
-    v = tl.load(vals + e * TOPK + k, mask=ok, other=0.0)
-    p = tl.load(pos + e * TOPK + k, mask=ok, other=0).to(tl.int32)
-    return v, p // B, p % B, ok
+def _topk_blocks(vals, pos, cols, e0, hi, B: tl.constexpr, TOPK: tl.constexpr,
+                 KP: tl.constexpr, NB: tl.constexpr):
+    """Values [NB*KP], their row and column inside the block, the block's first x column, and
+    the valid mask."""
+    k = tl.arange(0, NB * KP)
+    e = e0 + k // KP
+    t = k % KP
+    ok = (e < hi) & (t < TOPK)
+    v = tl.load(vals + e * TOPK + t, mask=ok, other=0.0)
+    p = tl.load(pos + e * TOPK + t, mask=ok, other=0).to(tl.int32)
+    first = tl.load(cols + e, mask=ok, other=0) * B
+    return v, p // B, p % B, first, ok
 
 
 @triton.jit
@@ -72,7 +93,7 @@ def _decode_kernel(x, out, bias,
                    M, N, K_in, stride_xm, split,
                    B: tl.constexpr, BP: tl.constexpr, HP: tl.constexpr, TOPK: tl.constexpr,
                    KP: tl.constexpr, BM: tl.constexpr, HAS_BIAS: tl.constexpr,
-                   FINAL: tl.constexpr):
+                   FINAL: tl.constexpr, NB: tl.constexpr):
     r = tl.program_id(0)
     s = tl.program_id(1)
     m = tl.arange(0, BM)
@@ -82,29 +103,28 @@ def _decode_kernel(x, out, bias,
     acc = tl.zeros([BM, BP], dtype=tl.float32)
 
     lo, hi = _tier_range(d_rowptr, r, s, split)
-    for e in range(lo, hi):
-        col = tl.load(d_cols + e) * B + i
-        w = _dense_tile(d_vals, e, B, BP).to(tl.float32)
+    for e0 in range(lo, hi, NB):
+        w, col, ok = _dense_blocks(d_vals, d_cols, e0, hi, B, BP, NB)
         xt = tl.load(x_rows[:, None] + col[None, :],
-                     mask=m_ok[:, None] & ((i < B) & (col < K_in))[None, :], other=0.0)
-        acc += tl.sum(xt.to(tl.float32)[:, None, :] * w[None, :, :], axis=2)
+                     mask=m_ok[:, None] & (ok & (col < K_in))[None, :], other=0.0)
+        acc += tl.sum(xt.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
 
     lo, hi = _tier_range(s_rowptr, r, s, split)
-    for e in range(lo, hi):
-        v, cols, ok = _s24_tile(s_vals, s_meta, e, B, BP, HP)
-        col = tl.load(s_cols + e) * B + cols
+    for e0 in range(lo, hi, NB):
+        v, inner, first, ok = _s24_blocks(s_vals, s_meta, s_cols, e0, hi, B, BP, HP, NB)
+        col = first + inner
         xg = tl.load(x_rows[:, None, None] + col[None, :, :],
                      mask=m_ok[:, None, None] & (ok & (col < K_in))[None, :, :], other=0.0)
         acc += tl.sum(xg.to(tl.float32) * v.to(tl.float32)[None, :, :], axis=2)
 
     lo, hi = _tier_range(t_rowptr, r, s, split)
-    for e in range(lo, hi):
-        v, rows, cols, ok = _topk_entries(t_vals, t_pos, e, B, TOPK, KP)
-        col = tl.load(t_cols + e) * B + cols
+    for e0 in range(lo, hi, NB):
+        v, rows, inner, first, ok = _topk_blocks(t_vals, t_pos, t_cols, e0, hi, B, TOPK, KP, NB)
+        col = first + inner
         xg = tl.load(x_rows[:, None] + col[None, :],
                      mask=m_ok[:, None] & (ok & (col < K_in))[None, :], other=0.0)
-        contrib = xg.to(tl.float32) * v.to(tl.float32)[None, :]             # [BM, KP]
-        to_row = (rows[:, None] == i[None, :]).to(tl.float32)               # [KP, BP]
+        contrib = xg.to(tl.float32) * v.to(tl.float32)[None, :]             # [BM, NB*KP]
+        to_row = (rows[:, None] == i[None, :]).to(tl.float32)               # [NB*KP, BP]
         acc += tl.sum(contrib[:, :, None] * to_row[None, :, :], axis=1)
 
     out_col = r * B + i
@@ -152,18 +172,19 @@ def _gemm_kernel(x, out, bias,
     i = tl.arange(0, BP)
     acc = tl.zeros([BLOCK_M, BP], dtype=tl.float32)
 
+    # One block per step (NB = 1): the block is the K = BP slice of one tl.dot.
     lo, hi = _tier_range(d_rowptr, r, 0, 1)
     for e in range(lo, hi):
-        col = tl.load(d_cols + e) * B + i
+        w, col, ok = _dense_blocks(d_vals, d_cols, e, hi, B, BP, 1)
         xt = tl.load(x_rows[:, None] + col[None, :],
-                     mask=m_ok[:, None] & ((i < B) & (col < K_in))[None, :], other=0.0)
-        acc = _dot_block(acc, xt, _dense_tile(d_vals, e, B, BP), DOT_FP32)
+                     mask=m_ok[:, None] & (ok & (col < K_in))[None, :], other=0.0)
+        acc = _dot_block(acc, xt, w, DOT_FP32)
 
     lo, hi = _tier_range(s_rowptr, r, 0, 1)
     for e in range(lo, hi):
-        v, cols, ok = _s24_tile(s_vals, s_meta, e, B, BP, HP)
+        v, inner, first, ok = _s24_blocks(s_vals, s_meta, s_cols, e, hi, B, BP, HP, 1)
         # Expand to [BP, BP]: each kept value lands on its column, exactly (one non-zero term).
-        hit = (cols[:, :, None] == i[None, None, :]) & ok[:, :, None]
+        hit = (inner[:, :, None] == i[None, None, :]) & ok[:, :, None]
         w = tl.sum(tl.where(hit, v.to(tl.float32)[:, :, None], 0.0), axis=1)
         col = tl.load(s_cols + e) * B + i
         xt = tl.load(x_rows[:, None] + col[None, :],
@@ -172,8 +193,8 @@ def _gemm_kernel(x, out, bias,
 
     lo, hi = _tier_range(t_rowptr, r, 0, 1)
     for e in range(lo, hi):
-        v, rows, cols, ok = _topk_entries(t_vals, t_pos, e, B, TOPK, KP)
-        hit = ((rows[:, None, None] == i[None, :, None]) & (cols[:, None, None] == i[None, None, :])
+        v, rows, inner, first, ok = _topk_blocks(t_vals, t_pos, t_cols, e, hi, B, TOPK, KP, 1)
+        hit = ((rows[:, None, None] == i[None, :, None]) & (inner[:, None, None] == i[None, None, :])
                & ok[:, None, None])
         w = tl.sum(tl.where(hit, v.to(tl.float32)[:, None, None], 0.0), axis=0)
         col = tl.load(t_cols + e) * B + i
@@ -189,11 +210,13 @@ def _gemm_kernel(x, out, bias,
     tl.store(dest, acc.to(out.dtype.element_ty), mask=m_ok[:, None] & c_ok[None, :])
 
 
+# NB: blocks per loop step. The first config (the interpreter's) has NB = 4, so the tests reach
+# the masking of a last, partial step.
 _DECODE_CONFIGS = [
-    triton.Config({}, num_warps=2, num_stages=2),
-    triton.Config({}, num_warps=4, num_stages=2),
-    triton.Config({}, num_warps=4, num_stages=4),
-    triton.Config({}, num_warps=8, num_stages=3),
+    triton.Config({"NB": 4}, num_warps=4, num_stages=2),
+    triton.Config({"NB": 1}, num_warps=2, num_stages=3),
+    triton.Config({"NB": 2}, num_warps=4, num_stages=3),
+    triton.Config({"NB": 8}, num_warps=8, num_stages=2),
 ]
 _decode = tuned(_DECODE_CONFIGS, key=["M", "N", "K_in"])(_decode_kernel)
 
