@@ -2,7 +2,10 @@
 
 For every shape x tier mix x batch x backend it times dense ``F.linear`` on the masked weight and
 ``sparse_kernels.hybrid_linear`` on the packed one (median of --iters calls), prints a table and
-writes ``benchmarks/results/<device>-<YYYYMMDD>.json``.
+writes ``benchmarks/results/<device>-<YYYYMMDD>.json``. On CUDA with 16-bit values it also times
+the baseline a 2:4 user would pick: ``F.linear`` on the whole weight pruned 2:4 and converted
+with ``torch.sparse.to_sparse_semi_structured`` (backend ``torch-2:4`` in the table; its weight
+is 50 % sparse, not the hybrid mix), where torch supports the shape.
 
   python benchmarks/bench_linear.py                  # LLaMA-2-7B shapes, batch 1/4/16/128
   python benchmarks/bench_linear.py --quick          # one small shape, a few seconds
@@ -17,15 +20,12 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import sparse_kernels as sk  # noqa: E402
-from common import CacheFlusher, median_ms, results_path, write_results  # noqa: E402
+from common import (TIER_MIXES, CacheFlusher, median_ms, results_path,  # noqa: E402
+                    write_results)
 from pruning import apply_tier_map, assign_tiers  # noqa: E402
 
 DEFAULT_SHAPES = "4096x4096,11008x4096,4096x11008,1024x1024"
 QUICK_SHAPES = "1024x1024"
-# "all-dense" runs the hybrid kernel on dense blocks only: the same bytes as F.linear, so it
-# separates what the kernel gains from what the format gains.
-TIER_MIXES = {"hybrid": (0.35, 0.45, 0.20), "all-2:4": (0.0, 1.0, 0.0),
-              "all-top-K": (0.0, 0.0, 1.0), "all-dense": (1.0, 0.0, 0.0)}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -80,6 +80,36 @@ def make_weight(out_f, in_f, ratios, topk, dtype, device):
     return masked.to(device), packed.to(device)
 
 
+def semi_structured_baseline(masked: torch.Tensor):
+    """``x -> F.linear(x, W_24)`` with torch's semi-structured 2:4 kernels, or (None, why not)."""
+    if masked.device.type != "cuda" or masked.dtype not in (torch.float16, torch.bfloat16):
+        return None, "torch's semi-structured 2:4 needs CUDA and float16/bfloat16"
+    weight_24 = masked * sk.nm_mask(masked.abs(), 2, 4)
+    try:
+        sparse = torch.sparse.to_sparse_semi_structured(weight_24)
+    except (RuntimeError, ValueError, NotImplementedError) as exc:
+        return None, f"to_sparse_semi_structured failed: {exc}"
+    return (lambda x: F.linear(x, sparse)), None
+
+
+def record(backend, mix, dtype, shape, batch, ratios, topk, dense_ms, ms, packed_bytes,
+           ideal_bytes, dense_bytes):
+    out_f, in_f = shape
+    return dict(backend=backend, mix=mix, dtype=str(dtype).removeprefix("torch."),
+                out_features=out_f, in_features=in_f, batch=batch, tier_ratios=list(ratios),
+                topk=topk, dense_ms=round(dense_ms, 4), hybrid_ms=round(ms, 4),
+                speedup=round(dense_ms / ms, 3), packed_bytes=packed_bytes,
+                ideal_bytes=ideal_bytes, dense_bytes=dense_bytes)
+
+
+def print_row(rec):
+    shape = f"{rec['out_features']}x{rec['in_features']}"
+    print(f"{rec['backend']:9} {rec['dtype']:9} {shape:>11} {rec['mix']:9} {rec['batch']:>5} "
+          f"{rec['dense_ms']:>9.3f} {rec['hybrid_ms']:>9.3f} {rec['speedup']:>6.2f}x "
+          f"{rec['packed_bytes'] / rec['dense_bytes']:>12.3f} "
+          f"{rec['ideal_bytes'] / rec['dense_bytes']:>11.3f}", flush=True)
+
+
 def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device)
@@ -96,33 +126,36 @@ def main(argv=None):
     flush = None if args.warm_cache else CacheFlusher(device)
 
     records = []
-    header = (f"{'backend':8} {'dtype':9} {'shape':>11} {'mix':9} {'batch':>5} {'dense ms':>9} "
-              f"{'hybrid ms':>9} {'speedup':>7} {'packed/dense':>12} {'ideal/dense':>11}")
+    header = (f"{'backend':9} {'dtype':9} {'shape':>11} {'mix':9} {'batch':>5} {'dense ms':>9} "
+              f"{'ms':>9} {'speedup':>7} {'packed/dense':>12} {'ideal/dense':>11}")
     print(header)
     print("-" * len(header))
-    for out_f, in_f in parse_shapes(args.shapes):
-        for mix in mixes:
+    for shape in parse_shapes(args.shapes):
+        for mix_index, mix in enumerate(mixes):
             ratios = TIER_MIXES[mix]
-            masked, packed = make_weight(out_f, in_f, ratios, args.topk, dtype, device)
+            masked, packed = make_weight(*shape, ratios, args.topk, dtype, device)
+            baseline_24, why_not = (semi_structured_baseline(masked) if mix_index == 0
+                                    else (None, None))
+            if why_not:
+                print(f"(no torch-2:4 baseline for {shape}: {why_not})")
+            sizes = (packed.nbytes, packed.ideal_nbytes, packed.dense_nbytes)
             for batch in batches:
-                x = torch.randn(batch, in_f, device=device).to(dtype)
+                x = torch.randn(batch, shape[1], device=device).to(dtype)
                 dense_ms = median_ms(lambda: F.linear(x, masked), device, args.warmup, args.iters,
                                      flush)
                 for backend in backends:
-                    hybrid_ms = median_ms(lambda: sk.hybrid_linear(x, packed, backend=backend),
-                                          device, args.warmup, args.iters, flush)
-                    rec = dict(backend=backend, dtype=str(dtype).removeprefix("torch."),
-                               out_features=out_f, in_features=in_f, batch=batch,
-                               tier_ratios=list(ratios), topk=args.topk,
-                               dense_ms=round(dense_ms, 4), hybrid_ms=round(hybrid_ms, 4),
-                               speedup=round(dense_ms / hybrid_ms, 3),
-                               packed_bytes=packed.nbytes, ideal_bytes=packed.ideal_nbytes,
-                               dense_bytes=packed.dense_nbytes)
-                    records.append(rec)
-                    print(f"{backend:8} {rec['dtype']:9} {f'{out_f}x{in_f}':>11} {mix:9} "
-                          f"{batch:>5} {dense_ms:>9.3f} {hybrid_ms:>9.3f} "
-                          f"{rec['speedup']:>6.2f}x {packed.nbytes / packed.dense_nbytes:>12.3f} "
-                          f"{packed.ideal_nbytes / packed.dense_nbytes:>11.3f}", flush=True)
+                    ms = median_ms(lambda: sk.hybrid_linear(x, packed, backend=backend),
+                                   device, args.warmup, args.iters, flush)
+                    records.append(record(backend, mix, dtype, shape, batch, ratios, args.topk,
+                                          dense_ms, ms, *sizes))
+                    print_row(records[-1])
+                if baseline_24 is not None:
+                    ms = median_ms(lambda: baseline_24(x), device, args.warmup, args.iters, flush)
+                    half = shape[0] * shape[1] * masked.element_size()
+                    records.append(record("torch-2:4", "all-2:4", dtype, shape, batch,
+                                          (0.0, 1.0, 0.0), args.topk, dense_ms, ms,
+                                          half // 2 + half // 16, half // 2 + half // 16, half))
+                    print_row(records[-1])
     path = args.out or results_path(device)
     write_results(path, device, records, threads=torch.get_num_threads(),
                   cache="warm" if args.warm_cache else "cold",

@@ -12,6 +12,20 @@ import torch
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
+# Tier mixes (dense, 2:4, top-K ratios) of bench_linear.py. "all-dense" runs the hybrid kernel
+# on dense blocks only: the same bytes as F.linear, so it separates what the kernel gains from
+# what the format gains.
+TIER_MIXES = {"hybrid": (0.35, 0.45, 0.20), "all-2:4": (0.0, 1.0, 0.0),
+              "all-top-K": (0.0, 0.0, 1.0), "all-dense": (1.0, 0.0, 0.0)}
+
+
+def mix_name(record: dict) -> str:
+    """The tier mix of a bench_linear record (older files store only its ratios)."""
+    if "mix" in record:
+        return record["mix"]
+    ratios = tuple(record["tier_ratios"])
+    return next((name for name, r in TIER_MIXES.items() if r == ratios), str(ratios))
+
 
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":

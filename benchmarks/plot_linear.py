@@ -1,0 +1,80 @@
+"""Plot a bench_linear.py JSON: speedup over dense per batch size, one panel per weight shape.
+
+  python benchmarks/plot_linear.py benchmarks/results/<file>.json [--out plot.png] [--mix hybrid]
+
+Lines: each backend on the chosen tier mix, and torch's semi-structured 2:4 where it was
+measured. The dotted line at 1.0 is dense; the dashed one is the byte limit of the mix
+(dense bytes / packed bytes), the most a purely memory-bound kernel could gain. Needs
+matplotlib (``pip install matplotlib``), which the package itself does not.
+"""
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import mix_name  # noqa: E402
+
+
+def load_series(records: list[dict], mix: str) -> dict:
+    """{shape: {label: [(batch, speedup), ...]}} for the mix and the torch 2:4 baseline."""
+    series = {}
+    for rec in records:
+        if mix_name(rec) != mix and rec["backend"] != "torch-2:4":
+            continue
+        shape = f"{rec['out_features']}x{rec['in_features']}"
+        series.setdefault(shape, {}).setdefault(rec["backend"], []).append(
+            (rec["batch"], rec["speedup"]))
+    return series
+
+
+def byte_limits(records: list[dict], mix: str) -> dict:
+    return {f"{r['out_features']}x{r['in_features']}": r["dense_bytes"] / r["packed_bytes"]
+            for r in records if mix_name(r) == mix and r["backend"] != "torch-2:4"}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("results", help="a JSON file written by bench_linear.py")
+    p.add_argument("--mix", default="hybrid", help="tier mix to plot (default hybrid)")
+    p.add_argument("--out", default=None, help="PNG path (default: the JSON path with .png)")
+    args = p.parse_args(argv)
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit("plot_linear.py needs matplotlib: pip install matplotlib")
+    with open(args.results) as f:
+        payload = json.load(f)
+    series = load_series(payload["records"], args.mix)
+    if not series:
+        raise SystemExit(f"{args.results} has no records for mix {args.mix!r}")
+    limits = byte_limits(payload["records"], args.mix)
+
+    fig, axes = plt.subplots(1, len(series), figsize=(4.5 * len(series), 3.8), squeeze=False)
+    for ax, (shape, lines) in zip(axes[0], sorted(series.items())):
+        for label, points in sorted(lines.items()):
+            points.sort()
+            ax.plot([b for b, _ in points], [s for _, s in points], marker="o", label=label)
+        ax.axhline(1.0, color="grey", linestyle=":", linewidth=1)
+        if shape in limits:
+            ax.axhline(limits[shape], color="grey", linestyle="--", linewidth=1,
+                       label=f"byte limit {limits[shape]:.2f}x")
+        ax.set_xscale("log", base=2)
+        ax.set_title(shape)
+        ax.set_xlabel("rows of x (batch)")
+        ax.set_ylabel("speedup over dense")
+        ax.legend(fontsize=7)
+    dtype = payload["records"][0]["dtype"]
+    fig.suptitle(f"{payload['device']}, {dtype}, mix {args.mix}, commit {payload['commit']}",
+                 fontsize=9)
+    fig.tight_layout()
+    out = args.out or os.path.splitext(args.results)[0] + ".png"
+    fig.savefig(out, dpi=120)
+    print(f"wrote {out}")
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)
