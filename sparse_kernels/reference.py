@@ -137,7 +137,7 @@ def decompress_24(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
         -1, cols.long(), values)
 
 
-def _block_ids(rowptr: torch.Tensor, cols: torch.Tensor, n_block_cols: int) -> torch.Tensor:
+def block_ids(rowptr: torch.Tensor, cols: torch.Tensor, n_block_cols: int) -> torch.Tensor:
     """Flat block index (block_row * n_block_cols + block_col) of each entry of a tier's CSR."""
     nbr = rowptr.numel() - 1
     rows = torch.repeat_interleave(torch.arange(nbr, device=cols.device),
@@ -152,13 +152,13 @@ def unpack_blocks(dense_rowptr, dense_cols, dense_vals, s24_rowptr, s24_cols, s2
     b = dense_vals.shape[1]
     nbr, nbc = dense_rowptr.numel() - 1, _ceil_div(in_features, b)
     blocks = torch.zeros(nbr * nbc, b * b, dtype=dense_vals.dtype, device=dense_vals.device)
-    blocks.index_copy_(0, _block_ids(dense_rowptr, dense_cols, nbc),
+    blocks.index_copy_(0, block_ids(dense_rowptr, dense_cols, nbc),
                        dense_vals.reshape(-1, b * b))
-    blocks.index_copy_(0, _block_ids(s24_rowptr, s24_cols, nbc),
+    blocks.index_copy_(0, block_ids(s24_rowptr, s24_cols, nbc),
                        decompress_24(s24_vals, s24_meta).reshape(-1, b * b))
     topk = torch.zeros(topk_vals.shape[0], b * b, dtype=topk_vals.dtype, device=topk_vals.device)
     topk.scatter_(1, topk_pos.long(), topk_vals)
-    blocks.index_copy_(0, _block_ids(topk_rowptr, topk_cols, nbc), topk)
+    blocks.index_copy_(0, block_ids(topk_rowptr, topk_cols, nbc), topk)
     return _from_blocks(blocks.reshape(nbr, nbc, b * b), b)[:out_features, :in_features]
 
 

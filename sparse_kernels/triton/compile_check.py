@@ -2,18 +2,23 @@
 
 ``python -m sparse_kernels.triton.compile_check [--arch 80 90] [--dtypes fp16 ...]`` lowers each
 kernel through Triton's whole pipeline (TTIR -> TTGIR -> LLVM -> PTX -> cubin with ptxas) for
-each compute capability, each dtype it serves and each of its autotune configs, and checks that
-the config's shared memory fits the target, so a kernel that cannot run fails here rather than
-on the first GPU it meets. Run it without ``TRITON_INTERPRET`` (interpreted kernels cannot
+each compute capability, each dtype it serves and each of its autotune configs, checks that the
+config's shared memory fits the target, and asks ptxas for its registers and spills (a spill
+fails: it means a config too big for the register file). So a kernel that cannot run, or runs
+badly, fails here rather than on the first GPU it meets. Run it without ``TRITON_INTERPRET`` (interpreted kernels cannot
 compile).
 """
 import argparse
 import os
+import re
+import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 
 from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import get_ptxas
 from triton.compiler import ASTSource, compile as triton_compile
 from triton.runtime.autotuner import Autotuner
 
@@ -27,7 +32,7 @@ _PACKED = ["d_rowptr", "d_cols", "d_vals", "s_rowptr", "s_cols", "s_vals", "s_me
 _PACKED_INDEX_TYPES = {"d_rowptr": "*i32", "d_cols": "*i32", "s_rowptr": "*i32",
                        "s_cols": "*i32", "s_meta": "*i16", "t_rowptr": "*i32", "t_cols": "*i32",
                        "t_pos": "*u8"}
-_TILES16 = dict(B=16, BP=16, HP=8, TOPK=15, KP=16, HAS_BIAS=True)
+_TILES16 = dict(B=16, BP=16, HP=8, TOPK=15, HAS_BIAS=True)
 
 
 def _packed_signature(dtype: str) -> dict:
@@ -38,12 +43,14 @@ def _cases(dtype: str) -> list[tuple]:
     """(name, kernel, signature, constexprs) for every kernel at one value dtype."""
     linear_io = {"x": f"*{dtype}", "out": f"*{dtype}", "bias": f"*{dtype}"}
     dims = {"M": "i32", "N": "i32", "K_in": "i32", "stride_xm": "i32"}
-    gemm = {**linear_io, **_packed_signature(dtype), **dims}
+    gemm = {**linear_io, "tiers": "*i8", "slots": "*i32", "d_vals": f"*{dtype}",
+            "s_vals": f"*{dtype}", "s_meta": "*i16", "t_vals": f"*{dtype}", "t_pos": "*u8",
+            **dims, "NBR": "i32", "NBC": "i32"}
     decode = {**linear_io, **_packed_signature(dtype), **dims, "split": "i32"}
     decode_partial = {**decode, "out": "*fp32"}
     return [
         ("hybrid_linear gemm", hybrid_linear._gemm_kernel, gemm,
-         dict(_TILES16, DOT_FP32=dtype == "fp32", BLOCK_M=128)),
+         dict(B=16, BP=16, TOPK=15, HAS_BIAS=True, DOT_FP32=dtype == "fp32")),
         ("hybrid_linear decode", hybrid_linear._decode, decode,
          dict(_TILES16, BM=16, FINAL=True)),
         ("hybrid_linear decode split-K", hybrid_linear._decode, decode_partial,
@@ -59,7 +66,7 @@ def _cases(dtype: str) -> list[tuple]:
           "n": "i32", "m": "i32"}, dict(MP=4, GROUPS=256)),
         ("compress_24", compress._compress_kernel,
          {"blocks": f"*{dtype}", "values": f"*{dtype}", "meta": "*i16", "total_rows": "i32"},
-         dict(B=16, CP=16, ROWS=64)),
+         dict(B=16, GP=4)),
     ]
 
 
@@ -75,6 +82,21 @@ def _variants(kernel, constexprs: dict) -> list[tuple[str, object, dict, dict]]:
         variants.append((label.replace("[ ", "["), kernel.fn, {**constexprs, **config.kwargs},
                          options))
     return variants
+
+
+def registers_and_spills(ptx: str, capability: int) -> tuple[int, int]:
+    """(registers per thread, spill bytes stored) that ptxas reports for a kernel's PTX."""
+    gpu = f"sm_{capability}a" if capability >= 90 else f"sm_{capability}"
+    with tempfile.TemporaryDirectory() as folder:
+        source = os.path.join(folder, "kernel.ptx")
+        with open(source, "w") as f:
+            f.write(ptx)
+        report = subprocess.run([get_ptxas(capability).path, "-v", f"--gpu-name={gpu}", source,
+                                 "-o", os.path.join(folder, "kernel.o")],
+                                capture_output=True, text=True, check=True).stderr
+    registers = re.search(r"Used (\d+) registers", report)
+    spills = re.search(r"(\d+) bytes spill stores", report)
+    return int(registers.group(1)) if registers else -1, int(spills.group(1)) if spills else 0
 
 
 def _jobs(archs, dtypes) -> list[tuple[int, str, int, int]]:
@@ -93,11 +115,13 @@ def _run_job(job) -> tuple[bool, str]:
     start = time.perf_counter()
     try:
         compiled = compile_kernel(fn, signature, values, capability, options)
+        registers, spills = registers_and_spills(compiled.asm["ptx"], capability)
+        if spills:
+            raise RuntimeError(f"spills {spills} bytes of registers ({registers} used)")
     except Exception as exc:  # report every failing kernel, then fail
         return False, f"FAIL {what}: {exc}"
-    return True, (f"ok   {what}: {len(compiled.asm['cubin'])} bytes of cubin, "
-                  f"{compiled.metadata.shared} bytes of shared memory, "
-                  f"{time.perf_counter() - start:.2f} s")
+    return True, (f"ok   {what}: {registers} registers, {compiled.metadata.shared} bytes of "
+                  f"shared memory, {time.perf_counter() - start:.2f} s")
 
 
 def compile_kernel(fn, signature: dict, constexprs: dict, capability: int, options: dict):

@@ -1,20 +1,22 @@
 """Hybrid matmul in Triton: ``y = x @ W^T + bias`` straight from the packed three-tier weight.
 
-Layout of the packed tensors: ``sparse_kernels/format.py``. Every program owns one block-row of
-the weight (B output features) and walks that block-row's dense, 2:4 and top-K blocks in turn
-through the per-tier CSR, so it reads only the kept bytes. Two kernels:
+Layout of the packed tensors: ``sparse_kernels/format.py``. Both kernels read only the kept bytes
+of each block. Two kernels:
 
-* decode (1-16 rows of x): no tensor cores; each block meets x by broadcast-multiply-and-sum,
-  2:4 and top-K blocks by gathering the x entries their positions select. A loop step takes
+* decode (1-16 rows of x): a program owns one block-row (B output features) and walks its
+  dense, 2:4 and top-K blocks in turn through the per-tier CSR. No tensor cores; each block
+  meets x by broadcast-multiply-and-sum, 2:4 and top-K blocks by gathering the x entries their positions select. A loop step takes
   ``NB`` consecutive blocks of a tier at once, so several blocks' loads are in flight (decode is
   bound by memory latency and bandwidth, not arithmetic). A block-row of a 4096-wide weight is
   one program, too few to fill a GPU, so the block list of a row is split into ``split``
   contiguous chunks (split-K) whose fp32 partial sums the host adds.
-* GEMM (more rows): a tile of ``BLOCK_M`` rows of x per program; each weight block is expanded
-  to a dense B x B tile in registers (2:4 by its meta, top-K by its positions) and fed to
-  ``tl.dot`` with fp32 accumulation.
+* GEMM (more rows): a program owns ``BLOCK_M`` rows of x and ``G`` block-rows and walks the block
+  columns; at each it expands the G blocks to a dense tile in registers (2:4 by its meta, top-K
+  by its positions), each under its own tier's mask, and feeds ``tl.dot`` with fp32
+  accumulation. A per-call block index (``block_index``: tier and slot of every block) lets the
+  G block-rows step together although their CSR lists differ.
 
-Tile sides are powers of two >= 16 (``BP``, ``HP`` = half of it, ``KP``): smaller and ragged
+Tile sides are powers of two >= 16 (``BP``, ``HP`` = half of it): smaller and ragged
 block sizes are masked, edge blocks are zero-padded in the format and x columns past
 ``in_features`` are never read.
 """
@@ -22,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import reference
 from ._launch import interpreting, launch, pow2_at_least, triton_op, tuned
 
 DECODE_MAX_ROWS = 16
@@ -72,27 +75,12 @@ def _s24_blocks(vals, meta, cols, e0, hi, B: tl.constexpr, BP: tl.constexpr, HP:
 
 
 @triton.jit
-def _topk_blocks(vals, pos, cols, e0, hi, B: tl.constexpr, TOPK: tl.constexpr,
-                 KP: tl.constexpr, NB: tl.constexpr):
-    """Values [NB*KP], their row and column inside the block, the block's first x column, and
-    the valid mask."""
-    k = tl.arange(0, NB * KP)
-    e = e0 + k // KP
-    t = k % KP
-    ok = (e < hi) & (t < TOPK)
-    v = tl.load(vals + e * TOPK + t, mask=ok, other=0.0)
-    p = tl.load(pos + e * TOPK + t, mask=ok, other=0).to(tl.int32)
-    first = tl.load(cols + e, mask=ok, other=0) * B
-    return v, p // B, p % B, first, ok
-
-
-@triton.jit
 def _decode_kernel(x, out, bias,
                    d_rowptr, d_cols, d_vals, s_rowptr, s_cols, s_vals, s_meta,
                    t_rowptr, t_cols, t_vals, t_pos,
                    M, N, K_in, stride_xm, split,
                    B: tl.constexpr, BP: tl.constexpr, HP: tl.constexpr, TOPK: tl.constexpr,
-                   KP: tl.constexpr, BM: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   BM: tl.constexpr, HAS_BIAS: tl.constexpr,
                    FINAL: tl.constexpr, NB: tl.constexpr):
     r = tl.program_id(0)
     s = tl.program_id(1)
@@ -117,15 +105,22 @@ def _decode_kernel(x, out, bias,
                      mask=m_ok[:, None, None] & (ok & (col < K_in))[None, :, :], other=0.0)
         acc += tl.sum(xg.to(tl.float32) * v.to(tl.float32)[None, :, :], axis=2)
 
+    # Top-K: one kept entry of each of the NB blocks per inner step, so the live tensors stay
+    # [BM, NB, BP] whatever K is.
     lo, hi = _tier_range(t_rowptr, r, s, split)
     for e0 in range(lo, hi, NB):
-        v, rows, inner, first, ok = _topk_blocks(t_vals, t_pos, t_cols, e0, hi, B, TOPK, KP, NB)
-        col = first + inner
-        xg = tl.load(x_rows[:, None] + col[None, :],
-                     mask=m_ok[:, None] & (ok & (col < K_in))[None, :], other=0.0)
-        contrib = xg.to(tl.float32) * v.to(tl.float32)[None, :]             # [BM, NB*KP]
-        to_row = (rows[:, None] == i[None, :]).to(tl.float32)               # [NB*KP, BP]
-        acc += tl.sum(contrib[:, :, None] * to_row[None, :, :], axis=1)
+        e = e0 + tl.arange(0, NB)
+        ok = e < hi
+        first = tl.load(t_cols + e, mask=ok, other=0) * B
+        for k in range(0, TOPK):
+            v = tl.load(t_vals + e * TOPK + k, mask=ok, other=0.0).to(tl.float32)
+            p = tl.load(t_pos + e * TOPK + k, mask=ok, other=0).to(tl.int32)
+            col = first + p % B
+            xg = tl.load(x_rows[:, None] + col[None, :],
+                         mask=m_ok[:, None] & (ok & (col < K_in))[None, :], other=0.0)
+            contrib = xg.to(tl.float32) * v[None, :]                        # [BM, NB]
+            to_row = ((p // B)[:, None] == i[None, :]).to(tl.float32)       # [NB, BP]
+            acc += tl.sum(contrib[:, :, None] * to_row[None, :, :], axis=1)
 
     out_col = r * B + i
     o_ok = m_ok[:, None] & ((i < B) & (out_col < N))[None, :]
@@ -140,74 +135,111 @@ def _decode_kernel(x, out, bias,
 
 
 @triton.jit
-def _dot_block(acc, xt, w, DOT_FP32: tl.constexpr):
-    """acc [BLOCK_M, BP] += xt [BLOCK_M, BP] @ w^T, w a [BP (out), BP (in)] weight tile."""
-    if DOT_FP32:
-        return tl.dot(xt.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
-    return tl.dot(xt, tl.trans(w.to(xt.dtype)), acc)
+def _expand_column(tiers, slots, d_vals, s_vals, s_meta, t_vals, t_pos, r0, bc, NBR, NBC,
+                   B: tl.constexpr, BP: tl.constexpr, TOPK: tl.constexpr, G: tl.constexpr):
+    """Blocks (r0 .. r0 + G - 1, bc) expanded to dense fp32 tiles [G, BP (out), BP (in)].
+
+    ``tiers`` / ``slots`` [NBR, NBC] give each block's tier and its index in that tier's arrays.
+    Every entry is loaded under its tier's mask, so each block costs only its own bytes, and the
+    tiers' expansions add up exactly (at most one of them is non-zero at any position).
+    """
+    g = tl.arange(0, G)
+    block_row = r0 + g
+    idx = block_row * NBC + bc
+    tier_g = tl.load(tiers + idx, mask=block_row < NBR, other=-1).to(tl.int32)      # [G]
+    slot_g = tl.load(slots + idx, mask=block_row < NBR, other=0)
+    tier = tier_g[:, None, None]
+    slot = slot_g[:, None, None]
+    i = tl.arange(0, BP)[None, :, None]
+    c = tl.arange(0, BP)[None, None, :]
+    inside = (i < B) & (c < B)
+
+    w = tl.load(d_vals + slot * (B * B) + i * B + c, mask=inside & (tier == 0),
+                other=0.0).to(tl.float32)
+
+    # 2:4: column c of group q is kept by slot 2q or 2q+1 when that slot's position names it.
+    is24 = inside & (tier == 1)
+    meta = tl.load(s_meta + slot * B + i, mask=(i < B) & (tier == 1), other=0).to(tl.int32)
+    q = c // 4
+    kept = s_vals + slot * (B * B // 2) + i * (B // 2) + 2 * q
+    w += tl.load(kept, mask=is24 & (((meta >> (4 * q)) & 3) == c % 4), other=0.0).to(tl.float32)
+    w += tl.load(kept + 1, mask=is24 & (((meta >> (4 * q + 2)) & 3) == c % 4),
+                 other=0.0).to(tl.float32)
+
+    # top-K: each position byte names one entry of the block; one entry per step keeps the
+    # live tensors at [G, BP, BP].
+    is_topk = tier_g == 2
+    here = inside & (tier == 2)
+    for k in range(0, TOPK):
+        v = tl.load(t_vals + slot_g * TOPK + k, mask=is_topk, other=0.0).to(tl.float32)
+        p = tl.load(t_pos + slot_g * TOPK + k, mask=is_topk, other=0).to(tl.int32)
+        w += tl.where(here & (p[:, None, None] == i * B + c), v[:, None, None], 0.0)
+    return w
 
 
 _GEMM_CONFIGS = [
-    triton.Config({"BLOCK_M": 64}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_M": 128}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_M": 128}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 256}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_M": 64, "G": 4}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_M": 128, "G": 4}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "G": 8}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "G": 8}, num_warps=8, num_stages=3),
 ]
 
 
 @tuned(_GEMM_CONFIGS, key=["M", "N", "K_in"])
 @triton.jit
-def _gemm_kernel(x, out, bias,
-                 d_rowptr, d_cols, d_vals, s_rowptr, s_cols, s_vals, s_meta,
-                 t_rowptr, t_cols, t_vals, t_pos,
-                 M, N, K_in, stride_xm,
-                 B: tl.constexpr, BP: tl.constexpr, HP: tl.constexpr, TOPK: tl.constexpr,
-                 KP: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr,
-                 BLOCK_M: tl.constexpr):
+def _gemm_kernel(x, out, bias, tiers, slots, d_vals, s_vals, s_meta, t_vals, t_pos,
+                 M, N, K_in, stride_xm, NBR, NBC,
+                 B: tl.constexpr, BP: tl.constexpr, TOPK: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 DOT_FP32: tl.constexpr, BLOCK_M: tl.constexpr, G: tl.constexpr):
+    """Program: BLOCK_M rows of x x G block-rows (G*B output features), over all block columns.
+
+    Each step loads one x tile [BLOCK_M, B] and the G blocks of that block column, expands them
+    to a [G*BP, BP] weight tile in registers and feeds one tl.dot: every x tile serves G
+    block-rows, every weight block BLOCK_M rows of x.
+    """
     pid_m = tl.program_id(0)
-    r = tl.program_id(1)
+    r0 = tl.program_id(1) * G
     m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = m < M
     x_rows = x + m.to(tl.int64) * stride_xm
-    i = tl.arange(0, BP)
-    acc = tl.zeros([BLOCK_M, BP], dtype=tl.float32)
-
-    # One block per step (NB = 1): the block is the K = BP slice of one tl.dot.
-    lo, hi = _tier_range(d_rowptr, r, 0, 1)
-    for e in range(lo, hi):
-        w, col, ok = _dense_blocks(d_vals, d_cols, e, hi, B, BP, 1)
+    j = tl.arange(0, BP)
+    acc = tl.zeros([BLOCK_M, G * BP], dtype=tl.float32)
+    for bc in range(0, NBC):
+        col = bc * B + j
         xt = tl.load(x_rows[:, None] + col[None, :],
-                     mask=m_ok[:, None] & (ok & (col < K_in))[None, :], other=0.0)
-        acc = _dot_block(acc, xt, w, DOT_FP32)
+                     mask=m_ok[:, None] & ((j < B) & (col < K_in))[None, :], other=0.0)
+        w = _expand_column(tiers, slots, d_vals, s_vals, s_meta, t_vals, t_pos, r0, bc, NBR,
+                           NBC, B, BP, TOPK, G)
+        w = tl.reshape(w, [G * BP, BP])
+        if DOT_FP32:
+            acc = tl.dot(xt.to(tl.float32), tl.trans(w), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(xt, tl.trans(w.to(xt.dtype)), acc)
 
-    lo, hi = _tier_range(s_rowptr, r, 0, 1)
-    for e in range(lo, hi):
-        v, inner, first, ok = _s24_blocks(s_vals, s_meta, s_cols, e, hi, B, BP, HP, 1)
-        # Expand to [BP, BP]: each kept value lands on its column, exactly (one non-zero term).
-        hit = (inner[:, :, None] == i[None, None, :]) & ok[:, :, None]
-        w = tl.sum(tl.where(hit, v.to(tl.float32)[:, :, None], 0.0), axis=1)
-        col = tl.load(s_cols + e) * B + i
-        xt = tl.load(x_rows[:, None] + col[None, :],
-                     mask=m_ok[:, None] & ((i < B) & (col < K_in))[None, :], other=0.0)
-        acc = _dot_block(acc, xt, w, DOT_FP32)
-
-    lo, hi = _tier_range(t_rowptr, r, 0, 1)
-    for e in range(lo, hi):
-        v, rows, inner, first, ok = _topk_blocks(t_vals, t_pos, t_cols, e, hi, B, TOPK, KP, 1)
-        hit = ((rows[:, None, None] == i[None, :, None]) & (inner[:, None, None] == i[None, None, :])
-               & ok[:, None, None])
-        w = tl.sum(tl.where(hit, v.to(tl.float32)[:, None, None], 0.0), axis=0)
-        col = tl.load(t_cols + e) * B + i
-        xt = tl.load(x_rows[:, None] + col[None, :],
-                     mask=m_ok[:, None] & ((i < B) & (col < K_in))[None, :], other=0.0)
-        acc = _dot_block(acc, xt, w, DOT_FP32)
-
-    out_col = r * B + i
-    c_ok = (i < B) & (out_col < N)
+    n = tl.arange(0, G * BP)
+    out_col = (r0 + n // BP) * B + n % BP
+    c_ok = (n % BP < B) & (out_col < N)
     if HAS_BIAS:
         acc += tl.load(bias + out_col, mask=c_ok, other=0.0).to(tl.float32)[None, :]
     dest = out + m.to(tl.int64)[:, None] * N + out_col[None, :]
     tl.store(dest, acc.to(out.dtype.element_ty), mask=m_ok[:, None] & c_ok[None, :])
+
+
+def block_index(dense_rowptr, dense_cols, s24_rowptr, s24_cols, topk_rowptr, topk_cols,
+                block_cols: int):
+    """Each block's tier code and its index in that tier's arrays: int8 and int32 [rows, cols].
+
+    Blocks that no tier lists (never the case for a ``HybridWeight``) get tier -1: zero.
+    """
+    block_rows = dense_rowptr.shape[0] - 1
+    tiers = dense_cols.new_full((block_rows * block_cols,), -1, dtype=torch.int8)
+    slots = dense_cols.new_zeros((block_rows * block_cols,), dtype=torch.int32)
+    for code, (rowptr, cols) in enumerate(((dense_rowptr, dense_cols), (s24_rowptr, s24_cols),
+                                           (topk_rowptr, topk_cols))):
+        ids = reference.block_ids(rowptr, cols, block_cols)
+        tiers[ids] = code
+        slots[ids] = torch.arange(cols.shape[0], device=cols.device, dtype=torch.int32)
+    return tiers, slots
 
 
 # NB: blocks per loop step. The first config (the interpreter's) has NB = 4, so the tests reach
@@ -248,21 +280,28 @@ def run(x, dense_rowptr, dense_cols, dense_vals, s24_rowptr, s24_cols, s24_vals,
     packed = (dense_rowptr, dense_cols, dense_vals, s24_rowptr, s24_cols, s24_vals, s24_meta,
               topk_rowptr, topk_cols, topk_vals, topk_pos)
     tiles = dict(B=block, BP=pow2_at_least(block, 16), HP=pow2_at_least(block, 16) // 2,
-                 TOPK=topk, KP=pow2_at_least(topk), HAS_BIAS=bias is not None)
+                 TOPK=topk, HAS_BIAS=bias is not None)
     y = x.new_empty((rows, out_features))
     if rows == 0:
         return y
     bias_arg = bias if bias is not None else y
 
+    block_cols = -(-in_features // block)
     if rows > DECODE_MAX_ROWS:
+        tiers, slots = block_index(dense_rowptr, dense_cols, s24_rowptr, s24_cols, topk_rowptr,
+                                   topk_cols, block_cols)
+        # The interpreter's bf16 tl.dot is wrong: it dots in fp32 (exact for 16-bit inputs).
         dot_fp32 = x.dtype == torch.float32 or interpreting()
-        launch(_gemm_kernel)[lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), block_rows)](
-            x, y, bias_arg, *packed, rows, out_features, in_features, x.stride(0),
-            DOT_FP32=dot_fp32, **tiles)
+        grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), triton.cdiv(block_rows, meta["G"]))
+        launch(_gemm_kernel)[grid](
+            x, y, bias_arg, tiers, slots, dense_vals, s24_vals, s24_meta, topk_vals, topk_pos,
+            rows, out_features, in_features, x.stride(0), block_rows, block_cols,
+            B=block, BP=tiles["BP"], TOPK=topk, HAS_BIAS=bias is not None,
+            DOT_FP32=dot_fp32)
         return y
 
     if split is None:
-        split = decode_split(block_rows, -(-in_features // block), x.device)
+        split = decode_split(block_rows, block_cols, x.device)
     final = split == 1
     partial = y if final else x.new_empty((split, rows, out_features), dtype=torch.float32)
     launch(_decode)[(block_rows, split)](
