@@ -137,6 +137,12 @@ def decompress_24(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
         -1, cols.long(), values)
 
 
+def expand_topk(topk_vals: torch.Tensor, topk_pos: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Top-K blocks [n, K] values + positions -> [n, B*B] dense blocks (row-major)."""
+    dense = topk_vals.new_zeros((topk_vals.shape[0], block_size * block_size))
+    return dense.scatter_(1, topk_pos.long(), topk_vals)
+
+
 def block_ids(rowptr: torch.Tensor, cols: torch.Tensor, n_block_cols: int) -> torch.Tensor:
     """Flat block index (block_row * n_block_cols + block_col) of each entry of a tier's CSR."""
     nbr = rowptr.numel() - 1
@@ -156,9 +162,8 @@ def unpack_blocks(dense_rowptr, dense_cols, dense_vals, s24_rowptr, s24_cols, s2
                        dense_vals.reshape(-1, b * b))
     blocks.index_copy_(0, block_ids(s24_rowptr, s24_cols, nbc),
                        decompress_24(s24_vals, s24_meta).reshape(-1, b * b))
-    topk = torch.zeros(topk_vals.shape[0], b * b, dtype=topk_vals.dtype, device=topk_vals.device)
-    topk.scatter_(1, topk_pos.long(), topk_vals)
-    blocks.index_copy_(0, block_ids(topk_rowptr, topk_cols, nbc), topk)
+    blocks.index_copy_(0, block_ids(topk_rowptr, topk_cols, nbc),
+                       expand_topk(topk_vals, topk_pos, b))
     return _from_blocks(blocks.reshape(nbr, nbc, b * b), b)[:out_features, :in_features]
 
 

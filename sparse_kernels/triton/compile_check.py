@@ -44,13 +44,14 @@ def _cases(dtype: str) -> list[tuple]:
     linear_io = {"x": f"*{dtype}", "out": f"*{dtype}", "bias": f"*{dtype}"}
     dims = {"M": "i32", "N": "i32", "K_in": "i32", "stride_xm": "i32"}
     gemm = {**linear_io, "tiers": "*i8", "slots": "*i32", "d_vals": f"*{dtype}",
-            "s_vals": f"*{dtype}", "s_meta": "*i16", "t_vals": f"*{dtype}", "t_pos": "*u8",
+            "s_vals": f"*{dtype}", "s_meta": "*i16", "t_dense": f"*{dtype}",
             **dims, "NBR": "i32", "NBC": "i32"}
     decode = {**linear_io, **_packed_signature(dtype), **dims, "split": "i32"}
     decode_partial = {**decode, "out": "*fp32"}
     return [
-        ("hybrid_linear gemm", hybrid_linear._gemm_kernel, gemm,
-         dict(B=16, BP=16, TOPK=15, HAS_BIAS=True, DOT_FP32=dtype == "fp32")),
+        ("hybrid_linear gemm", hybrid_linear._gemm_fp32 if dtype == "fp32"
+         else hybrid_linear._gemm_16bit, gemm,
+         dict(B=16, BP=16, HAS_BIAS=True, DOT_FP32=dtype == "fp32")),
         ("hybrid_linear decode", hybrid_linear._decode, decode,
          dict(_TILES16, BM=16, FINAL=True)),
         ("hybrid_linear decode split-K", hybrid_linear._decode, decode_partial,
@@ -84,6 +85,13 @@ def _variants(kernel, constexprs: dict) -> list[tuple[str, object, dict, dict]]:
     return variants
 
 
+def _ptxas(capability: int) -> str:
+    try:
+        return get_ptxas(capability).path  # Triton >= 3.7 picks a ptxas per architecture
+    except TypeError:
+        return get_ptxas().path
+
+
 def registers_and_spills(ptx: str, capability: int) -> tuple[int, int]:
     """(registers per thread, spill bytes stored) that ptxas reports for a kernel's PTX."""
     gpu = f"sm_{capability}a" if capability >= 90 else f"sm_{capability}"
@@ -91,7 +99,7 @@ def registers_and_spills(ptx: str, capability: int) -> tuple[int, int]:
         source = os.path.join(folder, "kernel.ptx")
         with open(source, "w") as f:
             f.write(ptx)
-        report = subprocess.run([get_ptxas(capability).path, "-v", f"--gpu-name={gpu}", source,
+        report = subprocess.run([_ptxas(capability), "-v", f"--gpu-name={gpu}", source,
                                  "-o", os.path.join(folder, "kernel.o")],
                                 capture_output=True, text=True, check=True).stderr
     registers = re.search(r"Used (\d+) registers", report)

@@ -11,9 +11,9 @@ of each block. Two kernels:
   one program, too few to fill a GPU, so the block list of a row is split into ``split``
   contiguous chunks (split-K) whose fp32 partial sums the host adds.
 * GEMM (more rows): a program owns ``BLOCK_M`` rows of x and ``G`` block-rows and walks the block
-  columns; at each it expands the G blocks to a dense tile in registers (2:4 by its meta, top-K
-  by its positions), each under its own tier's mask, and feeds ``tl.dot`` with fp32
-  accumulation. A per-call block index (``block_index``: tier and slot of every block) lets the
+  columns; at each it expands the G blocks to a dense tile in registers (2:4 by its meta; top-K
+  blocks are expanded once per call beforehand), each under its own tier's mask, and feeds
+  ``tl.dot`` with fp32 accumulation. A per-call block index (``block_index``: tier and slot of every block) lets the
   G block-rows step together although their CSR lists differ.
 
 Tile sides are powers of two >= 16 (``BP``, ``HP`` = half of it): smaller and ragged
@@ -135,13 +135,14 @@ def _decode_kernel(x, out, bias,
 
 
 @triton.jit
-def _expand_column(tiers, slots, d_vals, s_vals, s_meta, t_vals, t_pos, r0, bc, NBR, NBC,
-                   B: tl.constexpr, BP: tl.constexpr, TOPK: tl.constexpr, G: tl.constexpr):
+def _expand_column(tiers, slots, d_vals, s_vals, s_meta, t_dense, r0, bc, NBR, NBC,
+                   B: tl.constexpr, BP: tl.constexpr, G: tl.constexpr):
     """Blocks (r0 .. r0 + G - 1, bc) expanded to dense fp32 tiles [G, BP (out), BP (in)].
 
-    ``tiers`` / ``slots`` [NBR, NBC] give each block's tier and its index in that tier's arrays.
-    Every entry is loaded under its tier's mask, so each block costs only its own bytes, and the
-    tiers' expansions add up exactly (at most one of them is non-zero at any position).
+    ``tiers`` / ``slots`` [NBR, NBC] give each block's tier and its index in that tier's arrays;
+    ``t_dense`` holds the top-K blocks already expanded to B x B. Every entry is loaded under its
+    tier's mask, so each block costs only its own bytes, and the tiers' expansions add up
+    exactly (at most one of them is non-zero at any position).
     """
     g = tl.arange(0, G)
     block_row = r0 + g
@@ -166,30 +167,15 @@ def _expand_column(tiers, slots, d_vals, s_vals, s_meta, t_vals, t_pos, r0, bc, 
     w += tl.load(kept + 1, mask=is24 & (((meta >> (4 * q + 2)) & 3) == c % 4),
                  other=0.0).to(tl.float32)
 
-    # top-K: each position byte names one entry of the block; one entry per step keeps the
-    # live tensors at [G, BP, BP].
-    is_topk = tier_g == 2
-    here = inside & (tier == 2)
-    for k in range(0, TOPK):
-        v = tl.load(t_vals + slot_g * TOPK + k, mask=is_topk, other=0.0).to(tl.float32)
-        p = tl.load(t_pos + slot_g * TOPK + k, mask=is_topk, other=0).to(tl.int32)
-        w += tl.where(here & (p[:, None, None] == i * B + c), v[:, None, None], 0.0)
+    w += tl.load(t_dense + slot * (B * B) + i * B + c, mask=inside & (tier == 2),
+                 other=0.0).to(tl.float32)
     return w
 
 
-_GEMM_CONFIGS = [
-    triton.Config({"BLOCK_M": 64, "G": 4}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_M": 128, "G": 4}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_M": 128, "G": 8}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 64, "G": 8}, num_warps=8, num_stages=3),
-]
-
-
-@tuned(_GEMM_CONFIGS, key=["M", "N", "K_in"])
 @triton.jit
-def _gemm_kernel(x, out, bias, tiers, slots, d_vals, s_vals, s_meta, t_vals, t_pos,
+def _gemm_kernel(x, out, bias, tiers, slots, d_vals, s_vals, s_meta, t_dense,
                  M, N, K_in, stride_xm, NBR, NBC,
-                 B: tl.constexpr, BP: tl.constexpr, TOPK: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 B: tl.constexpr, BP: tl.constexpr, HAS_BIAS: tl.constexpr,
                  DOT_FP32: tl.constexpr, BLOCK_M: tl.constexpr, G: tl.constexpr):
     """Program: BLOCK_M rows of x x G block-rows (G*B output features), over all block columns.
 
@@ -208,8 +194,8 @@ def _gemm_kernel(x, out, bias, tiers, slots, d_vals, s_vals, s_meta, t_vals, t_p
         col = bc * B + j
         xt = tl.load(x_rows[:, None] + col[None, :],
                      mask=m_ok[:, None] & ((j < B) & (col < K_in))[None, :], other=0.0)
-        w = _expand_column(tiers, slots, d_vals, s_vals, s_meta, t_vals, t_pos, r0, bc, NBR,
-                           NBC, B, BP, TOPK, G)
+        w = _expand_column(tiers, slots, d_vals, s_vals, s_meta, t_dense, r0, bc, NBR, NBC,
+                           B, BP, G)
         w = tl.reshape(w, [G * BP, BP])
         if DOT_FP32:
             acc = tl.dot(xt.to(tl.float32), tl.trans(w), acc, input_precision="ieee")
@@ -223,6 +209,21 @@ def _gemm_kernel(x, out, bias, tiers, slots, d_vals, s_vals, s_meta, t_vals, t_p
         acc += tl.load(bias + out_col, mask=c_ok, other=0.0).to(tl.float32)[None, :]
     dest = out + m.to(tl.int64)[:, None] * N + out_col[None, :]
     tl.store(dest, acc.to(out.dtype.element_ty), mask=m_ok[:, None] & c_ok[None, :])
+
+
+# fp32 tiles are twice the registers: without software pipelining, or they spill.
+_GEMM_CONFIGS_16BIT = [
+    triton.Config({"BLOCK_M": 64, "G": 4}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_M": 128, "G": 4}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "G": 8}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "G": 8}, num_warps=8, num_stages=3),
+]
+_GEMM_CONFIGS_FP32 = [
+    triton.Config({"BLOCK_M": 64, "G": 4}, num_warps=4, num_stages=1),
+    triton.Config({"BLOCK_M": 64, "G": 8}, num_warps=8, num_stages=1),
+]
+_gemm_16bit = tuned(_GEMM_CONFIGS_16BIT, key=["M", "N", "K_in"])(_gemm_kernel)
+_gemm_fp32 = tuned(_GEMM_CONFIGS_FP32, key=["M", "N", "K_in"])(_gemm_kernel)
 
 
 def block_index(dense_rowptr, dense_cols, s24_rowptr, s24_cols, topk_rowptr, topk_cols,
@@ -290,14 +291,17 @@ def run(x, dense_rowptr, dense_cols, dense_vals, s24_rowptr, s24_cols, s24_vals,
     if rows > DECODE_MAX_ROWS:
         tiers, slots = block_index(dense_rowptr, dense_cols, s24_rowptr, s24_cols, topk_rowptr,
                                    topk_cols, block_cols)
+        # Expanding a top-K block per use costs B*B*K compares; expanded once per call it is
+        # one masked load, like a dense block (prefill is compute-bound; the extra bytes are not).
+        topk_dense = reference.expand_topk(topk_vals, topk_pos, block)
         # The interpreter's bf16 tl.dot is wrong: it dots in fp32 (exact for 16-bit inputs).
         dot_fp32 = x.dtype == torch.float32 or interpreting()
         grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), triton.cdiv(block_rows, meta["G"]))
-        launch(_gemm_kernel)[grid](
-            x, y, bias_arg, tiers, slots, dense_vals, s24_vals, s24_meta, topk_vals, topk_pos,
+        kernel = _gemm_fp32 if x.dtype == torch.float32 else _gemm_16bit
+        launch(kernel)[grid](
+            x, y, bias_arg, tiers, slots, dense_vals, s24_vals, s24_meta, topk_dense,
             rows, out_features, in_features, x.stride(0), block_rows, block_cols,
-            B=block, BP=tiles["BP"], TOPK=topk, HAS_BIAS=bias is not None,
-            DOT_FP32=dot_fp32)
+            B=block, BP=tiles["BP"], HAS_BIAS=bias is not None, DOT_FP32=dot_fp32)
         return y
 
     if split is None:
