@@ -70,31 +70,29 @@ def metadata_source(row, selector):
 
 
 # --------------------------------------------------------------------- matrix reconstruction
+def _gather(regs, shape, coord):
+    """A matrix of ``shape`` from per-lane registers, element i of a lane at coord(lane, i)."""
+    per_lane = regs.reshape(LANES, -1)
+    out = np.zeros(shape, np.float64)
+    for lane in range(LANES):
+        for i in range(per_lane.shape[1]):
+            out[coord(lane, i)] = per_lane[lane, i]
+    return out
+
+
 def gather_a(a_regs):
     """Dense A [16, 16] from a_regs [32, 4, 2]."""
-    a = np.zeros((16, 16), np.float64)
-    for lane in range(LANES):
-        for i in range(8):
-            a[a_coord(lane, i)] = a_regs[lane, i // 2, i % 2]
-    return a
+    return _gather(a_regs, (16, 16), a_coord)
 
 
 def gather_b(b_regs):
     """B [16, 8] from b_regs [32, 2, 2]."""
-    b = np.zeros((16, 8), np.float64)
-    for lane in range(LANES):
-        for i in range(4):
-            b[b_coord(lane, i)] = b_regs[lane, i // 2, i % 2]
-    return b
+    return _gather(b_regs, (16, 8), b_coord)
 
 
 def gather_c(c_regs):
     """Accumulator [16, 8] from c_regs [32, 4]."""
-    c = np.zeros((16, 8), np.float64)
-    for lane in range(LANES):
-        for i in range(4):
-            c[c_coord(lane, i)] = c_regs[lane, i]
-    return c
+    return _gather(c_regs, (16, 8), c_coord)
 
 
 def scatter_d(d):
