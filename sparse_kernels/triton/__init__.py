@@ -7,9 +7,12 @@ once, at import; the kernel modules are imported only then (Triton costs about a
 """
 import importlib
 import importlib.util
+import logging
 import os
 
 import torch
+
+log = logging.getLogger("sparse_kernels")
 
 #: Op name -> "module:function" of its Triton implementation (each a ``triton_op``).
 _IMPLEMENTATIONS = {
@@ -47,7 +50,13 @@ def _load() -> dict:
 UNAVAILABLE_REASON = _unavailable_reason()
 
 #: Op name -> its Triton implementation; empty when the backend cannot run.
-OPS = _load() if UNAVAILABLE_REASON is None else {}
+OPS = {}
+if UNAVAILABLE_REASON is None:
+    try:
+        OPS = _load()
+    except Exception as exc:  # an incompatible Triton must not break `import sparse_kernels`
+        UNAVAILABLE_REASON = f"the Triton kernels failed to import: {type(exc).__name__}: {exc}"
+        log.warning("sparse_kernels: %s; the Triton backend is off", UNAVAILABLE_REASON)
 
 
 def register_for_cuda(library: torch.library.Library) -> None:

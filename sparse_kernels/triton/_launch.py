@@ -14,10 +14,12 @@ import triton
 from triton.runtime.autotuner import Autotuner
 from triton.runtime.jit import JITFunction
 
+from . import INTERPRETING
+
 
 def interpreting() -> bool:
-    """Whether kernels decorated from now on run in Triton's CPU interpreter."""
-    return bool(triton.knobs.runtime.interpret)
+    """Whether the kernels run in Triton's CPU interpreter (chosen when they were decorated)."""
+    return INTERPRETING
 
 
 class _FirstConfig:
