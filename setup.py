@@ -2,7 +2,7 @@
 
 Environment:
   SPARSE_KERNELS_NO_EXT=1     build no native code at all (the torch reference serves every op)
-  TORCH_CUDA_ARCH_LIST        CUDA architectures (default "8.0;9.0a")
+  TORCH_CUDA_ARCH_LIST        CUDA architectures (default "8.0;9.0a"; targets below 8.0 are dropped)
   SPARSE_KERNELS_NATIVE_ARCH  "0" to build the CPU kernels without -march=native (portable wheels)
 """
 import glob
@@ -36,6 +36,24 @@ def _cuda_skip_reason(torch_module):
     return None
 
 
+def _cuda_arch_list() -> str:
+    """TORCH_CUDA_ARCH_LIST (default "8.0;9.0a") without the targets below sm_80.
+
+    The kernels use sm_80 instructions (mma.sync / mma.sp on bf16, warp reductions); an older
+    target in an inherited list (NGC images export 7.x) would fail the whole build.
+    """
+    wanted = os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
+    entries = [e for e in wanted.replace(" ", ";").split(";") if e]
+    kept = [e for e in entries if float(e.split("+")[0].rstrip("af")) >= 8.0]
+    dropped = [e for e in entries if e not in kept]
+    if dropped:
+        print(f"sparse_kernels: skipping CUDA targets {dropped} (the kernels need sm_80 or newer)")
+    if not kept:
+        raise SystemExit(f"TORCH_CUDA_ARCH_LIST={wanted!r} has no target >= 8.0; the CUDA kernels "
+                         f"need sm_80 or newer (e.g. TORCH_CUDA_ARCH_LIST='8.0;9.0a')")
+    return ";".join(kept)
+
+
 def _extensions():
     if os.environ.get("SPARSE_KERNELS_NO_EXT", "0") == "1":
         print("sparse_kernels: SPARSE_KERNELS_NO_EXT=1, building no native code; "
@@ -52,7 +70,7 @@ def _extensions():
     include_dirs = [os.path.join(HERE, "csrc")]
     skip = _cuda_skip_reason(torch)
     if skip is None:
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
+        os.environ["TORCH_CUDA_ARCH_LIST"] = _cuda_arch_list()
         sources += _sources("cuda", "*.cu") + _sources("cuda", "*.cpp")
         ext = cpp_extension.CUDAExtension(
             "sparse_kernels._C", sources, include_dirs=include_dirs,

@@ -151,6 +151,14 @@ std::tuple<at::Tensor, at::Tensor> compress_24(const at::Tensor& blocks_in) {
 // ------------------------------------------------------------------------ hybrid_linear
 
 // The packed tensors of the op (argument order), made contiguous: no-ops for a HybridWeight's own.
+// The tensor-core kernel reads block values with 8-byte (dense) and 4-byte (2:4) loads: a view
+// that starts inside its storage at an odd element is copied (a HybridWeight's own tensors are
+// whole allocations, so this costs nothing for them).
+at::Tensor aligned_contiguous(const at::Tensor& t) {
+  at::Tensor c = t.contiguous();
+  return reinterpret_cast<uintptr_t>(c.data_ptr()) % 16 == 0 ? c : c.clone();
+}
+
 struct PackedArgs {
   at::Tensor dense_rowptr, dense_cols, dense_vals;
   at::Tensor s24_rowptr, s24_cols, s24_vals, s24_meta;
@@ -249,8 +257,9 @@ at::Tensor hybrid_linear(const at::Tensor& x_in, const at::Tensor& dense_rowptr,
   const DType dtype = float_dtype(x_in, "hybrid_linear: x");
   const c10::cuda::CUDAGuard guard(x_in.device());
   const PackedArgs packed{dense_rowptr.contiguous(), dense_cols.contiguous(),
-                           dense_vals.contiguous(), s24_rowptr.contiguous(), s24_cols.contiguous(),
-                           s24_vals.contiguous(), s24_meta.contiguous(), topk_rowptr.contiguous(),
+                           aligned_contiguous(dense_vals), s24_rowptr.contiguous(),
+                           s24_cols.contiguous(), aligned_contiguous(s24_vals),
+                           s24_meta.contiguous(), topk_rowptr.contiguous(),
                            topk_cols.contiguous(), topk_vals.contiguous(), topk_pos.contiguous()};
   check_packed(packed, x_in, out_features);
   at::Tensor bias;
