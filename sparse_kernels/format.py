@@ -41,6 +41,8 @@ from . import _ops, reference
 
 DENSE, SPARSE_24, TOPK = 0, 1, 2
 TIER_NAMES = {DENSE: "dense", SPARSE_24: "2:4", TOPK: "top-K"}
+# Meta of an all-zero 2:4 block row: every group of 4 keeps columns 0 and 1 (nibble 0b0100).
+ZERO_BLOCK_META = {b: int("4" * (b // 4), 16) for b in (4, 8, 12, 16)}
 FORMAT_VERSION = 1
 
 # Field order of the packed tensors = argument order of the hybrid_linear op.
@@ -280,8 +282,12 @@ class HybridWeight:
             index[prefix] = (rowptr.to(device), cols.to(device), len(cols))
         n_dense, n_24, n_topk = index["dense"][2], index["s24"][2], index["topk"][2]
         zeros = lambda *shape, dt=dtype: torch.zeros(shape, dtype=dt, device=device)  # noqa: E731
+        # Exactly the packing of an all-zero weight (2:4 slots at columns 0 and 1 of each group,
+        # top-K positions 0..K-1), so an unloaded weight is a well-formed one for every kernel.
+        zero_meta = torch.full((n_24, b), ZERO_BLOCK_META[b], dtype=torch.int16, device=device)
+        first_positions = torch.arange(topk, dtype=torch.uint8, device=device).repeat(n_topk, 1)
         return cls(out_features, in_features, b, topk, tiers,
                    *index["dense"][:2], zeros(n_dense, b, b),
-                   *index["s24"][:2], zeros(n_24, b, b // 2), zeros(n_24, b, dt=torch.int16),
-                   *index["topk"][:2], zeros(n_topk, topk), zeros(n_topk, topk, dt=torch.uint8))
+                   *index["s24"][:2], zeros(n_24, b, b // 2), zero_meta,
+                   *index["topk"][:2], zeros(n_topk, topk), first_positions)
 

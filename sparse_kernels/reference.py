@@ -170,7 +170,12 @@ def unpack_blocks(dense_rowptr, dense_cols, dense_vals, s24_rowptr, s24_cols, s2
 def hybrid_linear(x, dense_rowptr, dense_cols, dense_vals, s24_rowptr, s24_cols, s24_vals,
                   s24_meta, topk_rowptr, topk_cols, topk_vals, topk_pos,
                   out_features: int, bias=None) -> torch.Tensor:
-    """``x @ W^T + bias`` for x [M, in] and the packed weight, accumulated in fp32."""
+    """``x @ W^T + bias`` for x [M, in] and the packed weight, accumulated in fp32.
+
+    Compiled backends multiply only the kept weights, so an inf or NaN in x reaches their output
+    only through kept weights; here the pruned zeros multiply it too (0 * inf = NaN). Outputs
+    agree for finite x.
+    """
     weight = unpack_blocks(dense_rowptr, dense_cols, dense_vals, s24_rowptr, s24_cols, s24_vals,
                            s24_meta, topk_rowptr, topk_cols, topk_vals, topk_pos,
                            out_features, x.shape[-1])

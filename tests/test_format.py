@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import sparse_kernels as sk
-from sparse_kernels.format import tier_grid
+from sparse_kernels.format import PACKED_FIELDS, tier_grid
 from conftest import DTYPES, random_hybrid, random_tier_map
 
 SHAPES = [(37, 70), (1, 16), (16, 1), (64, 64), (33, 45), (5, 3)]
@@ -150,3 +150,16 @@ def test_rejects_weight_breaking_topk():
 
 def test_tier_map_helper_shape():
     assert random_tier_map(37, 70).shape == (3, 5)
+
+
+@pytest.mark.parametrize("block_size", [4, 8, 12, 16])
+def test_empty_is_the_packing_of_a_zero_weight(block_size):
+    # An unloaded weight must be well formed for every kernel: mma.sp needs two distinct,
+    # ascending positions per group even where the values are zero.
+    tiers = torch.tensor([[1, 0], [2, 1]], dtype=torch.int8)
+    empty = sk.HybridWeight.empty(2 * block_size, 2 * block_size, tiers, topk=3,
+                                  block_size=block_size)
+    packed = sk.HybridWeight.from_dense(torch.zeros(2 * block_size, 2 * block_size), tiers,
+                                        topk=3, block_size=block_size)
+    for name, got, want in zip(PACKED_FIELDS, empty.packed_tensors(), packed.packed_tensors()):
+        assert torch.equal(got, want), name
