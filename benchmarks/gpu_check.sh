@@ -16,6 +16,14 @@ DAY=$(date +%Y%m%d)
 status=0
 step() { echo; echo "== $* ($(date +%T))"; }
 run() { "$@" || { echo "!! failed ($?): $*"; status=1; }; }
+# run, with all output in a log file and its tail on screen (no pipeline: `run` must set status
+# in this shell).
+run_logged() {
+  local log=$1 lines=$2
+  shift 2
+  run "$@" > "$log" 2>&1
+  tail -n "$lines" "$log"
+}
 
 step "environment"
 run "$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda,
@@ -24,13 +32,13 @@ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,clocks.max.sm,cl
   --format=csv,noheader
 
 step "build (CUDA kernels for ${TORCH_CUDA_ARCH_LIST:-8.0;9.0a})"
-run "$PY" -m pip install --no-build-isolation --no-deps -e . 2>&1 | tail -n 3
+run_logged "$OUT/gpu-build-$DAY.log" 40 "$PY" -m pip install --no-build-isolation --no-deps -e .
 run "$PY" -c "import sparse_kernels as sk; print('backends:', sk.available_backends())"
 
 step "kernel tests on the GPU"
-run "$PY" -m pytest -q -rs tests/test_cuda_backend.py tests/test_triton_backend.py \
-  tests/test_hybrid_linear.py tests/test_pruning_ops.py tests/test_backends.py \
-  tests/test_format.py tests/test_modules.py tests/test_mma_layout.py 2>&1 | tee "$OUT/gpu-tests-$DAY.log"
+run_logged "$OUT/gpu-tests-$DAY.log" 60 "$PY" -m pytest -q -rs tests/test_cuda_backend.py \
+  tests/test_triton_backend.py tests/test_hybrid_linear.py tests/test_pruning_ops.py \
+  tests/test_backends.py tests/test_format.py tests/test_modules.py tests/test_mma_layout.py
 
 step "hybrid matmul vs cuBLAS and torch 2:4 (fp16, LLaMA-2-7B shapes)"
 LINEAR_JSON="$OUT/gpu-linear-$DAY.json"
