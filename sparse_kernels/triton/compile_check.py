@@ -46,16 +46,16 @@ def _cases(dtype: str) -> list[tuple]:
     gemm = {**linear_io, "tiers": "*i8", "slots": "*i32", "d_vals": f"*{dtype}",
             "s_vals": f"*{dtype}", "s_meta": "*i16", "t_dense": f"*{dtype}",
             **dims, "NBR": "i32", "NBC": "i32"}
-    decode = {**linear_io, **_packed_signature(dtype), **dims, "split": "i32"}
-    decode_partial = {**decode, "out": "*fp32"}
+    decode = {**linear_io, "partials": "*fp32", "counters": "*i32", **_packed_signature(dtype),
+              **dims, "split": "i32"}
     return [
         ("hybrid_linear gemm", hybrid_linear._gemm_fp32 if dtype == "fp32"
          else hybrid_linear._gemm_16bit, gemm,
          dict(B=16, BP=16, HAS_BIAS=True, DOT_FP32=dtype == "fp32")),
         ("hybrid_linear decode", hybrid_linear._decode, decode,
-         dict(_TILES16, BM=16, FINAL=True)),
-        ("hybrid_linear decode split-K", hybrid_linear._decode, decode_partial,
-         dict(_TILES16, BM=1, FINAL=False)),
+         dict(_TILES16, BM=16, SPLIT_K=False)),
+        ("hybrid_linear decode split-K", hybrid_linear._decode, decode,
+         dict(_TILES16, BM=1, SPLIT_K=True)),
         ("wanda_scores", scores._wanda_kernel,
          {"w": f"*{dtype}", "norm": "*fp32", "scores": "*fp32", "block_scores": "*fp32",
           "N": "i32", "K_in": "i32", "NBC": "i32"}, dict(B=16, BP=16, CB=16)),

@@ -9,7 +9,8 @@ of each block. Two kernels:
   ``NB`` consecutive blocks of a tier at once, so several blocks' loads are in flight (decode is
   bound by memory latency and bandwidth, not arithmetic). A block-row of a 4096-wide weight is
   one program, too few to fill a GPU, so the block list of a row is split into ``split``
-  contiguous chunks (split-K) whose fp32 partial sums the host adds.
+  contiguous chunks (split-K); the last chunk of a block-row to finish adds the others' fp32
+  partial sums and writes y, in the same launch.
 * GEMM (more rows): a program owns ``BLOCK_M`` rows of x and ``G`` block-rows and walks the block
   columns; at each it expands the G blocks to a dense tile in registers (2:4 by its meta; top-K
   blocks are expanded once per call beforehand), each under its own tier's mask, and feeds
@@ -75,13 +76,22 @@ def _s24_blocks(vals, meta, cols, e0, hi, B: tl.constexpr, BP: tl.constexpr, HP:
 
 
 @triton.jit
-def _decode_kernel(x, out, bias,
+def _store_output(acc, out, bias, m, out_col, c_ok, o_ok, N, HAS_BIAS: tl.constexpr):
+    """y[m, out_col] = acc (+ bias), in y's dtype."""
+    if HAS_BIAS:
+        acc += tl.load(bias + out_col, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+    dest = out + m.to(tl.int64)[:, None] * N + out_col[None, :]
+    tl.store(dest, acc.to(out.dtype.element_ty), mask=o_ok)
+
+
+@triton.jit
+def _decode_kernel(x, out, bias, partials, counters,
                    d_rowptr, d_cols, d_vals, s_rowptr, s_cols, s_vals, s_meta,
                    t_rowptr, t_cols, t_vals, t_pos,
                    M, N, K_in, stride_xm, split,
                    B: tl.constexpr, BP: tl.constexpr, HP: tl.constexpr, TOPK: tl.constexpr,
                    BM: tl.constexpr, HAS_BIAS: tl.constexpr,
-                   FINAL: tl.constexpr, NB: tl.constexpr):
+                   SPLIT_K: tl.constexpr, NB: tl.constexpr):
     r = tl.program_id(0)
     s = tl.program_id(1)
     m = tl.arange(0, BM)
@@ -123,15 +133,25 @@ def _decode_kernel(x, out, bias,
             acc += tl.sum(contrib[:, :, None] * to_row[None, :, :], axis=1)
 
     out_col = r * B + i
-    o_ok = m_ok[:, None] & ((i < B) & (out_col < N))[None, :]
-    if FINAL:
-        if HAS_BIAS:
-            acc += tl.load(bias + out_col, mask=(i < B) & (out_col < N), other=0.0)[None, :]
-        dest = out + m.to(tl.int64)[:, None] * N + out_col[None, :]
-        tl.store(dest, acc.to(out.dtype.element_ty), mask=o_ok)
+    c_ok = (i < B) & (out_col < N)
+    o_ok = m_ok[:, None] & c_ok[None, :]
+    if SPLIT_K:
+        # The chunks of a block-row meet through fp32 partials [split, M, N]; the last chunk to
+        # finish (an atomic count per block-row) adds them up and writes y, so no second launch.
+        here = (s * M + m).to(tl.int64)[:, None] * N + out_col[None, :]
+        tl.store(partials + here, acc, mask=o_ok)
+        tl.debug_barrier()  # every thread's partial is stored before the release below
+        arrived = tl.atomic_add(counters + r, 1, sem="acq_rel", scope="gpu")
+        if arrived == split - 1:
+            total = tl.zeros([BM, BP], dtype=tl.float32)
+            for t in range(0, split):
+                there = (t * M + m).to(tl.int64)[:, None] * N + out_col[None, :]
+                # .cg: from L2, where the other chunks' partials are (L1 is per SM)
+                total += tl.load(partials + there, mask=o_ok, other=0.0, cache_modifier=".cg")
+            tl.atomic_xchg(counters + r, 0)  # ready for the next launch (and autotuner reruns)
+            _store_output(total, out, bias, m, out_col, c_ok, o_ok, N, HAS_BIAS)
     else:
-        dest = out + (s * M + m).to(tl.int64)[:, None] * N + out_col[None, :]
-        tl.store(dest, acc, mask=o_ok)
+        _store_output(acc, out, bias, m, out_col, c_ok, o_ok, N, HAS_BIAS)
 
 
 @triton.jit
@@ -306,17 +326,14 @@ def run(x, dense_rowptr, dense_cols, dense_vals, s24_rowptr, s24_cols, s24_vals,
 
     if split is None:
         split = decode_split(block_rows, block_cols, x.device)
-    final = split == 1
-    partial = y if final else x.new_empty((split, rows, out_features), dtype=torch.float32)
+    split_k = split > 1
+    partials = x.new_empty((split, rows, out_features), dtype=torch.float32) if split_k else y
+    # Zeroed per call (safe across streams); the kernel also leaves them at zero when it ends.
+    counters = x.new_zeros((block_rows,), dtype=torch.int32) if split_k else y
     launch(_decode)[(block_rows, split)](
-        x, partial, bias_arg, *packed, rows, out_features, in_features, x.stride(0), split,
-        BM=pow2_at_least(rows), FINAL=final, **tiles)
-    if final:
-        return y
-    total = partial.sum(0)
-    if bias is not None:
-        total = total + bias.float()
-    return total.to(x.dtype)
+        x, y, bias_arg, partials, counters, *packed, rows, out_features, in_features,
+        x.stride(0), split, BM=pow2_at_least(rows), SPLIT_K=split_k, **tiles)
+    return y
 
 
 @triton_op("sparse_kernels::triton_hybrid_linear")
