@@ -1,7 +1,6 @@
 """pruning.prune end to end on tiny models of every architecture, method and pattern."""
 import pytest
 import torch
-from torch import nn
 
 import pruning
 import sparse_kernels as sk
