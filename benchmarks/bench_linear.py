@@ -21,7 +21,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import sparse_kernels as sk  # noqa: E402
 from common import (TIER_MIXES, CacheFlusher, median_ms, results_path,  # noqa: E402
-                    write_results)
+                    significant, write_results)
 from pruning import apply_tier_map, assign_tiers  # noqa: E402
 
 DEFAULT_SHAPES = "4096x4096,11008x4096,4096x11008,1024x1024"
@@ -97,8 +97,8 @@ def record(backend, mix, dtype, shape, batch, ratios, topk, dense_ms, ms, packed
     out_f, in_f = shape
     return dict(backend=backend, mix=mix, dtype=str(dtype).removeprefix("torch."),
                 out_features=out_f, in_features=in_f, batch=batch, tier_ratios=list(ratios),
-                topk=topk, dense_ms=round(dense_ms, 4), hybrid_ms=round(ms, 4),
-                speedup=round(dense_ms / ms, 3), packed_bytes=packed_bytes,
+                topk=topk, dense_ms=significant(dense_ms), hybrid_ms=significant(ms),
+                speedup=significant(dense_ms / ms), packed_bytes=packed_bytes,
                 ideal_bytes=ideal_bytes, dense_bytes=dense_bytes)
 
 

@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import sparse_kernels as sk  # noqa: E402
-from common import median_ms, results_path, write_results  # noqa: E402
+from common import median_ms, results_path, significant, write_results  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -91,13 +91,13 @@ def main(argv=None):
             moved = bytes_moved(op, out_f, in_f, elem)
             gbs = moved / ms / 1e6
             records.append(dict(backend=backend, op=op, dtype=str(dtype).removeprefix("torch."),
-                                out_features=out_f, in_features=in_f, ms=round(ms, 4),
-                                bytes=moved, gb_per_s=round(gbs, 1),
-                                fraction_of_copy=round(gbs / copy_gbs, 3)))
+                                out_features=out_f, in_features=in_f, ms=significant(ms),
+                                bytes=moved, gb_per_s=significant(gbs),
+                                fraction_of_copy=significant(gbs / copy_gbs)))
             print(f"{backend:8} {op:16} {ms:>9.3f} {gbs:>8.1f} {gbs / copy_gbs:>7.0%}",
                   flush=True)
     path = args.out or results_path(device, prefix="prune-kernels-")
-    write_results(path, device, records, copy_gb_per_s=round(copy_gbs, 1),
+    write_results(path, device, records, copy_gb_per_s=significant(copy_gbs),
                   command=" ".join(["bench_prune_kernels.py", *(argv or sys.argv[1:])]))
     print(f"\nwrote {path}")
     return records

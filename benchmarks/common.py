@@ -86,6 +86,12 @@ def median_ms(fn, device: torch.device, warmup: int, iters: int, flush=None) -> 
     return statistics.median(samples)
 
 
+def significant(value: float, digits: int = 4) -> float:
+    """``value`` to ``digits`` significant digits: GPU kernel times are microseconds, so a fixed
+    number of decimals in milliseconds would keep too few."""
+    return float(f"{value:.{digits}g}")
+
+
 def results_path(device: torch.device, prefix: str = "") -> str:
     """benchmarks/results/<prefix><device>-<YYYYMMDD>.json"""
     slug = re.sub(r"[^A-Za-z0-9]+", "-", device_name(device)).strip("-").lower()
