@@ -2,6 +2,7 @@
 import os
 
 import torch
+import torch.nn.functional as F
 
 # Without a GPU the Triton kernels run on CPU tensors through Triton's interpreter; it must be
 # chosen before sparse_kernels (and Triton's kernel decorators) are imported.
@@ -20,6 +21,12 @@ TOLERANCE = {torch.float32: dict(rtol=1e-4, atol=1e-4),
              torch.float16: dict(rtol=2e-3, atol=2e-3)}
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def expected_linear(x, masked, bias):
+    """What every hybrid_linear backend must give: fp32 ``x @ masked^T + bias`` in x's dtype."""
+    out = F.linear(x.float(), masked.float(), None if bias is None else bias.float())
+    return out.to(x.dtype)
 
 needs_cpu_backend = pytest.mark.skipif(
     "cpu" not in sk.available_backends(),

@@ -6,10 +6,9 @@ Every test needs a GPU and a library built with the CUDA kernels; each one skips
 where either is missing."""
 import pytest
 import torch
-import torch.nn.functional as F
 
 import sparse_kernels as sk
-from conftest import DTYPES, TOLERANCE, random_hybrid
+from conftest import DTYPES, TOLERANCE, expected_linear, random_hybrid
 from pruning import apply_tier_map
 from test_pruning_ops import NM, SHAPES, _bits, _random_24_blocks, _score_inputs
 
@@ -42,10 +41,8 @@ ROWS = [1, 3, 16, 17, 64, 300]
 
 
 def _expected(x, masked, bias):
-    """fp32 x @ W^T + bias on the CPU, in x's dtype."""
-    out = F.linear(x.cpu().float(), masked.cpu().float(),
-                   None if bias is None else bias.cpu().float())
-    return out.to(x.dtype)
+    """The expected output, computed on the CPU."""
+    return expected_linear(x.cpu(), masked.cpu(), None if bias is None else bias.cpu())
 
 
 def _check_linear(hw, masked, x, bias=None):

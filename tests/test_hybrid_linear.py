@@ -1,25 +1,19 @@
 """The hybrid matmul: every backend against the torch reference, plus the op contract."""
 import pytest
 import torch
-import torch.nn.functional as F
 
 import sparse_kernels as sk
 from sparse_kernels import reference
-from conftest import DTYPES, TOLERANCE, needs_cpu_backend, random_hybrid
+from conftest import DTYPES, TOLERANCE, expected_linear, needs_cpu_backend, random_hybrid
 
 SHAPES = [(37, 70), (1, 16), (16, 1), (64, 48), (100, 33)]
 ROWS = [1, 2, 3, 4, 9, 17, 33]
 
 
-def expected(x, masked, bias):
-    out = F.linear(x.float(), masked.float(), None if bias is None else bias.float())
-    return out.to(x.dtype)
-
-
 def check_backend(backend, hw, masked, x, bias):
     got = sk.hybrid_linear(x, hw, bias, backend=backend)
     assert got.dtype == x.dtype and got.shape == (*x.shape[:-1], hw.out_features)
-    torch.testing.assert_close(got, expected(x, masked, bias), **TOLERANCE[x.dtype])
+    torch.testing.assert_close(got, expected_linear(x, masked, bias), **TOLERANCE[x.dtype])
 
 
 @needs_cpu_backend

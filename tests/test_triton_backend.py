@@ -16,8 +16,8 @@ import torch
 import sparse_kernels as sk
 from sparse_kernels import reference
 from sparse_kernels.backends import resolve_backend
-from conftest import DTYPES, TOLERANCE, random_hybrid
-from test_pruning_ops import _dense_rank, _random_24_blocks, _score_inputs
+from conftest import DTYPES, TOLERANCE, expected_linear, random_hybrid
+from test_pruning_ops import _bits, _dense_rank, _random_24_blocks, _score_inputs
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -26,11 +26,6 @@ needs_triton = pytest.mark.skipif(
     reason=f"the Triton backend cannot run here: {sk.triton.UNAVAILABLE_REASON}")
 
 pytestmark = needs_triton
-
-
-def _expected(x, masked, bias):
-    out = x.float() @ masked.float().t()
-    return (out if bias is None else out + bias.float()).to(x.dtype)
 
 
 def _check_linear(hw, masked, x, bias, **run_kwargs):
@@ -42,7 +37,7 @@ def _check_linear(hw, masked, x, bias, **run_kwargs):
     else:
         got = sk.hybrid_linear(x, hw, bias, backend="triton")
     assert got.dtype == x.dtype and got.shape == (*x.shape[:-1], hw.out_features)
-    torch.testing.assert_close(got.float(), _expected(x, masked, bias).float(),
+    torch.testing.assert_close(got.float(), expected_linear(x, masked, bias).float(),
                                **TOLERANCE[x.dtype])
 
 
@@ -166,10 +161,6 @@ def test_nm_mask_matches_reference(dtype, n, m):
             assert got.dtype == torch.bool and torch.equal(got, want), (shape, kind)
 
 
-def _bits(t):
-    return t.view(torch.int32 if t.dtype == torch.float32 else torch.int16)
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("block_size", [4, 12, 16])
 def test_compress_24_matches_reference(dtype, block_size):
@@ -218,7 +209,7 @@ def test_dispatch():
         x = torch.randn(2, 70, device=DEVICE)
         direct = torch.ops.sparse_kernels.hybrid_linear(x, *hw.to(device=DEVICE).packed_tensors(),
                                                         37, None)
-        torch.testing.assert_close(direct, _expected(x, masked.to(DEVICE), None))
+        torch.testing.assert_close(direct, expected_linear(x, masked.to(DEVICE), None))
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="Triton's compiler builds on Linux only")
