@@ -300,8 +300,7 @@ def run(x, dense_rowptr, dense_cols, dense_vals, s24_rowptr, s24_cols, s24_vals,
     block_rows = dense_rowptr.shape[0] - 1
     packed = (dense_rowptr, dense_cols, dense_vals, s24_rowptr, s24_cols, s24_vals, s24_meta,
               topk_rowptr, topk_cols, topk_vals, topk_pos)
-    tiles = dict(B=block, BP=pow2_at_least(block, 16), HP=pow2_at_least(block, 16) // 2,
-                 TOPK=topk, HAS_BIAS=bias is not None)
+    side = pow2_at_least(block, 16)  # BP: tl.dot needs tile sides >= 16
     y = x.new_empty((rows, out_features))
     if rows == 0:
         return y
@@ -321,7 +320,7 @@ def run(x, dense_rowptr, dense_cols, dense_vals, s24_rowptr, s24_cols, s24_vals,
         launch(kernel)[grid](
             x, y, bias_arg, tiers, slots, dense_vals, s24_vals, s24_meta, topk_dense,
             rows, out_features, in_features, x.stride(0), block_rows, block_cols,
-            B=block, BP=tiles["BP"], HAS_BIAS=bias is not None, DOT_FP32=dot_fp32)
+            B=block, BP=side, HAS_BIAS=bias is not None, DOT_FP32=dot_fp32)
         return y
 
     if split is None:
@@ -332,7 +331,8 @@ def run(x, dense_rowptr, dense_cols, dense_vals, s24_rowptr, s24_cols, s24_vals,
     counters = x.new_zeros((block_rows,), dtype=torch.int32) if split_k else y
     launch(_decode)[(block_rows, split)](
         x, y, bias_arg, partials, counters, *packed, rows, out_features, in_features,
-        x.stride(0), split, BM=pow2_at_least(rows), SPLIT_K=split_k, **tiles)
+        x.stride(0), split, B=block, BP=side, HP=side // 2, TOPK=topk, BM=pow2_at_least(rows),
+        HAS_BIAS=bias is not None, SPLIT_K=split_k)
     return y
 
 
