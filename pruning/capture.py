@@ -7,6 +7,7 @@ layer's weights and statistics plus the activations of the samples.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 import torch
@@ -32,16 +33,30 @@ def _run_layer(layer: nn.Module, inputs: list[tuple], before_call=None) -> list[
 
 def _collect_stats(layer: nn.Module, linears: dict, inputs: list[tuple], needs_hessian: bool,
                    device: torch.device) -> dict[str, LinearStats]:
-    stats = {name: LinearStats.empty(get_weight(m).shape[1], hessian=needs_hessian,
-                                     device=device) for name, m in linears.items()}
-    batch = {"samples": 1}  # samples in the current call, for Linears that see [tokens, in]
+    """Statistics of every Linear's inputs. Linears fed the very same tensor (q/k/v, gate/up)
+    share one accumulation: their inputs, hence their statistics, are identical, and the
+    Hessian's ``X^T X`` is the most expensive part of a SparseGPT prune after the forward."""
+    own: dict[str, LinearStats] = {}  # Linears that accumulate their own statistics
+    same_input_as: dict[str, str] = {}  # the others: whose statistics they share
+    call = {"samples": 1, "seen": []}  # the current layer call: samples, (input, Linear) pairs
 
     def note_batch(args, kwargs):
-        batch["samples"] = hidden_states_of(args, kwargs).shape[0]
+        call["samples"] = hidden_states_of(args, kwargs).shape[0]
+        call["seen"] = []
 
     def hook_for(name):
         def hook(_module, args, _output):
-            stats[name].add_batch(args[0], batch["samples"])
+            x = args[0]
+            if name not in own and name not in same_input_as:  # its first call decides
+                owner = next((n for seen, n in call["seen"] if seen is x), None)
+                if owner is None:
+                    own[name] = LinearStats.empty(get_weight(linears[name]).shape[1],
+                                                  hessian=needs_hessian, device=device)
+                else:
+                    same_input_as[name] = owner
+            if name in own:
+                own[name].add_batch(x, call["samples"])
+                call["seen"].append((x, name))
         return hook
 
     handles = [m.register_forward_hook(hook_for(name)) for name, m in linears.items()]
@@ -50,17 +65,24 @@ def _collect_stats(layer: nn.Module, linears: dict, inputs: list[tuple], needs_h
     finally:
         for h in handles:
             h.remove()
+    stats = {}
+    for name, module in linears.items():
+        source = own.get(name) or own.get(same_input_as.get(name))
+        stats[name] = dataclasses.replace(source) if source is not None else LinearStats.empty(
+            get_weight(module).shape[1], hessian=needs_hessian, device=device)
     return stats
 
 
 def layerwise(model: nn.Module, batches: list[torch.Tensor], process_layer: LayerCallback, *,
               needs_hessian: bool = False, device: torch.device | str | None = None,
-              progress: bool = True, desc: str = "pruning layers") -> None:
+              progress: bool = True, desc: str = "pruning layers",
+              sensitivity: dict[str, torch.Tensor] | None = None) -> None:
     """Run ``process_layer`` on every decoder layer with its Linears' calibration statistics.
 
     batches: token ids ``[batch, seqlen]``. device: where each layer runs for its turn (default:
     where it already is); a layer moved there goes back afterwards. ``process_layer`` may change
-    the layer's weights: the next layer sees the outputs of the changed layer.
+    the layer's weights: the next layer sees the outputs of the changed layer. sensitivity:
+    ``{full module name: [out] tensor}`` set as each Linear's ``LinearStats.out_sensitivity``.
     """
     from tqdm.auto import tqdm
 
@@ -76,6 +98,9 @@ def layerwise(model: nn.Module, batches: list[torch.Tensor], process_layer: Laye
             inputs = move_to(inputs, run_on)
             linears = prunable_linears(layer)
             stats = _collect_stats(layer, linears, inputs, needs_hessian, run_on)
+            for name, s in stats.items():
+                given = (sensitivity or {}).get(f"{path}.{index}.{name}")
+                s.out_sensitivity = None if given is None else given.to(run_on)
             process_layer(f"{path}.{index}", layer, linears, stats)
             del stats
             outputs = _run_layer(layer, inputs)

@@ -56,6 +56,36 @@ def tier_grid(out_features: int, in_features: int, block_size: int) -> tuple[int
     return -(-out_features // block_size), -(-in_features // block_size)
 
 
+def tier_block_nbytes(dtype: torch.dtype, block_size: int = 16,
+                      topk: int = 15) -> tuple[int, int, int]:
+    """Bytes one block costs as ``(dense, 2:4, top-K)``, exactly as ``HybridWeight`` stores it.
+
+    Each block stores its values in ``dtype`` (dense ``B*B``, 2:4 ``B*B/2``, top-K ``K``), its
+    positions (2:4: one int16 metadata word per block row; top-K: one uint8 per slot), its block
+    column (int32) and its tier-map entry (int8). The per-matrix row pointers are
+    :func:`index_nbytes`.
+    """
+    es = torch.empty((), dtype=dtype).element_size()
+    b = block_size
+    per_block = 4 + 1  # block column (int32) + tier-map entry (int8)
+    return (b * b * es + per_block, b * b // 2 * es + 2 * b + per_block,
+            topk * (es + 1) + per_block)
+
+
+def index_nbytes(out_features: int, in_features: int, block_size: int = 16) -> int:
+    """Bytes of the three tiers' int32 row pointers ``[ceil(out/B) + 1]``, whatever the tiers."""
+    return 3 * 4 * (tier_grid(out_features, in_features, block_size)[0] + 1)
+
+
+def packed_nbytes(tier_map: torch.Tensor, out_features: int, in_features: int,
+                  dtype: torch.dtype, topk: int = 15, block_size: int = 16) -> int:
+    """``HybridWeight.nbytes`` of a weight packed by ``tier_map``, without packing it."""
+    costs = tier_block_nbytes(dtype, block_size, topk)
+    counts = [int((tier_map == code).sum()) for code in (DENSE, SPARSE_24, TOPK)]
+    return sum(c * n for c, n in zip(costs, counts)) + index_nbytes(out_features, in_features,
+                                                                     block_size)
+
+
 def check_tier_map(tier_map: torch.Tensor, out_features: int, in_features: int,
                    block_size: int) -> torch.Tensor:
     """Validate a tier map for a weight shape and return it as int8 on the CPU."""
