@@ -1,6 +1,7 @@
 """``hybrid-prune``: prune a Hugging Face causal LM and measure it, from the command line.
 
   hybrid-prune                       # = hybrid-prune prune: the embedded SmolLM2, three-tier
+                                     # within 0.62 of its bytes (SparseGPT, whole-model budget)
   hybrid-prune prune --model meta-llama/Llama-2-7b-hf --method sparsegpt --pattern 2:4 --save out/
   hybrid-prune eval --model out/ --tasks boolq rte --tier-maps out/tier_maps.safetensors --sparsify
 """
@@ -17,6 +18,11 @@ import time
 import torch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_BUDGET = 0.62
+# Calibration samples: the papers' 128 for real models; 32 keeps the embedded model's whole main
+# job (two perplexities, a SparseGPT prune with its gradient pass, the decode timing) within five
+# minutes on two CPU cores.
+EMBEDDED_NSAMPLES, HUB_NSAMPLES = 32, 128
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -38,26 +44,45 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prune", help="prune a model (the default command)")
     _add_model_args(p)
-    p.add_argument("--method", default="wanda",
-                   help="magnitude | wanda | sparsegpt | wanda_obs (default wanda)")
+    p.add_argument("--method", default="sparsegpt",
+                   help="magnitude | wanda | sparsegpt | wanda_obs (default sparsegpt)")
     p.add_argument("--pattern", default="three_tier",
                    help="unstructured | N:M (2:4, 4:8) | block | block_topk | three_tier")
     p.add_argument("--sparsity", type=float, default=0.5,
                    help="unstructured / block patterns: fraction pruned (default 0.5)")
-    p.add_argument("--tier-ratios", type=float, nargs=3, default=(0.35, 0.45, 0.20),
-                   metavar=("R_DENSE", "R_24", "R_TOPK"), help="three_tier block fractions")
-    p.add_argument("--topk", type=int, default=15, help="K kept per top-K block (default 15)")
+    p.add_argument("--budget", type=float, default=None,
+                   help=f"three_tier: packed bytes / dense bytes (default {DEFAULT_BUDGET} "
+                        f"unless --tier-ratios)")
+    p.add_argument("--budget-dtype", choices=DTYPES, default=None,
+                   help="count the budget's bytes in this dtype (default: the model's)")
+    p.add_argument("--no-topk", action="store_true",
+                   help="with a budget: dense and 2:4 blocks only (two tiers)")
+    p.add_argument("--tier-ratios", type=float, nargs=3, default=None,
+                   metavar=("R_DENSE", "R_24", "R_TOPK"),
+                   help="three_tier with fixed block fractions instead of a budget (the "
+                        "research code's mix: 0.35 0.45 0.20)")
+    p.add_argument("--topk", type=int, nargs="+", default=None,
+                   help="K kept per top-K block; several: each matrix takes the one its proxy "
+                        "loses least with (default 64 with a budget, else 15)")
     p.add_argument("--block-size", type=int, default=16, help="block size B (default 16)")
     p.add_argument("--within-block", choices=("score", "magnitude"), default="score",
                    help="what picks the kept weights inside 2:4 / top-K blocks")
-    p.add_argument("--ranking", choices=("matrix", "row", "layer", "model"), default="matrix",
-                   help="where blocks compete for tiers: each matrix (default), each block-row "
-                        "of a matrix, each decoder layer, or the whole model")
+    p.add_argument("--ranking", choices=("matrix", "row", "layer", "model"), default=None,
+                   help="where blocks compete for tiers (and share a budget): each matrix, "
+                        "each block-row of a matrix (fixed ratios), each decoder layer, or the "
+                        "whole model (default: model with a budget, else matrix)")
+    p.add_argument("--sensitivity", choices=("auto", "none", "gradient"), default="auto",
+                   help="weight scores by each output's squared loss gradient (one gradient "
+                        "pass); auto: where matrices share a budget")
+    p.add_argument("--sensitivity-samples", type=int, default=8,
+                   help="calibration samples of the gradient pass (default 8)")
     p.add_argument("--use-variant", action="store_true", help="Wanda's per-row variant")
     p.add_argument("--calibration", default="embedded",
                    help="embedded | wikitext2 | c4 | ptb | squad[:format] | gsm8k | a .txt/.jsonl "
                         "file or folder | a mixture like wikitext2:0.5,c4:0.5")
-    p.add_argument("--nsamples", type=int, default=64, help="calibration samples (default 64)")
+    p.add_argument("--nsamples", type=int, default=None,
+                   help=f"calibration samples (default {EMBEDDED_NSAMPLES} for the embedded "
+                        f"model, {HUB_NSAMPLES} for others, as Wanda and SparseGPT)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=4, help="samples per forward call")
     p.add_argument("--save", default=None, metavar="DIR",
@@ -113,13 +138,15 @@ def decode_step_ms(model, iters: int = 20, warmup: int = 3) -> float:
     return statistics.median(samples)
 
 
-def swap_in_hybrid(model, tier_maps: dict, topk: int, block_size: int) -> int:
+def swap_in_hybrid(model, tier_maps: dict, topk, block_size: int) -> int:
     """Replace the nn.Linear modules that have tier maps; returns how many were swapped."""
     import sparse_kernels as sk
     from torch import nn
 
     modules = dict(model.named_modules())
     linear_maps = {n: t for n, t in tier_maps.items() if isinstance(modules.get(n), nn.Linear)}
+    if isinstance(topk, dict):  # K per module
+        topk = {n: topk[n] for n in linear_maps}
     sk.sparsify_model(model, linear_maps, topk=topk, block_size=block_size)
     return len(linear_maps)
 
@@ -146,18 +173,28 @@ def _save_atomically(folder: str, write) -> None:
         raise
 
 
-def tier_maps_for_kernels(result) -> dict:
-    """Tier maps to hand to the kernels: the pattern's own, or all-2:4 for a 2:4 pattern."""
-    if result.tier_maps:
-        return result.tier_maps
-    spec = result.pattern
-    if spec.kind == "nm" and (spec.n, spec.m) == (2, 4):
-        from sparse_kernels import SPARSE_24
-        from sparse_kernels.format import tier_grid
-
-        return {name: torch.full(tier_grid(*mask.shape, spec.block_size), SPARSE_24,
-                                 dtype=torch.int8) for name, mask in result.masks.items()}
-    return {}
+def tier_arguments(args) -> dict:
+    """prune()'s tier arguments from the command line: a three_tier prune takes a byte budget
+    (default ``DEFAULT_BUDGET``, shared by the whole model) unless --tier-ratios asks for the
+    research code's fixed fractions."""
+    budgeted = args.pattern.strip().lower().replace("-", "_") == "three_tier" \
+        and args.tier_ratios is None
+    if args.budget is not None and not budgeted:
+        raise SystemExit("--budget applies to --pattern three_tier without --tier-ratios")
+    if not budgeted:
+        if args.no_topk or args.budget_dtype:
+            raise SystemExit("--no-topk and --budget-dtype apply to a byte budget")
+        topk = args.topk or [15]
+        if len(topk) > 1:
+            raise SystemExit("several --topk values are chosen between by a byte budget")
+        return dict(tier_ratios=None if args.tier_ratios is None else tuple(args.tier_ratios),
+                    topk=topk[0], ranking=args.ranking or "matrix")
+    return dict(budget=DEFAULT_BUDGET if args.budget is None else args.budget,
+                budget_dtype=DTYPES[args.budget_dtype] if args.budget_dtype else None,
+                allow_topk=not args.no_topk,
+                topk=None if args.topk is None else tuple(args.topk) if len(args.topk) > 1
+                else args.topk[0],
+                ranking=args.ranking or "model")
 
 
 def run_prune(args) -> dict:
@@ -175,16 +212,24 @@ def run_prune(args) -> dict:
         print(f"dense perplexity ({args.ppl_source}): {out['ppl']['dense']:.3f}")
     t0 = time.perf_counter()
     result = prune(model, args.calibration, args.method, args.pattern, args.sparsity,
-                   tier_ratios=tuple(args.tier_ratios), topk=args.topk,
-                   block_size=args.block_size, within_block=args.within_block,
-                   ranking=args.ranking, use_variant=args.use_variant, tokenizer=tokenizer,
-                   nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
+                   **tier_arguments(args), block_size=args.block_size,
+                   within_block=args.within_block, use_variant=args.use_variant,
+                   sensitivity=None if args.sensitivity == "none" else args.sensitivity,
+                   sensitivity_samples=args.sensitivity_samples, tokenizer=tokenizer,
+                   nsamples=args.nsamples or (EMBEDDED_NSAMPLES if embedded else HUB_NSAMPLES),
+                   seqlen=args.seqlen, seed=args.seed,
                    batch_size=args.batch_size, device=args.device)
     out["prune_seconds"] = round(time.perf_counter() - t0, 1)
+    out["pattern_spec"] = result.pattern.describe()
     out["sparsity"] = result.report["sparsity"]
     out["report"] = result.report
     print(format_report(result.report))
-    print(f"pruned in {out['prune_seconds']} s")
+    print(f"pruned ({out['pattern_spec']}) in {out['prune_seconds']} s")
+    packed = result.report.get("packed_bytes")
+    if packed:
+        dtype = packed["dtype"] or args.dtype
+        print(f"packed bytes: {packed['fraction']:.4f} of the dense {dtype} weights "
+              f"({packed['packed'] / 2**20:.1f} of {packed['dense'] / 2**20:.1f} MiB)")
     if eval_ppl:
         out["ppl"]["pruned"] = _perplexity(model, tokenizer, args)
         print(f"pruned perplexity ({args.ppl_source}): {out['ppl']['pruned']:.3f}")
@@ -198,13 +243,13 @@ def run_prune(args) -> dict:
                 json.dump(out, f, indent=1)
         _save_atomically(args.save, write)
         print(f"saved to {args.save}")
-    kernel_maps = tier_maps_for_kernels(result) if sparsify else {}
+    kernel_maps = result.tier_maps if sparsify else {}
     if sparsify and not kernel_maps:
         print(f"--sparsify skipped: pattern {args.pattern!r} has no block tiers for the kernels "
               "(use three_tier, block, block_topk or 2:4)")
     elif sparsify:
         dense_ms = decode_step_ms(model)
-        swapped = swap_in_hybrid(model, kernel_maps, args.topk, args.block_size)
+        swapped = swap_in_hybrid(model, kernel_maps, result.topks, args.block_size)
         hybrid_ms = decode_step_ms(model)
         out["decode_step_ms"] = {"dense": round(dense_ms, 3), "hybrid": round(hybrid_ms, 3),
                                  "speedup": round(dense_ms / hybrid_ms, 3),

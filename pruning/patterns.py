@@ -59,7 +59,8 @@ class Pattern:
         ``"block"``: whole ``block_size`` x ``block_size`` blocks; the lowest-scoring
         ``int(n_blocks * sparsity)`` blocks are zeroed, the others stay dense.
         ``"block_topk"``: as ``block``, but the cut blocks keep their ``topk`` best weights.
-        ``"three_tier"``: blocks ranked by score go dense / 2:4 / top-K by ``tier_ratios``.
+        ``"three_tier"``: each block goes dense, 2:4 or top-K: within a byte ``budget``
+        (:mod:`pruning.allocation`), or ranked by score into fixed ``tier_ratios``.
     sparsity: unstructured: fraction of weights pruned; block: fraction of blocks zeroed;
         block_topk: fraction of blocks cut to their top-K. Unused by nm and three_tier.
     n, m: the N:M pattern (2:4 keeps 2 of every 4).
@@ -73,6 +74,15 @@ class Pattern:
         features gets the ratios, as Wanda compares weights within each output row), or
         ``"layer"`` / ``"model"`` (the driver ranks jointly and passes each ``tier_map`` in).
     use_variant: Wanda's per-row cumulative-score variant (unstructured only).
+    budget: three_tier only: packed bytes / dense bytes (``HybridWeight.nbytes``: values, 2:4
+        metadata, top-K positions and block index), e.g. 0.62. Each block then gets the tier
+        that minimises the method's loss proxy within the budget, instead of ``tier_ratios``.
+        ``ranking`` says where the budget holds: each ``"matrix"``, each decoder ``"layer"``,
+        or the whole ``"model"`` (one exchange rate of loss for bytes everywhere).
+    budget_dtype: the value dtype the budget's bytes are counted in (None: each weight's own).
+    allow_topk: with a budget, False keeps every block dense or 2:4 (two tiers).
+    topk_choices: with a budget, candidate values of K; each matrix gets the one its
+        allocation loses least with (one K per matrix: the format's top-K slots are fixed).
 
     Tier maps of ``block`` and ``block_topk``: kept blocks are ``DENSE`` (0), removed / cut
     blocks are ``TOPK`` (2). For ``block_topk`` the cut blocks really keep their top-K. For
@@ -94,6 +104,10 @@ class Pattern:
     within_block: str = "score"
     ranking: str = "matrix"
     use_variant: bool = False
+    budget: float | None = None
+    budget_dtype: torch.dtype | None = None
+    allow_topk: bool = True
+    topk_choices: tuple[int, ...] | None = None
 
     def __post_init__(self):
         if self.kind not in PATTERN_KINDS:
@@ -134,10 +148,51 @@ class Pattern:
         if not self.uses_tiers and self.ranking != "matrix":
             raise ValueError(f"ranking={self.ranking!r} ranks blocks into tiers and applies to "
                              f"{', '.join(TIERED_KINDS)} only, got pattern {self.name!r}")
+        self._check_budget()
         if self.kind in ("unstructured", "nm") and self.within_block != "score":
             raise ValueError(f"within_block={self.within_block!r} picks weights inside 2:4 / "
                              f"top-K blocks and applies to block_topk and three_tier only, got "
                              f"pattern {self.name!r}")
+
+    def _check_budget(self) -> None:
+        if self.allow_topk not in (True, False):
+            raise ValueError(f"allow_topk must be a bool, got {self.allow_topk!r}")
+        if self.budget_dtype is not None and not (isinstance(self.budget_dtype, torch.dtype)
+                                                  and self.budget_dtype.is_floating_point):
+            raise ValueError(f"budget_dtype must be a floating-point torch dtype or None, got "
+                             f"{self.budget_dtype!r}")
+        if self.budget is None:
+            if not self.allow_topk or self.budget_dtype is not None or self.topk_choices:
+                raise ValueError("allow_topk, budget_dtype and several K (topk_choices) apply "
+                                 "to a byte budget: pass budget= as well (or use tier_ratios "
+                                 "with a 0 top-K share)")
+            return
+        if self.topk_choices is not None:
+            choices = tuple(self.topk_choices)
+            bb = self.block_size * self.block_size
+            if not choices or any(not _is_int(k) or not 1 <= k <= bb for k in choices):
+                raise ValueError(f"topk_choices must be integers in 1..{bb}, got "
+                                 f"{self.topk_choices!r}")
+            object.__setattr__(self, "topk_choices", tuple(sorted(set(choices))))
+        if self.kind != "three_tier":
+            raise ValueError(f"a byte budget allocates dense / 2:4 / top-K blocks and applies to "
+                             f"pattern three_tier only, got pattern {self.name!r}")
+        try:
+            budget = float(self.budget)
+        except (TypeError, ValueError):
+            raise ValueError(f"budget must be a number (packed bytes / dense bytes, e.g. 0.62), "
+                             f"got {self.budget!r}") from None
+        if not 0.0 < budget < float("inf"):  # also rejects NaN
+            raise ValueError(f"budget must be a finite fraction > 0 of the dense bytes (e.g. "
+                             f"0.62), got {self.budget!r}")
+        object.__setattr__(self, "budget", budget)
+        if self.ranking == "row":
+            raise ValueError("ranking='row' gives every block-row the fixed tier_ratios; a "
+                             "byte budget holds per 'matrix', 'layer' or 'model'")
+        if self.within_block != "score":
+            raise ValueError("a byte budget counts the loss of the weights the method's scores "
+                             "drop inside each block; within_block='magnitude' (the research "
+                             "code's fixed-ratio rule) cannot be combined with it")
 
     @property
     def uses_tiers(self) -> bool:
@@ -151,10 +206,13 @@ class Pattern:
 
     @property
     def nominal_sparsity(self) -> float:
-        """Fraction of weights pruned for a matrix made of whole blocks (before rounding)."""
+        """Fraction of weights pruned for a matrix made of whole blocks (before rounding); NaN
+        for a byte budget, where the allocation decides."""
         bb = self.block_size * self.block_size
         if self.kind == "nm":
             return 1.0 - self.n / self.m
+        if self.kind == "three_tier" and self.budget is not None:
+            return float("nan")  # the allocation decides
         if self.kind == "three_tier":
             return 0.5 * self.tier_ratios[1] + (1.0 - self.topk / bb) * self.tier_ratios[2]
         if self.kind == "block_topk":
@@ -174,6 +232,13 @@ class Pattern:
             return f"block {self.sparsity:g} ({b}{rank})"
         if self.kind == "block_topk":
             return f"block_topk {self.sparsity:g} (K={self.topk}, {b}{within}{rank})"
+        if self.budget is not None:
+            tiers = "" if self.allow_topk else ", dense + 2:4 only"
+            k = "/".join(map(str, self.topk_choices)) if self.topk_choices else self.topk
+            counted = "" if self.budget_dtype is None else \
+                f", bytes in {str(self.budget_dtype).replace('torch.', '')}"
+            return (f"three_tier budget {self.budget:g} (K={k}, {b}, per "
+                    f"{self.ranking}{tiers}{counted})")
         r = "/".join(f"{x:g}" for x in self.tier_ratios)
         return f"three_tier {r} (K={self.topk}, {b}{within}{rank})"
 
@@ -185,7 +250,9 @@ def _is_int(x) -> bool:
 def parse_pattern(pattern: str | Pattern, *, sparsity: float = 0.5,
                   tier_ratios=(0.35, 0.45, 0.20), topk: int = 15, block_size: int = 16,
                   within_block: str = "score", ranking: str = "matrix",
-                  use_variant: bool = False) -> Pattern:
+                  use_variant: bool = False, budget: float | None = None,
+                  budget_dtype: torch.dtype | None = None, allow_topk: bool = True,
+                  topk_choices: tuple[int, ...] | None = None) -> Pattern:
     """Pattern from a name: ``"unstructured"``, ``"N:M"`` (``"2:4"``, ``"4:8"``, any
     ``1 <= N < M``), ``"block"``, ``"block_topk"``, ``"three_tier"`` (or ``"three-tier"``).
 
@@ -198,7 +265,9 @@ def parse_pattern(pattern: str | Pattern, *, sparsity: float = 0.5,
         raise ValueError(f"pattern must be a string ({_PATTERN_HELP}), got {pattern!r}")
     key = pattern.strip().lower().replace("-", "_").replace(" ", "")
     common = dict(sparsity=sparsity, tier_ratios=tier_ratios, topk=topk, block_size=block_size,
-                  within_block=within_block, ranking=ranking, use_variant=use_variant)
+                  within_block=within_block, ranking=ranking, use_variant=use_variant,
+                  budget=budget, budget_dtype=budget_dtype, allow_topk=allow_topk,
+                  topk_choices=topk_choices)
     nm = _NM.match(key)
     if nm:
         n, m = int(nm.group(1)), int(nm.group(2))
@@ -387,6 +456,9 @@ def build_mask(scores: torch.Tensor, pattern: Pattern, *, unstructured: str = "r
         raise ValueError(f"unstructured must be 'row' or 'matrix', got {unstructured!r}")
     if pattern.kind == "nm":
         return sk.nm_mask(scores.float(), pattern.n, pattern.m), None
+    if tier_map is None and pattern.budget is not None:
+        raise ValueError("a byte budget needs the allocated tier_map: pruning.prune allocates "
+                         "it from the method's loss proxy (see pruning.allocation)")
     if tier_map is None and pattern.ranking not in ("matrix", "row"):
         raise ValueError(f"ranking={pattern.ranking!r} ranks blocks across matrices: the driver "
                          f"must pass each matrix's tier_map (see rank_blocks_jointly)")

@@ -13,11 +13,16 @@ class LinearStats:
     hessian: [in, in] fp32, SparseGPT's ``H = (2 / N) * sum over samples of X^T X`` (X of a sample
         is [tokens, in]), or None when no method needs it.
     nsamples: how many samples went in.
+    out_sensitivity: [out] fp32 or None: how much each output feature matters to the model's
+        loss, the mean over calibration tokens of ``(dL/dy_i)^2`` in the unpruned model
+        (:func:`pruning.sensitivity.gradient_stats`). When present, the methods weight each
+        output row's scores by it, so losses of different rows, matrices and layers compare.
     """
 
     act_sq_norm: torch.Tensor | None = None
     hessian: torch.Tensor | None = None
     nsamples: int = 0
+    out_sensitivity: torch.Tensor | None = None
 
     @classmethod
     def empty(cls, in_features: int, *, hessian: bool, device=None) -> "LinearStats":

@@ -15,14 +15,26 @@ FORMAT_VERSION = 1
 
 
 def save_tier_maps(path: str | os.PathLike, tier_maps: dict[str, torch.Tensor], *,
-                   block_size: int, topk: int, tier_ratios=None, method: str | None = None,
+                   block_size: int, topk: int | dict[str, int], tier_ratios=None,
+                   budget: float | None = None, method: str | None = None,
                    source_model: str | None = None) -> None:
-    """Write ``{module name: int8 tier map}`` and what made them; a temp file is renamed in."""
+    """Write ``{module name: int8 tier map}`` and what made them; a temp file is renamed in.
+
+    topk: K of every module, or ``{module name: K}`` (a byte budget chooses K per matrix); the
+    metadata holds one number when all are equal.
+    """
     from safetensors.torch import save_file
 
     path = os.fspath(path)
+    if isinstance(topk, dict):
+        missing = sorted(set(tier_maps) - set(topk))
+        if missing:
+            raise ValueError(f"topk has no K for {missing[:3]}")
+        values = {int(topk[n]) for n in tier_maps}
+        topk = values.pop() if len(values) == 1 else {n: int(topk[n]) for n in tier_maps}
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "block_size": block_size,
             "topk": topk, "tier_ratios": list(tier_ratios) if tier_ratios else None,
+            "budget": budget,
             "method": method, "source_model": source_model}
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
     os.close(fd)
@@ -36,7 +48,8 @@ def save_tier_maps(path: str | os.PathLike, tier_maps: dict[str, torch.Tensor], 
 
 
 def load_tier_maps(path: str | os.PathLike, model: nn.Module | None = None):
-    """``(tier_maps, metadata)`` from ``save_tier_maps``; checked against ``model`` if given."""
+    """``(tier_maps, metadata)`` from ``save_tier_maps``; checked against ``model`` if given.
+    ``metadata["topk"]`` is one K, or ``{module name: K}``."""
     from safetensors import safe_open
 
     path = os.fspath(path)

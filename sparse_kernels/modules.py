@@ -77,12 +77,14 @@ class HybridSparseLinear(nn.Module):
                 f"bias={self.bias is not None}, backend={self.backend or 'auto'}")
 
 
-def sparsify_model(model: nn.Module, tier_maps: dict[str, torch.Tensor], topk: int = 15,
-                   block_size: int = 16, *, backend: str | None = None) -> nn.Module:
+def sparsify_model(model: nn.Module, tier_maps: dict[str, torch.Tensor],
+                   topk: int | dict[str, int] = 15, block_size: int = 16, *,
+                   backend: str | None = None) -> nn.Module:
     """Replace the ``nn.Linear`` named in ``tier_maps`` (names as in ``named_modules()``).
 
-    Each weight must already follow its tier map (pruned). Returns ``model``, changed in place.
-    All names are checked before any module is replaced, so a bad name changes nothing.
+    Each weight must already follow its tier map (pruned). ``topk``: K of every module, or
+    ``{name: K}`` per module. Returns ``model``, changed in place. All names are checked before
+    any module is replaced, so a bad name changes nothing.
     """
     modules = dict(model.named_modules())
     for name in tier_maps:
@@ -90,8 +92,11 @@ def sparsify_model(model: nn.Module, tier_maps: dict[str, torch.Tensor], topk: i
             raise KeyError(f"the model has no module named {name!r}")
         if not isinstance(modules[name], nn.Linear):
             raise TypeError(f"{name!r} is a {type(modules[name]).__name__}, not an nn.Linear")
-    replacements = {name: HybridSparseLinear.from_linear(modules[name], tier_map, topk,
-                                                         block_size, backend=backend)
+        if isinstance(topk, dict) and name not in topk:
+            raise KeyError(f"topk has no K for {name!r}")
+    replacements = {name: HybridSparseLinear.from_linear(
+                        modules[name], tier_map, topk[name] if isinstance(topk, dict) else topk,
+                        block_size, backend=backend)
                     for name, tier_map in tier_maps.items()}
     for name, new in replacements.items():
         parent_name, _, attr = name.rpartition(".")

@@ -4,7 +4,8 @@ import json
 import pytest
 import torch
 
-from pruning.cli import build_parser, main
+import sparse_kernels as sk
+from pruning.cli import build_parser, main, tier_arguments
 
 
 @pytest.mark.slow
@@ -19,27 +20,48 @@ def test_prune_embedded_model_end_to_end(tmp_path, capsys):
                  "--save", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "dense perplexity" in printed and "one decode step" in printed
+    assert "packed bytes: 0.6" in printed
     report = json.loads((out / "report.json").read_text())
-    assert report["pattern"] == "three_tier"
-    # 0.35 / 0.45 / 0.20 of whole 16x16 blocks, K = 15: 0.5 * 0.45 + (1 - 15/256) * 0.20.
-    assert report["sparsity"] == pytest.approx(0.4131, abs=0.002)
+    assert report["pattern"] == "three_tier" and report["method"] == "sparsegpt"
+    # The default: a 0.62 byte budget over the whole model, bytes of the fp32 model as packed.
+    packed = report["report"]["packed_bytes"]
+    assert packed["budget"] == 0.62 and 0.99 * 0.62 <= packed["fraction"] <= 0.62
+    assert 0.99 * 0.62 * packed["dense"] <= packed["packed"] <= 0.62 * packed["dense"]
     assert 1.0 < report["ppl"]["dense"] < report["ppl"]["pruned"] < 1e4
     assert report["decode_step_ms"]["modules_swapped"] == 30 * 7
     assert report["decode_step_ms"]["speedup"] > 0
 
     model = AutoModelForCausalLM.from_pretrained(out)
     tier_maps, meta = pruning.load_tier_maps(out / "tier_maps.safetensors", model)
-    assert len(tier_maps) == 30 * 7 and meta["topk"] == 15
+    assert len(tier_maps) == 30 * 7 and meta["topk"] == 64 and meta["budget"] == 0.62
+    # The saved weights are the pruned ones: every matrix packs by its tier map with K = 64.
     modules = dict(model.named_modules())
-    q = get_weight(modules["model.layers.0.self_attn.q_proj"])
-    assert 0.35 < float((q == 0).float().mean()) < 0.5
+    for name, tiers in tier_maps.items():
+        sk.HybridWeight.from_dense(get_weight(modules[name]).detach(), tiers, 64)
 
 
 def test_parser_defaults_are_the_main_job():
     args = build_parser().parse_args(["prune"])
-    assert (args.method, args.pattern, tuple(args.tier_ratios), args.topk, args.block_size) == \
-        ("wanda", "three_tier", (0.35, 0.45, 0.20), 15, 16)
+    assert (args.method, args.pattern, args.block_size) == ("sparsegpt", "three_tier", 16)
     assert args.model is None and args.eval_ppl is None and args.sparsify is None
+    assert tier_arguments(args) == dict(budget=0.62, budget_dtype=None, allow_topk=True,
+                                        topk=None, ranking="model")
+
+
+def test_tier_arguments_of_the_research_mix_and_of_budgets():
+    parse = lambda *argv: tier_arguments(build_parser().parse_args(["prune", *argv]))  # noqa
+    assert parse("--tier-ratios", "0.35", "0.45", "0.20") == dict(
+        tier_ratios=(0.35, 0.45, 0.20), topk=15, ranking="matrix")
+    assert parse("--budget", "0.5", "--topk", "15", "32", "--no-topk",
+                 "--budget-dtype", "float16", "--ranking", "layer") == dict(
+        budget=0.5, budget_dtype=torch.float16, allow_topk=False, topk=(15, 32),
+        ranking="layer")
+    assert parse("--pattern", "2:4") == dict(tier_ratios=None, topk=15, ranking="matrix")
+    for argv, message in ((("--pattern", "2:4", "--budget", "0.5"), "--budget applies"),
+                          (("--tier-ratios", "1", "0", "0", "--topk", "8", "16"), "several"),
+                          (("--pattern", "2:4", "--no-topk"), "apply to a byte budget")):
+        with pytest.raises(SystemExit, match=message):
+            parse(*argv)
 
 
 def test_eval_sparsify_needs_tier_maps(monkeypatch):

@@ -120,6 +120,15 @@ def test_hybrid_linear_other_block_sizes(block_size, dtype, rows):
 
 
 @needs_cuda("hybrid_linear")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 17, 64])
+def test_hybrid_linear_budget_topk(dtype, rows):
+    # K = 64: the top-K of a byte-budget prune (a quarter of the block), more slots than a warp.
+    hw, masked = random_hybrid(70, 90, dtype=dtype, topk=64, seed=rows)
+    _check_linear(hw.to("cuda"), masked, _random_x(rows, 90, dtype), None)
+
+
+@needs_cuda("hybrid_linear")
 def test_hybrid_linear_strided_batched_and_empty_inputs():
     hw, masked = random_hybrid(37, 70)
     hw = hw.to("cuda")

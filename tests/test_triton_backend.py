@@ -80,9 +80,10 @@ def test_block_rows_missing_a_tier(rows):
     _check_linear(hw, masked, torch.randn(rows, 64), torch.randn(40))
 
 
-@pytest.mark.parametrize("block_size,topk", [(4, 3), (8, 7), (12, 20)])
+@pytest.mark.parametrize("block_size,topk", [(4, 3), (8, 7), (12, 20), (16, 64)])
 @pytest.mark.parametrize("rows", [1, 20])
 def test_other_block_sizes(block_size, topk, rows):
+    # (16, 64): the top-K of a byte-budget prune, a quarter of the block.
     hw, masked = random_hybrid(45, 50, block_size=block_size, topk=topk)
     _check_linear(hw, masked, torch.randn(rows, 50), torch.randn(45))
 

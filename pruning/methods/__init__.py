@@ -8,18 +8,23 @@ name with :func:`get_method` and never needs to know which it has:
   :class:`pruning.stats.LinearStats`;
 * ``scores(weight, stats)`` is the importance the method ranks by (fp32 ``[out, in]``, >= 0),
   e.g. to rank blocks across matrices for ``ranking="layer"`` / ``"model"``;
+* ``loss_proxy(weight, stats)`` is the estimated damage of dropping each weight (fp32
+  ``[out, in]``, >= 0, ranked as ``scores``), summed over a block's dropped weights by the
+  byte-budget allocation (:mod:`pruning.allocation`);
 * ``prune(weight, stats, pattern, tier_map=None)`` returns a :class:`LayerPruning`.
 
-Methods never modify their inputs, work in fp32 and return new tensors.
+Methods never modify their inputs, work in fp32 and return new tensors. When the statistics
+carry ``out_sensitivity`` (the gradient pass of :mod:`pruning.sensitivity`), every score and
+proxy weights output row ``i`` by it (:func:`weight_rows`); rankings inside a row do not change.
 
-========== ===================================== =================================
-name       scores                                weight update
-========== ===================================== =================================
-magnitude  ``|W|``                               none
-wanda      ``|W| * sqrt(act_sq_norm)``           none
-sparsegpt  ``W^2 / diag(U)^2`` (``U`` = chol(H^-1)) OBS sweep (SparseGPT)
-wanda_obs  Wanda's                               OBS sweep with the Wanda mask fixed
-========== ===================================== =================================
+========== ===================================== ================= ============================
+name       scores                                loss proxy        weight update
+========== ===================================== ================= ============================
+magnitude  ``|W|``                               ``scores^2``      none
+wanda      ``|W| * sqrt(act_sq_norm)``           ``scores^2``      none
+sparsegpt  ``W^2 / diag(U)^2`` (U = chol(H^-1))  ``W^2 H_jj / 2``   OBS sweep (SparseGPT)
+wanda_obs  Wanda's                               Wanda's           OBS sweep, Wanda mask fixed
+========== ===================================== ================= ============================
 """
 from __future__ import annotations
 
@@ -63,6 +68,8 @@ class Method(Protocol):
 
     def scores(self, weight: torch.Tensor, stats: LinearStats | None) -> torch.Tensor: ...
 
+    def loss_proxy(self, weight: torch.Tensor, stats: LinearStats | None) -> torch.Tensor: ...
+
     def prune(self, weight: torch.Tensor, stats: LinearStats | None, pattern: Pattern | str,
               tier_map: torch.Tensor | None = None) -> LayerPruning: ...
 
@@ -105,6 +112,19 @@ def check_hessian(method: str, weight: torch.Tensor, stats: LinearStats | None) 
     return hessian.detach().to(device=weight.device, dtype=torch.float32)
 
 
+def weight_rows(scores: torch.Tensor, stats: LinearStats | None, power: float) -> torch.Tensor:
+    """``scores [out, in]`` with row ``i`` times ``out_sensitivity_i ** power`` when ``stats``
+    carry it (power 1 for scores in loss units, 0.5 for scores in square-root units like |W|)."""
+    sensitivity = getattr(stats, "out_sensitivity", None)
+    if sensitivity is None:
+        return scores
+    if tuple(sensitivity.shape) != (scores.shape[0],):
+        raise ValueError(f"out_sensitivity has shape {tuple(sensitivity.shape)}, the weight "
+                         f"{tuple(scores.shape)} needs ({scores.shape[0]},)")
+    row = sensitivity.detach().to(device=scores.device, dtype=torch.float32)
+    return scores * (row if power == 1 else row.pow(power)).unsqueeze(1)
+
+
 def check_pattern(pattern: Pattern | str, tier_map: torch.Tensor | None) -> Pattern:
     """A Pattern from a Pattern or a pattern name (default settings); rejects a tier_map for a
     pattern without tiers."""
@@ -127,17 +147,24 @@ METHODS: dict[str, Method] = {
 }
 
 
-def get_method(name: str, **options) -> Method:
-    """The method called ``name`` (case-insensitive, ``-`` reads as ``_``).
+def get_method(name: str | Method, **options) -> Method:
+    """The method called ``name`` (case-insensitive, ``-`` reads as ``_``); a method object
+    passes through (with ``options`` applied).
 
     ``options`` override the method's settings (e.g. ``blocksize=64, percdamp=0.05`` for the
     OBS methods) and return a new instance; ``ValueError`` for an unknown name or option.
     """
-    key = str(name).strip().lower().replace("-", "_")
-    if key not in METHODS:
-        raise ValueError(f"unknown pruning method {name!r}; choose one of "
-                         f"{', '.join(METHODS)}")
-    method = METHODS[key]
+    if isinstance(name, str):
+        key = name.strip().lower().replace("-", "_")
+        if key not in METHODS:
+            raise ValueError(f"unknown pruning method {name!r}; choose one of "
+                             f"{', '.join(METHODS)}")
+        method = METHODS[key]
+    elif isinstance(name, Method):
+        key, method = name.name, name
+    else:
+        raise ValueError(f"method must be a name ({', '.join(METHODS)}) or a method object, "
+                         f"got {name!r}")
     if not options:
         return method
     fields = {f.name for f in dataclasses.fields(method)}
@@ -148,5 +175,5 @@ def get_method(name: str, **options) -> Method:
     return dataclasses.replace(method, **options)
 
 
-__all__ = ["LayerPruning", "Method", "METHODS", "get_method", "Magnitude", "Wanda", "SparseGPT",
+__all__ = ["LayerPruning", "Method", "weight_rows", "METHODS", "get_method", "Magnitude", "Wanda", "SparseGPT",
            "WandaOBS"]

@@ -12,7 +12,7 @@ import torch
 
 from ..patterns import Pattern, build_mask
 from ..stats import LinearStats
-from . import LayerPruning, check_pattern, check_weight
+from . import LayerPruning, check_pattern, check_weight, weight_rows
 
 
 @dataclass(frozen=True)
@@ -22,8 +22,12 @@ class Magnitude:
     needs_activations: ClassVar[bool] = False
 
     def scores(self, weight: torch.Tensor, stats: LinearStats | None = None) -> torch.Tensor:
-        """``|W|`` in fp32 (``stats`` is ignored and may be None)."""
-        return check_weight(weight).float().abs()
+        """``|W|`` in fp32 (``stats`` may be None; only its ``out_sensitivity`` is used)."""
+        return weight_rows(check_weight(weight).float().abs(), stats, 0.5)
+
+    def loss_proxy(self, weight: torch.Tensor, stats: LinearStats | None = None) -> torch.Tensor:
+        """``scores^2``: ``W^2`` (times the row's sensitivity)."""
+        return self.scores(weight, stats).pow(2)
 
     def prune(self, weight: torch.Tensor, stats: LinearStats | None, pattern: Pattern | str,
               tier_map: torch.Tensor | None = None) -> LayerPruning:
@@ -32,6 +36,6 @@ class Magnitude:
             raise ValueError("use_variant is Wanda's cumulative-score variant; magnitude "
                              "pruning does not support it (use method 'wanda')")
         weight = check_weight(weight)
-        mask, tiers = build_mask(self.scores(weight), pattern, unstructured="matrix",
+        mask, tiers = build_mask(self.scores(weight, stats), pattern, unstructured="matrix",
                                  weight=weight, tier_map=tier_map)
         return LayerPruning(mask, tiers, None)

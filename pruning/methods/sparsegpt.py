@@ -14,9 +14,13 @@ Masks: unstructured chooses per ``blocksize``-column block, when the sweep reach
 entries, exact count: upstream prunes everything ``<=`` that value, one more and any ties);
 N:M chooses per group of ``m`` columns, when the sweep reaches it, the ``n`` best of each row by
 the same saliency (``sparse_kernels.nm_mask``; the block size is rounded down to a multiple of
-``m``, at least ``m``, so groups stay aligned to the whole matrix). Tiered patterns (and any
-fixed mask, e.g. Wanda's in ``wanda_obs``) take the saliency once up front, build the mask, and
-sweep with it fixed.
+``m``, at least ``m``, so groups stay aligned to the whole matrix). Tiered patterns place the
+tiers up front (by the saliency's block means, or the tier map given) and choose the kept
+weights inside the tiers during the sweep, as N:M does: each top-K block its ``K`` best when the
+sweep reaches its first column, each 2:4 group of 4 columns its 2 best when the sweep reaches it
+(the block size is rounded down to a multiple of ``B``). The pattern ``block`` (whole blocks
+removed), ``within_block="magnitude"`` and any fixed mask (e.g. Wanda's in ``wanda_obs``) sweep
+with the mask fixed up front.
 
 Global torch settings (TF32 and the like) are left alone.
 """
@@ -28,10 +32,12 @@ from typing import ClassVar
 import torch
 
 import sparse_kernels as sk
+from sparse_kernels import SPARSE_24, TOPK
 
 from ..patterns import Pattern, build_mask
 from ..stats import LinearStats
-from . import LayerPruning, check_hessian, check_pattern, check_weight
+from . import (LayerPruning, check_hessian, check_pattern, check_weight,
+               weight_rows)
 
 __all__ = ["SparseGPT", "prepare_obs", "obs_saliency", "obs_sweep", "obs_update"]
 
@@ -82,17 +88,22 @@ def obs_saliency(w: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 
 def obs_sweep(w: torch.Tensor, u: torch.Tensor, *, mask: torch.Tensor | None = None,
-              sparsity: float = 0.0, nm: tuple[int, int] | None = None, blocksize: int = 128):
+              sparsity: float = 0.0, nm: tuple[int, int] | None = None,
+              tier_map: torch.Tensor | None = None, topk: int = 15, block_size: int = 16,
+              row_weight: torch.Tensor | None = None, blocksize: int = 128):
     """The OBS sweep: returns ``(new weight fp32, kept mask)``; ``w`` is not modified.
 
     w: fp32 ``[out, in]`` (from :func:`prepare_obs`); u: the upper Cholesky factor of ``H^-1``.
     Exactly one way of choosing the mask: ``mask`` (bool, True = kept) fixed up front; or
-    ``nm=(n, m)``, chosen per group of ``m`` columns during the sweep; or else unstructured
+    ``nm=(n, m)``, chosen per group of ``m`` columns during the sweep; or ``tier_map`` (int8
+    ``[ceil(out/B), ceil(in/B)]``), whose top-K blocks keep their ``topk`` best when the sweep
+    reaches their first column and whose 2:4 groups their 2 best when it reaches them (top-K
+    ranks by the saliency times ``row_weight [out]`` when given); or else unstructured
     ``sparsity``, chosen per block of ``blocksize`` columns during the sweep.
     Weights outside the mask come back exactly zero.
     """
-    if mask is not None and nm is not None:
-        raise ValueError("obs_sweep: give either a fixed mask or nm, not both")
+    if sum(x is not None for x in (mask, nm, tier_map)) > 1:
+        raise ValueError("obs_sweep: give at most one of a fixed mask, nm or tier_map")
     if not isinstance(blocksize, int) or blocksize < 1:
         raise ValueError(f"blocksize must be a positive integer, got {blocksize!r}")
     w = w.detach().float().clone()
@@ -106,6 +117,10 @@ def obs_sweep(w: torch.Tensor, u: torch.Tensor, *, mask: torch.Tensor | None = N
     if nm is not None:
         n, m = nm
         blocksize = max(m, blocksize - blocksize % m)
+    choose = None
+    if tier_map is not None:
+        blocksize = max(block_size, blocksize - blocksize % block_size)
+        choose = _TierChoice(tier_map.to(w.device), rows, topk, block_size, row_weight)
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
         count = i2 - i1
@@ -115,7 +130,7 @@ def obs_sweep(w: torch.Tensor, u: torch.Tensor, *, mask: torch.Tensor | None = N
         u1 = u[i1:i2, i1:i2]
         d1 = u1.diagonal()
         p1 = pruned[:, i1:i2].clone()
-        if mask is None and nm is None:
+        if mask is None and nm is None and tier_map is None:
             k = int(w1.numel() * sparsity)
             if k:
                 sal = obs_saliency(w1, u1).flatten()
@@ -126,6 +141,8 @@ def obs_sweep(w: torch.Tensor, u: torch.Tensor, *, mask: torch.Tensor | None = N
                 width = min(m, count - i)
                 sal = w1[:, i:i + width].pow(2) / d1[i:i + width].pow(2).unsqueeze(0)
                 p1[:, i:i + width] = ~sk.nm_mask(sal, n, m)
+            if choose is not None and i % 4 == 0:
+                choose(w1, d1, p1, i, i1 + i)
             col = w1[:, i]
             q = col.masked_fill(p1[:, i], 0)
             err = (col - q) / d1[i]
@@ -139,6 +156,43 @@ def obs_sweep(w: torch.Tensor, u: torch.Tensor, *, mask: torch.Tensor | None = N
     return w, ~pruned
 
 
+class _TierChoice:
+    """Chooses the kept weights inside the tiers as the sweep reaches them: at the first column
+    of a block column the top-K blocks keep their K best, at the first column of each group of 4
+    the 2:4 rows their 2 best, by the saliency of the weights as the sweep has updated them so
+    far (top-K times ``row_weight [out]`` when given). Block columns never straddle two sweep
+    blocks (the sweep block is a multiple of B)."""
+
+    def __init__(self, tier_map: torch.Tensor, rows: int, topk: int, block_size: int,
+                 row_weight: torch.Tensor | None):
+        self.topk, self.b = topk, block_size
+        per_row = tier_map.repeat_interleave(block_size, 0)[:rows]  # [rows, nbc]
+        self.rows_24 = [(per_row[:, c] == SPARSE_24).nonzero().flatten()
+                        for c in range(tier_map.shape[1])]
+        self.rows_topk = [(per_row[:, c] == TOPK).nonzero().flatten()
+                          for c in range(tier_map.shape[1])]
+        self.row_weight = None if row_weight is None else \
+            row_weight.to(device=tier_map.device, dtype=torch.float32).unsqueeze(1)
+
+    def __call__(self, w1, d1, p1, i: int, col: int) -> None:
+        """At column ``col`` of the matrix, ``i`` of the sweep block (a multiple of 4)."""
+        c = col // self.b
+        if col % self.b == 0:
+            rows = self.rows_topk[c]
+            if len(rows):
+                width = min(self.b, w1.shape[1] - i)
+                sal = w1[rows, i:i + width].pow(2) / d1[i:i + width].pow(2).unsqueeze(0)
+                if self.row_weight is not None:
+                    sal = sal * self.row_weight[rows]
+                # Whole block-rows in order (a ragged one last), so blocks stay aligned.
+                p1[rows, i:i + width] = ~sk.block_topk_mask(sal, self.topk, self.b)
+        rows = self.rows_24[c]
+        if len(rows):
+            width = min(4, w1.shape[1] - i)
+            sal = w1[rows, i:i + width].pow(2) / d1[i:i + width].pow(2).unsqueeze(0)
+            p1[rows, i:i + width] = ~sk.nm_mask(sal, 2, 4)
+
+
 def obs_update(weight: torch.Tensor, hessian: torch.Tensor, mask: torch.Tensor, *,
                blocksize: int = 128, percdamp: float = 0.01, nsamples: int | None = None
                ) -> torch.Tensor:
@@ -149,12 +203,17 @@ def obs_update(weight: torch.Tensor, hessian: torch.Tensor, mask: torch.Tensor, 
     return new.to(weight.dtype)
 
 
+PROXIES = ("error", "obs")
+
+
 @dataclass(frozen=True)
 class SparseGPT:
-    """SparseGPT; ``blocksize`` columns per sweep block, damping ``percdamp * mean(diag H)``."""
+    """SparseGPT; ``blocksize`` columns per sweep block, damping ``percdamp * mean(diag H)``;
+    ``proxy``: what a byte-budget allocation counts (see :meth:`loss_proxy`)."""
 
     blocksize: int = 128
     percdamp: float = 0.01
+    proxy: str = "error"
     name: ClassVar[str] = "sparsegpt"
     needs_hessian: ClassVar[bool] = True
     needs_activations: ClassVar[bool] = False
@@ -165,9 +224,28 @@ class SparseGPT:
         return weight, *prepare_obs(weight, hessian, self.percdamp, stats.nsamples)
 
     def scores(self, weight: torch.Tensor, stats: LinearStats) -> torch.Tensor:
-        """``W^2 / diag(U)^2`` (dead columns score 0) in fp32 ``[out, in]``."""
+        """``W^2 / diag(U)^2`` (dead columns score 0) in fp32 ``[out, in]`` (times the row's
+        sensitivity)."""
         _, w, u = self._prepare(weight, stats)
-        return obs_saliency(w, u)
+        return weight_rows(obs_saliency(w, u), stats, 1)
+
+    def loss_proxy(self, weight: torch.Tensor, stats: LinearStats) -> torch.Tensor:
+        """What dropping each weight costs, for the byte-budget allocation (times the row's
+        sensitivity). ``proxy="error"`` (default): ``W^2 * H_jj / 2``, the output error of
+        dropping the weight with no update (Wanda's proxy, from the Hessian's diagonal).
+        ``"obs"``: the saliency (``scores``), the error left after the update of the other
+        weights - true for one weight at a time, but a top-K block drops most of a row's weights
+        in that block at once, the update has little left to shift the error to, and the
+        saliency underestimates such blocks (benchmarks/NOTES-frontier.md measures both)."""
+        if self.proxy not in PROXIES:
+            raise ValueError(f"SparseGPT proxy must be one of {', '.join(PROXIES)}, got "
+                             f"{self.proxy!r}")
+        if self.proxy == "obs":
+            return self.scores(weight, stats)
+        weight = check_weight(weight)
+        hessian = check_hessian(self.name, weight, stats)
+        error = weight.float().pow(2) * (hessian.diagonal() / 2).clamp_min(0).unsqueeze(0)
+        return weight_rows(error, stats, 1)
 
     def prune(self, weight: torch.Tensor, stats: LinearStats, pattern: Pattern | str,
               tier_map: torch.Tensor | None = None) -> LayerPruning:
@@ -182,6 +260,13 @@ class SparseGPT:
         elif pattern.kind == "nm":
             new, mask = obs_sweep(w, u, nm=(pattern.n, pattern.m), blocksize=self.blocksize)
         else:
-            fixed, tiers = build_mask(obs_saliency(w, u), pattern, weight=w, tier_map=tier_map)
-            new, mask = obs_sweep(w, u, mask=fixed, blocksize=self.blocksize)
+            fixed, tiers = build_mask(weight_rows(obs_saliency(w, u), stats, 1), pattern,
+                                      weight=w, tier_map=tier_map)
+            if pattern.kind == "block" or pattern.within_block == "magnitude":
+                new, mask = obs_sweep(w, u, mask=fixed, blocksize=self.blocksize)
+            else:
+                new, mask = obs_sweep(w, u, tier_map=tiers, topk=pattern.topk,
+                                      block_size=pattern.block_size,
+                                      row_weight=getattr(stats, "out_sensitivity", None),
+                                      blocksize=self.blocksize)
         return LayerPruning(mask, tiers, new.to(weight.dtype))

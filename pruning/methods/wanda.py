@@ -15,7 +15,8 @@ import sparse_kernels as sk
 
 from ..patterns import Pattern, build_mask
 from ..stats import LinearStats
-from . import LayerPruning, check_activations, check_pattern, check_weight
+from . import (LayerPruning, check_activations, check_pattern, check_weight,
+               weight_rows)
 
 
 @dataclass(frozen=True)
@@ -25,10 +26,16 @@ class Wanda:
     needs_activations: ClassVar[bool] = True
 
     def scores(self, weight: torch.Tensor, stats: LinearStats) -> torch.Tensor:
-        """``|W| * sqrt(stats.act_sq_norm)`` in fp32 ``[out, in]``."""
+        """``|W| * sqrt(stats.act_sq_norm)`` in fp32 ``[out, in]`` (times the square root of the
+        row's sensitivity)."""
         weight = check_weight(weight)
         act = check_activations(self.name, weight, stats)
-        return sk.wanda_scores(weight, act, 16)[0]
+        return weight_rows(sk.wanda_scores(weight, act, 16)[0], stats, 0.5)
+
+    def loss_proxy(self, weight: torch.Tensor, stats: LinearStats) -> torch.Tensor:
+        """``scores^2 = W^2 * act_sq_norm``: the squared output error of dropping each weight,
+        summed over a sample's tokens, when the inputs are uncorrelated."""
+        return self.scores(weight, stats).pow(2)
 
     def prune(self, weight: torch.Tensor, stats: LinearStats, pattern: Pattern | str,
               tier_map: torch.Tensor | None = None) -> LayerPruning:

@@ -30,6 +30,10 @@ class WandaOBS:
         """Wanda's scores ``|W| * sqrt(act_sq_norm)`` (the mask is chosen by them)."""
         return Wanda().scores(weight, stats)
 
+    def loss_proxy(self, weight: torch.Tensor, stats: LinearStats) -> torch.Tensor:
+        """Wanda's proxy (the mask is chosen by it; the update then lowers the real loss)."""
+        return Wanda().loss_proxy(weight, stats)
+
     def prune(self, weight: torch.Tensor, stats: LinearStats, pattern: Pattern | str,
               tier_map: torch.Tensor | None = None) -> LayerPruning:
         pattern = check_pattern(pattern, tier_map)
