@@ -3,6 +3,7 @@
 They are the only way GPU numbers get made, on a machine lent now and then: a script that has
 rotted would waste that machine's time.
 """
+import importlib.util
 import json
 import os
 import re
@@ -67,3 +68,40 @@ def test_gpu_script_parses_and_names_files_that_exist():
     assert named, "gpu_check.sh names no test or benchmark files"
     missing = [p for p in sorted(named) if not os.path.exists(os.path.join(ROOT, p))]
     assert not missing, f"gpu_check.sh names files that do not exist: {missing}"
+
+
+def test_bench_frontier_records_every_configuration_and_resumes(tmp_path):
+    import bench_frontier
+    from tiny_models import calibration_ids, llama
+
+    out = tmp_path / "frontier.json"
+    argv = ["--series", "wanda-matrix,sparsegpt-model", "--budgets", "0.6,0.8",
+            "--fixed", "wanda-2:4,wanda-unstructured-50%", "--map-config", "sparsegpt-model@0.6",
+            "--nsamples", "4", "--seqlen", "24", "--ppl-windows", "2", "--out", str(out)]
+    eval_tokens = calibration_ids(8, 24, seed=1).flatten()
+    bench_frontier.main(argv, model=llama(), calibration=calibration_ids(),
+                        eval_text=eval_tokens)
+    payload = json.loads(out.read_text())
+    assert {"device", "torch", "commit", "dense_ppl", "budget_dtype"} <= payload.keys()
+    records = {r["config"]: r for r in payload["records"]}
+    assert set(records) == {"wanda-2:4", "wanda-unstructured-50%", "wanda-matrix@0.6",
+                            "wanda-matrix@0.8", "sparsegpt-model@0.6", "sparsegpt-model@0.8"}
+    for name, r in records.items():
+        assert r["ppl"] > 1
+        if "@" in name:  # a budget: its packed bytes (fp16, measured) stay within it
+            assert r["packed_bytes_fraction"] <= r["arguments"]["budget"]
+            assert abs(sum(r["tiers"].values()) - 1) < 1e-9
+    assert records["wanda-2:4"]["packed_bytes_fraction"] > 0.5625  # values + meta + index
+    assert "packed_bytes_fraction" not in records["wanda-unstructured-50%"]
+    assert "per_module" in records["sparsegpt-model@0.6"]
+    for png in (out.with_suffix(".png"), tmp_path / "frontier-allocation.png"):
+        if importlib.util.find_spec("matplotlib"):
+            assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # A resumed run measures only what is missing.
+    payload["records"] = [r for r in payload["records"] if r["config"] != "wanda-matrix@0.8"]
+    out.write_text(json.dumps(payload))
+    bench_frontier.main(argv + ["--resume"], model=llama(), calibration=calibration_ids(),
+                        eval_text=eval_tokens)
+    again = json.loads(out.read_text())["records"]
+    assert [r["config"] for r in again][-1] == "wanda-matrix@0.8"
+    assert len(again) == len(records)
