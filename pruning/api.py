@@ -86,15 +86,17 @@ def _named_linears(model) -> dict[str, nn.Module]:
             for name, m in prunable_linears(layer).items()}
 
 
-def _budget_candidates(method, linears: dict, stats: dict, spec: Pattern) -> dict:
-    """``{name: [MatrixCost per candidate K]}`` of each Linear, by the method's loss proxy."""
+def _budget_candidates(method, linears: dict, stats: dict, spec: Pattern,
+                       prefix: str = "") -> dict:
+    """``{name: [MatrixCost per candidate K]}`` of each Linear, by the method's loss proxy
+    (``prefix`` + name is the module's full name, for errors)."""
     from .allocation import matrix_costs
 
     candidates = {}
     for name, module in linears.items():
         weight = get_weight(module).detach()
         candidates[name] = matrix_costs(method.loss_proxy(weight, stats[name]).cpu(), spec,
-                                        weight.dtype, name)
+                                        weight.dtype, prefix + name)
     return candidates
 
 
@@ -122,14 +124,14 @@ def _layer_budgets(model, unpruned: dict, method, spec: Pattern) -> dict[str, fl
     return {layer: spent[layer] / dense[layer] for layer in spent}
 
 
-def _budget_allocation(method, linears: dict, stats: dict, spec: Pattern,
+def _budget_allocation(method, layer_name: str, linears: dict, stats: dict, spec: Pattern,
                        budget: float) -> dict[str, tuple[torch.Tensor, int]]:
     """``{name: (tier map, K)}`` of one decoder layer's Linears at ``budget``: each matrix on
     its own (ranking ``matrix``) or all of them sharing it (``layer``, and ``model``, where
     ``budget`` is the layer's share)."""
     from .allocation import allocate_all
 
-    candidates = _budget_candidates(method, linears, stats, spec)
+    candidates = _budget_candidates(method, linears, stats, spec, layer_name + ".")
     if spec.ranking == "matrix":
         return {n: allocate_all({n: c}, spec, budget)[n] for n, c in candidates.items()}
     return allocate_all(candidates, spec, budget)
@@ -266,7 +268,7 @@ def prune(model: nn.Module, calibration="embedded", method: str = "wanda",
     def process(layer_name, _layer, linears, stats):
         given = {}  # {name: (tier map, K)} decided for the whole layer
         if budgeted:
-            given = _budget_allocation(meth, linears, stats, spec,
+            given = _budget_allocation(meth, layer_name, linears, stats, spec,
                                        layer_budgets.get(layer_name, spec.budget))
         elif fixed is not None:
             prefix = layer_name + "."

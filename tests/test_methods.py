@@ -7,10 +7,11 @@ import torch
 
 import sparse_kernels as sk
 from pruning.methods import METHODS, LayerPruning, Method, get_method
-from pruning.methods.sparsegpt import obs_sweep, prepare_obs
+from pruning.methods.sparsegpt import obs_saliency, obs_sweep, prepare_obs
 from pruning.patterns import (Pattern, block_scores, build_mask, parse_pattern, rank_blocks,
                               rank_blocks_jointly, wanda_variant_mask)
 from pruning.stats import LinearStats
+from pruning.tiers import tier_mask
 from sparse_kernels import DENSE, SPARSE_24, TOPK
 
 
@@ -369,3 +370,117 @@ def test_missing_stats():
         get_method("sparsegpt").prune(weight, LinearStats.empty(16, hessian=False), "2:4")
     with pytest.raises(ValueError, match="act_sq_norm has shape"):
         get_method("wanda").prune(weight, LinearStats.empty(8, hessian=False), "2:4")
+
+
+# ---------------------------------------------------------------------------------------------
+# Byte budgets: loss proxies, row sensitivity, SparseGPT choosing inside the tiers
+# ---------------------------------------------------------------------------------------------
+
+def test_loss_proxies():
+    torch.manual_seed(0)
+    weight = torch.randn(32, 48)
+    stats, _ = make_stats(48)
+    wanda = get_method("wanda")
+    torch.testing.assert_close(wanda.loss_proxy(weight, stats), wanda.scores(weight, stats) ** 2)
+    torch.testing.assert_close(get_method("magnitude").loss_proxy(weight), weight ** 2)
+    error = weight ** 2 * stats.hessian.diagonal() / 2  # = W^2 * act_sq_norm
+    torch.testing.assert_close(get_method("sparsegpt").loss_proxy(weight, stats), error)
+    torch.testing.assert_close(error, wanda.loss_proxy(weight, stats))
+    obs = get_method("sparsegpt", proxy="obs")
+    torch.testing.assert_close(obs.loss_proxy(weight, stats), obs.scores(weight, stats))
+    with pytest.raises(ValueError, match="proxy must be one of error, obs"):
+        get_method("sparsegpt", proxy="fisher").loss_proxy(weight, stats)
+
+
+@pytest.mark.parametrize("method_name", ["magnitude", "wanda", "sparsegpt", "wanda_obs"])
+def test_row_sensitivity_scales_scores_and_proxies_by_row(method_name):
+    torch.manual_seed(1)
+    weight = torch.randn(16, 32)
+    stats, _ = make_stats(32)
+    method = get_method(method_name)
+    plain_scores, plain_proxy = method.scores(weight, stats), method.loss_proxy(weight, stats)
+    row = torch.rand(16) + 0.5
+    stats.out_sensitivity = row
+    power = 1.0 if method_name == "sparsegpt" else 0.5
+    torch.testing.assert_close(method.scores(weight, stats),
+                               plain_scores * row.pow(power).unsqueeze(1))
+    torch.testing.assert_close(method.loss_proxy(weight, stats),
+                               plain_proxy * row.unsqueeze(1))
+    stats.out_sensitivity = torch.ones(15)
+    with pytest.raises(ValueError, match="out_sensitivity has shape"):
+        method.scores(weight, stats)
+
+
+def test_tier_sweep_on_an_all_2_4_map_is_sparsegpts_2_4_sweep():
+    torch.manual_seed(2)
+    weight = torch.randn(40, 96)
+    stats, _ = make_stats(96, correlated=True)
+    w, u = prepare_obs(weight, stats.hessian)
+    tiers = torch.full((3, 6), SPARSE_24, dtype=torch.int8)
+    by_tiers = obs_sweep(w, u, tier_map=tiers, blocksize=32)
+    by_nm = obs_sweep(w, u, nm=(2, 4), blocksize=32)
+    assert torch.equal(by_tiers[1], by_nm[1]) and torch.equal(by_tiers[0], by_nm[0])
+
+
+def test_tier_sweep_chooses_with_the_updated_weights():
+    """Chosen during the sweep, the kept weights adapt to the OBS update: the output error is
+    lower than with the same tiers' weights chosen up front (summed over seeds)."""
+    adaptive_error = fixed_error = 0.0
+    changed = False
+    for seed in range(4):
+        torch.manual_seed(seed)
+        weight = torch.randn(48, 64)
+        stats, x = make_stats(64, seed=seed, correlated=True)
+        w, u = prepare_obs(weight, stats.hessian)
+        tiers = torch.tensor([[0, 1, 2, 2], [2, 1, 1, 2], [1, 2, 0, 1]], dtype=torch.int8)
+        saliency = obs_saliency(w, u)
+        up_front = tier_mask(saliency, tiers, 15, 16)
+        fixed, _ = obs_sweep(w, u, mask=up_front)
+        adaptive, mask = obs_sweep(w, u, tier_map=tiers, topk=15)
+        check_tier_pattern(mask, tiers, 15)
+        changed |= not torch.equal(mask, up_front)
+        adaptive_error += float(((weight - adaptive) @ x.t()).pow(2).sum())
+        fixed_error += float(((weight - fixed) @ x.t()).pow(2).sum())
+    assert changed and adaptive_error < fixed_error
+
+
+def test_tier_sweep_row_weight_moves_top_k_slots_to_heavy_rows():
+    torch.manual_seed(3)
+    weight = torch.randn(16, 16)
+    stats, _ = make_stats(16)
+    w, u = prepare_obs(weight, stats.hessian)
+    tiers = torch.full((1, 1), TOPK, dtype=torch.int8)
+    row_weight = torch.ones(16)
+    row_weight[:4] = 1e6  # the first 4 rows matter most
+    _, plain = obs_sweep(w, u, tier_map=tiers, topk=15)
+    _, weighted = obs_sweep(w, u, tier_map=tiers, topk=15, row_weight=row_weight)
+    assert int(weighted.sum()) == int(plain.sum()) == 15
+    assert int(weighted[:4].sum()) == 15 > int(plain[:4].sum())
+
+
+def check_tier_pattern(mask, tiers, k, b=16):
+    for br, bc, blk in blocks_of(mask, b):
+        tier = int(tiers[br, bc])
+        if tier == DENSE:
+            assert blk.all()
+        elif tier == SPARSE_24:
+            assert (blk.reshape(blk.shape[0], -1, 4).sum(-1) == 2).all()
+        else:
+            assert int(blk.sum()) == min(k, blk.numel())
+
+
+def test_budget_pattern_validation_and_description():
+    pattern = parse_pattern("three_tier", budget=0.6, topk_choices=(64, 15, 15))
+    assert pattern.topk_choices == (15, 64)
+    assert "budget 0.6 (K=15/64" in pattern.describe() and "per matrix" in pattern.describe()
+    assert parse_pattern("three_tier", budget=0.6, allow_topk=False,
+                         budget_dtype=torch.float16).describe().endswith(
+        "dense + 2:4 only, bytes in float16)")
+    for kwargs, message in ((dict(budget_dtype=torch.float16), "apply to a byte budget"),
+                            (dict(budget=0.6, budget_dtype=torch.int8), "floating-point"),
+                            (dict(budget=0.6, topk_choices=()), "topk_choices"),
+                            (dict(budget=-1), "budget")):
+        with pytest.raises(ValueError, match=message):
+            parse_pattern("three_tier", **kwargs)
+    with pytest.raises(ValueError, match="needs the allocated tier_map"):
+        get_method("wanda").prune(torch.randn(16, 16), make_stats(16)[0], pattern)

@@ -5,6 +5,7 @@ import torch
 import pruning
 import sparse_kernels as sk
 from pruning.models import decoder_layers, get_weight, prunable_linears
+from pruning.patterns import block_scores
 from pruning.stats import LinearStats
 from sparse_kernels import DENSE, SPARSE_24, TOPK
 from tiny_models import ARCHITECTURES, calibration_ids
@@ -85,9 +86,8 @@ def test_every_architecture_method_and_pattern(arch, method, pattern):
     assert 0.0 < result.report["sparsity"] < 1.0
 
 
-def test_wanda_masks_follow_the_papers_rule_on_the_first_layer():
-    model = ARCHITECTURES["llama"]()
-    ids = calibration_ids()
+def first_layer_stats(model, ids):
+    """Wanda's statistics of the first decoder layer's Linears and their weights, by hand."""
     path, layers = decoder_layers(model)
     linears = prunable_linears(layers[0])
     stats, handles = {}, []
@@ -100,6 +100,13 @@ def test_wanda_masks_follow_the_papers_rule_on_the_first_layer():
         model(ids, use_cache=False)
     for h in handles:
         h.remove()
+    return path, stats, weights
+
+
+def test_wanda_masks_follow_the_papers_rule_on_the_first_layer():
+    model = ARCHITECTURES["llama"]()
+    ids = calibration_ids()
+    path, stats, weights = first_layer_stats(model, ids)
     result = pruning.prune(model, ids, "wanda", "unstructured", 0.5, batch_size=4,
                            progress=False)
     for name, weight in weights.items():
@@ -108,6 +115,24 @@ def test_wanda_masks_follow_the_papers_rule_on_the_first_layer():
         pruned = torch.sort(score, dim=1, stable=True).indices[:, :k]
         expected = torch.ones_like(weight, dtype=torch.bool).scatter(1, pruned, False)
         assert torch.equal(result.masks[f"{path}.0.{name}"], expected), name
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_fixed_ratios_follow_the_research_rule_on_the_first_layer(arch):
+    """The research code's three-tier: blocks ranked by mean Wanda score per matrix, the top
+    int(n * 0.35) dense, the next int(n * 0.45) 2:4, the rest top-15 (what a byte budget sits
+    beside, unchanged)."""
+    model = ARCHITECTURES[arch]()
+    ids = calibration_ids()
+    path, stats, weights = first_layer_stats(model, ids)
+    result = pruning.prune(model, ids, "wanda", "three_tier", batch_size=4, progress=False)
+    for name, weight in weights.items():
+        score = weight.abs() * stats[name].act_sq_norm.sqrt()
+        tiers = pruning.assign_tiers(block_scores(score, 16), (0.35, 0.45, 0.20))
+        assert torch.equal(result.tier_maps[f"{path}.0.{name}"], tiers), name
+        assert torch.equal(result.masks[f"{path}.0.{name}"],
+                           pruning.tier_mask(score, tiers, 15, 16)), name
+        assert result.topks[f"{path}.0.{name}"] == 15
 
 
 @pytest.mark.parametrize("ranking", ["layer", "model"])

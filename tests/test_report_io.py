@@ -36,3 +36,35 @@ def test_save_leaves_no_temp_file(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["t.safetensors"]
     loaded, meta = pruning.load_tier_maps(tmp_path / "t.safetensors")
     assert loaded["a"].dtype == torch.int8 and meta["block_size"] == 16
+
+
+def test_k_per_module_in_the_tier_map_file(tmp_path):
+    maps = {"a": torch.zeros(2, 2, dtype=torch.int8), "b": torch.full((1, 3), 2, dtype=torch.int8)}
+    path = tmp_path / "t.safetensors"
+    pruning.save_tier_maps(path, maps, block_size=16, topk={"a": 15, "b": 64}, budget=0.6)
+    _, meta = pruning.load_tier_maps(path)
+    assert meta["topk"] == {"a": 15, "b": 64} and meta["budget"] == 0.6
+    pruning.save_tier_maps(path, maps, block_size=16, topk={"a": 64, "b": 64})
+    assert pruning.load_tier_maps(path)[1]["topk"] == 64  # one K for all: one number
+    with pytest.raises(ValueError, match="no K for"):
+        pruning.save_tier_maps(path, maps, block_size=16, topk={"a": 15})
+
+
+def test_sparsify_model_takes_k_per_module():
+    import sparse_kernels as sk
+    from sparse_kernels import TOPK
+
+    model = torch.nn.Sequential(torch.nn.Linear(32, 16), torch.nn.Linear(16, 16))
+    maps = {"0": torch.full((1, 2), TOPK, dtype=torch.int8),
+            "1": torch.full((1, 1), TOPK, dtype=torch.int8)}
+    for name, k in (("0", 40), ("1", 7)):
+        linear = model.get_submodule(name)
+        with torch.no_grad():
+            linear.weight.copy_(pruning.apply_tier_map(linear.weight, maps[name], k))
+    x = torch.randn(3, 32)
+    expected = model(x)
+    with pytest.raises(KeyError, match="no K for '1'"):
+        sk.sparsify_model(model, maps, topk={"0": 40})
+    sk.sparsify_model(model, maps, topk={"0": 40, "1": 7})
+    assert (model[0].topk, model[1].topk) == (40, 7)
+    torch.testing.assert_close(model(x), expected)
