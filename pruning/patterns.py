@@ -13,7 +13,7 @@ Tie rules (everywhere here, and matching the ``sparse_kernels`` selection ops):
 * N:M, 2:4 and top-K inside blocks: the ``sparse_kernels`` ops, where among equal scores the
   lower index is kept.
 * blocks: ranked highest first with a stable sort, so among equal block scores the lower flat
-  block index ranks higher (as ``pruning.tiers.assign_tiers``).
+  block index ranks higher (as ``sparse_kernels.tiers.assign_tiers``).
 
 Tier maps use the codes of ``sparse_kernels``: ``DENSE = 0``, ``SPARSE_24 = 1``, ``TOPK = 2``.
 """
@@ -28,7 +28,7 @@ import sparse_kernels as sk
 from sparse_kernels import DENSE, SPARSE_24, TOPK
 from sparse_kernels.format import check_tier_map
 
-from .tiers import assign_tiers, check_ratios, per_entry_tiers, tier_mask
+from sparse_kernels.tiers import assign_tiers, check_ratios, per_entry_tiers, tier_mask
 
 __all__ = [
     "Pattern", "parse_pattern", "PATTERN_KINDS", "TIERED_KINDS", "WITHIN_BLOCK", "RANKINGS",

@@ -5,6 +5,7 @@ Public API:
   hybrid_linear           y = x @ W^T + bias from a HybridWeight
   HybridSparseLinear      nn.Module holding a HybridWeight; sparsify_model swaps them in
   wanda_scores, block_topk_mask, nm_mask, compress_24   pruning-side kernels
+  assign_tiers, tier_mask, apply_tier_map    what a tier map means for a weight (tiers.py)
   available_backends      which backends this install can run
 """
 from ._ops import block_topk_mask, compress_24, nm_mask, wanda_scores
@@ -12,9 +13,10 @@ from .backends import available_backends
 from .format import DENSE, SPARSE_24, TIER_NAMES, TOPK, HybridWeight
 from .functional import hybrid_linear
 from .modules import HybridSparseLinear, sparsify_model
+from .tiers import apply_tier_map, assign_tiers, tier_mask
 
 __all__ = [
     "HybridWeight", "HybridSparseLinear", "sparsify_model", "hybrid_linear",
     "wanda_scores", "block_topk_mask", "nm_mask", "compress_24", "available_backends",
-    "DENSE", "SPARSE_24", "TOPK", "TIER_NAMES",
+    "DENSE", "SPARSE_24", "TOPK", "TIER_NAMES", "assign_tiers", "tier_mask", "apply_tier_map",
 ]

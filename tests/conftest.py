@@ -12,7 +12,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 import sparse_kernels as sk  # noqa: E402
-from pruning import apply_tier_map, assign_tiers
+from sparse_kernels import apply_tier_map, assign_tiers
 
 # Tolerance of a backend against the fp32-accumulating reference, per output dtype: fp32 differs
 # only in summation order; 16-bit outputs may round one ulp apart.

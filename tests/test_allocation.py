@@ -6,11 +6,10 @@ import pytest
 import torch
 
 import sparse_kernels as sk
-from pruning import apply_tier_map
 from pruning.allocation import (MatrixCost, allocate, allocate_all, budget_shares,
                                 matrix_costs, minimum_budget, tier_losses)
 from pruning.patterns import parse_pattern
-from sparse_kernels import DENSE, SPARSE_24, TOPK
+from sparse_kernels import DENSE, SPARSE_24, TOPK, apply_tier_map
 from sparse_kernels.format import packed_nbytes, tier_block_nbytes
 
 

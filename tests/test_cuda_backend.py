@@ -9,7 +9,7 @@ import torch
 
 import sparse_kernels as sk
 from conftest import DTYPES, TOLERANCE, expected_linear, random_hybrid
-from pruning import apply_tier_map
+from sparse_kernels import apply_tier_map
 from test_pruning_ops import NM, SHAPES, _bits, _random_24_blocks, _score_inputs
 
 OPS = ("wanda_scores", "block_topk_mask", "nm_mask", "compress_24", "hybrid_linear")

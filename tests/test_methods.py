@@ -11,7 +11,7 @@ from pruning.methods.sparsegpt import obs_saliency, obs_sweep, prepare_obs
 from pruning.patterns import (Pattern, block_scores, build_mask, parse_pattern, rank_blocks,
                               rank_blocks_jointly, wanda_variant_mask)
 from pruning.stats import LinearStats
-from pruning.tiers import tier_mask
+from sparse_kernels.tiers import tier_mask
 from sparse_kernels import DENSE, SPARSE_24, TOPK
 
 
@@ -240,7 +240,6 @@ def test_within_block_magnitude_selects_by_weight():
     by_score = get_method("wanda").prune(weight, stats, PATTERNS["three_tier"])
     by_mag = get_method("wanda").prune(weight, stats, PATTERNS["three_tier_mag"])
     assert torch.equal(by_score.tier_map, by_mag.tier_map)  # same ranking (Wanda block scores)
-    from pruning.tiers import tier_mask
     assert torch.equal(by_mag.mask, tier_mask(weight.abs(), by_mag.tier_map, 15, 16))
 
 

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 import sparse_kernels as sk
-from pruning import apply_tier_map
+from sparse_kernels import apply_tier_map
 from conftest import DTYPES, TOLERANCE, random_tier_map
 
 

@@ -2,8 +2,7 @@
 import pytest
 import torch
 
-from pruning import apply_tier_map, assign_tiers, tier_mask
-from sparse_kernels import DENSE, SPARSE_24, TOPK
+from sparse_kernels import DENSE, SPARSE_24, TOPK, apply_tier_map, assign_tiers, tier_mask
 
 
 @pytest.mark.parametrize("ratios", [(0.35, 0.45, 0.20), (0.4, 0.4, 0.2), (1, 0, 0), (0, 0, 1)])

@@ -1,8 +1,14 @@
-"""Tier maps: which blocks stay dense, go 2:4 or keep their top-K, and the masks they imply."""
+"""Tier maps: which blocks stay dense, go 2:4 or keep their top-K, and the masks they imply.
+
+Format semantics, so a valid ``HybridWeight`` can be built from any weight with this package
+alone: rank blocks into fixed tier fractions (``assign_tiers``), expand a block map to its
+weights (``per_entry_tiers``), and mask a weight by a map (``tier_mask``, ``apply_tier_map``).
+The ``pruning`` package decides the maps; these say what a map means.
+"""
 import torch
 
-from sparse_kernels import DENSE, SPARSE_24, TOPK, block_topk_mask, nm_mask
-from sparse_kernels.format import check_tier_map
+from ._ops import block_topk_mask, nm_mask
+from .format import DENSE, SPARSE_24, TOPK, check_tier_map
 
 
 def check_ratios(ratios) -> tuple[float, float, float]:
