@@ -10,6 +10,8 @@ import time
 
 import torch
 
+from sparse_kernels.atomic import atomic_file
+
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 # Tier mixes (dense, 2:4, top-K ratios) of bench_linear.py. "all-dense" runs the hybrid kernel
@@ -101,11 +103,8 @@ def results_path(device: torch.device, prefix: str = "") -> str:
 
 def write_results(path: str, device: torch.device, records: list[dict], **extra) -> None:
     """Write ``{device, torch, commit, ..., records}`` atomically."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     payload = {"device": device_name(device), "torch": torch.__version__,
                "commit": git_commit(), **extra, "records": records}
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with atomic_file(path) as tmp, open(tmp, "w") as f:
         json.dump(payload, f, indent=1)
         f.write("\n")
-    os.replace(tmp, path)

@@ -292,6 +292,14 @@ def tokenize(text: str, tokenizer) -> torch.Tensor:
     return ids.reshape(-1)
 
 
+def require_tokenizer(tokenizer, source) -> None:
+    """Text needs the model's own tokenizer: ``ValueError`` naming what to pass when it is None."""
+    if tokenizer is None:
+        raise ValueError(
+            f"the text of {str(source)!r} needs the model's tokenizer (tokenizer=...; for the "
+            f"embedded model pruning.embedded.load_embedded_tokenizer()), or pass token ids")
+
+
 def get_tokens(source: Source = "embedded", tokenizer=None, split: str = "train") -> torch.Tensor:
     """The whole token stream of one source's train or test text, a 1-D LongTensor.
 
@@ -304,8 +312,7 @@ def get_tokens(source: Source = "embedded", tokenizer=None, split: str = "train"
         return value.reshape(-1).long()
     if kind == "mixture":
         raise ValueError(f"a mixture has no single token stream: {source!r}")
-    if tokenizer is None:
-        tokenizer = embedded.load_embedded_tokenizer()
+    require_tokenizer(tokenizer, source)
     tok_key = _tokenizer_key(tokenizer)
     key = (_source_key(kind, value), split, tok_key)
     hit = _TOKEN_CACHE.get(key)
@@ -405,8 +412,9 @@ def get_calibration(source: Source = "embedded", tokenizer=None, nsamples: int =
     The text is tokenized once (kept in memory per source and tokenizer), then ``nsamples``
     windows are drawn with ``random.Random(seed)``, each starting in ``[0, len - seqlen - 1]``
     (Wanda's rule). A mixture gives each source its share of the samples (largest remainder),
-    each drawn with the same seed rule, concatenated in the mixture's order. ``tokenizer=None``
-    uses the embedded model's tokenizer.
+    each drawn with the same seed rule, concatenated in the mixture's order. Text sources need
+    the model's ``tokenizer`` (token ids of another tokenizer would be wrong input); a tensor
+    source is token ids already.
     """
     kind, value = _resolve(source)
     if kind == "tensor":
@@ -416,8 +424,7 @@ def get_calibration(source: Source = "embedded", tokenizer=None, nsamples: int =
         raise ValueError(f"nsamples must be a non-negative int, got {nsamples!r}")
     if isinstance(seqlen, bool) or not isinstance(seqlen, int) or seqlen < 1:
         raise ValueError(f"seqlen must be a positive int, got {seqlen!r}")
-    if tokenizer is None:
-        tokenizer = embedded.load_embedded_tokenizer()
+    require_tokenizer(tokenizer, source)
     if kind == "mixture":
         counts = mixture_counts(value, nsamples)
         parts = [get_calibration(src, tokenizer, n, seqlen, seed)

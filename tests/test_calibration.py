@@ -332,3 +332,15 @@ def test_c4_samples_long_documents(fake_hub):
     assert mixed.shape == (5, 4)
     assert torch.equal(mixed[:3], cal.get_calibration("c4", tok, 3, 4, seed=0))
     assert set(tok.convert_ids_to_tokens(mixed[3:].flatten().tolist())) <= {f"a{i}" for i in range(1, 6)}
+
+
+def test_text_without_a_tokenizer_raises_naming_what_to_pass():
+    from pruning.eval import eval_windows
+
+    for call in (lambda: cal.get_calibration("embedded", None, 2, 8),
+                 lambda: cal.get_tokens("wikitext2"),
+                 lambda: eval_windows(None, "embedded", 16)):
+        with pytest.raises(ValueError, match="needs the model's tokenizer"):
+            call()
+    ids = torch.arange(40)
+    assert torch.equal(eval_windows(None, ids, 16), ids[:32].view(2, 16))  # ids need none

@@ -132,3 +132,65 @@ def test_sparsify_model_checks_every_name_first():
     with pytest.raises(ValueError, match="tier_map has shape"):
         sk.sparsify_model(model, wrong)
     assert not any(isinstance(m, sk.HybridSparseLinear) for m in model.modules())
+
+
+def _live_tensor_bytes() -> int:
+    import gc
+    storages = {}
+    for obj in gc.get_objects():
+        if type(obj) in (torch.Tensor, nn.Parameter) and obj.device.type == "cpu":
+            storage = obj.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
+def test_sparsify_model_swaps_one_module_at_a_time(monkeypatch):
+    torch.manual_seed(0)
+    tiers = sk.assign_tiers(torch.rand(16, 16), (0.35, 0.45, 0.20))
+
+    def make():
+        layers = nn.Sequential(*[nn.Linear(256, 256, bias=False) for _ in range(6)])
+        with torch.no_grad():
+            for layer in layers:
+                layer.weight.copy_(apply_tier_map(layer.weight, tiers))
+        return layers
+
+    model = make()
+    dense = 6 * 256 * 256 * 4
+    packed_one = sk.HybridWeight.from_dense(model[0].weight.detach(), tiers).nbytes
+    baseline = _live_tensor_bytes() - dense  # everything else alive in this process
+    peaks = []
+    original = sk.HybridSparseLinear.from_linear.__func__
+
+    def measured(cls, linear, *args, **kwargs):
+        new = original(cls, linear, *args, **kwargs)
+        peaks.append(_live_tensor_bytes() - baseline)
+        return new
+
+    monkeypatch.setattr(sk.HybridSparseLinear, "from_linear", classmethod(measured))
+    sk.sparsify_model(model, {str(i): tiers for i in range(6)})
+    assert len(peaks) == 6
+    # At most the dense model plus one packed module (and the packing's temporaries, which
+    # are gone by then); swapping all at the end would hold all six packed copies as well.
+    assert max(peaks) <= dense + packed_one + 64 * 1024
+    assert _live_tensor_bytes() - baseline < dense  # the dense weights are released
+
+
+def test_sparsify_model_warns_or_refuses_when_only_the_reference_would_run(monkeypatch):
+    import warnings
+
+    from sparse_kernels import backends, modules
+
+    model = nn.Sequential(nn.Linear(32, 16))
+    tiers = {"0": torch.zeros(1, 2, dtype=torch.int8)}  # all dense
+    monkeypatch.setattr(backends, "resolve_backend", lambda requested, device: "torch")
+    monkeypatch.setattr(modules, "_WARNED_REFERENCE", set())
+    with pytest.raises(RuntimeError, match="only the pure-torch reference.*rebuilds each"):
+        sk.sparsify_model(model, tiers, strict=True)
+    assert isinstance(model[0], nn.Linear)  # nothing swapped
+    with pytest.warns(UserWarning, match="slower than nn.Linear"):
+        sk.sparsify_model(model, tiers)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per process and device
+        sk.sparsify_model(nn.Sequential(nn.Linear(32, 16)), tiers)
+    assert isinstance(model[0], sk.HybridSparseLinear)
