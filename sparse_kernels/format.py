@@ -173,6 +173,126 @@ def _pack_topk(blocks: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor
     return torch.gather(blocks, 1, pos).contiguous(), pos.to(torch.uint8)
 
 
+class CorruptWeightError(ValueError):
+    """Packed tensors that break the layout contract (a corrupt or crafted file)."""
+
+
+_INDEX_DTYPES = {"rowptr": torch.int32, "cols": torch.int32, "s24_meta": torch.int16,
+                 "topk_pos": torch.uint8, "tier_map": torch.int8}
+
+
+def _first_bad(bad: torch.Tensor) -> int:
+    return int(bad.nonzero()[0, 0])
+
+
+def validate_packed(tensors: dict[str, torch.Tensor], out_features: int, in_features: int,
+                    block_size: int, topk: int, *, where: str = "HybridWeight") -> None:
+    """Check packed tensors against the layout contract in O(n), before any kernel reads them.
+
+    ``tensors``: ``tier_map`` and every field of ``PACKED_FIELDS``. Checked: shapes and dtypes
+    consistent with ``out_features`` / ``in_features`` / ``block_size`` / ``topk``; row pointers
+    starting at 0, non-decreasing and ending at the tier's block count; block columns in range
+    and strictly increasing within a block-row; every block in exactly one tier, the one the
+    tier map gives it; top-K positions below ``B*B`` and strictly increasing within a block;
+    2:4 metadata selecting two distinct ascending columns of every group of 4. Raises
+    :class:`CorruptWeightError` naming ``where``, the tensor and the first bad entry.
+    """
+    def fail(field, message):  # "s24_cols[3] = ...", "s24_cols has shape ..."
+        sep = "" if message.startswith("[") else " "
+        raise CorruptWeightError(f"{where}: {field}{sep}{message}")
+
+    b = block_size
+    if block_size not in (4, 8, 12, 16):
+        fail("block_size", f"is {block_size}; it must be 4, 8, 12 or 16")
+    if not (isinstance(topk, int) and 1 <= topk <= b * b):
+        fail("topk", f"is {topk!r}; it must be in 1..{b * b}")
+    if not (isinstance(out_features, int) and isinstance(in_features, int)
+            and out_features > 0 and in_features > 0):
+        fail("shape", f"[{out_features}, {in_features}] is not a weight shape")
+    missing = [f for f in ("tier_map",) + PACKED_FIELDS if f not in tensors]
+    if missing:
+        fail(missing[0], "is missing")
+    nbr, nbc = tier_grid(out_features, in_features, b)
+    t = tensors
+    for field in ("tier_map",) + PACKED_FIELDS:
+        key = field.split("_", 1)[1] if field.endswith(("rowptr", "cols")) else field
+        want = _INDEX_DTYPES.get(key)
+        if want is not None and t[field].dtype != want:
+            fail(field, f"has dtype {t[field].dtype}, expected {want}")
+    values = {t[f].dtype for f in ("dense_vals", "s24_vals", "topk_vals")}
+    if len(values) != 1 or not values <= {torch.float32, torch.float16, torch.bfloat16}:
+        fail("dense_vals/s24_vals/topk_vals", f"have dtypes {sorted(map(str, values))}; they "
+             f"must share one of float32, float16, bfloat16")
+    if tuple(t["tier_map"].shape) != (nbr, nbc):
+        fail("tier_map", f"has shape {tuple(t['tier_map'].shape)}, expected {(nbr, nbc)}")
+    value_shapes = {"dense": ("dense_vals", (b, b)), "s24": ("s24_vals", (b, b // 2)),
+                    "topk": ("topk_vals", (topk,))}
+    owner = torch.zeros(nbr * nbc, dtype=torch.int64, device=t["tier_map"].device)
+    for code, prefix in ((DENSE, "dense"), (SPARSE_24, "s24"), (TOPK, "topk")):
+        rowptr, cols = t[f"{prefix}_rowptr"], t[f"{prefix}_cols"]
+        if tuple(rowptr.shape) != (nbr + 1,):
+            fail(f"{prefix}_rowptr", f"has shape {tuple(rowptr.shape)}, expected {(nbr + 1,)}")
+        if cols.dim() != 1:
+            fail(f"{prefix}_cols", f"has shape {tuple(cols.shape)}, expected 1-D")
+        n = cols.shape[0]
+        vals_name, block_shape = value_shapes[prefix]
+        extra = {"s24": [("s24_meta", (n, b))], "topk": [("topk_pos", (n, topk))]}
+        for field, shape in [(vals_name, (n, *block_shape))] + extra.get(prefix, []):
+            if tuple(t[field].shape) != shape:
+                fail(field, f"has shape {tuple(t[field].shape)}, expected {shape} "
+                     f"({n} {prefix} blocks)")
+        r = rowptr.long()
+        if int(r[0]) != 0:
+            fail(f"{prefix}_rowptr", f"[0] is {int(r[0])}, expected 0")
+        steps = r[1:] - r[:-1]
+        if bool((steps < 0).any()):
+            i = _first_bad(steps < 0)
+            fail(f"{prefix}_rowptr", f"decreases at [{i + 1}] ({int(r[i])} -> {int(r[i + 1])})")
+        if int(r[-1]) != n:
+            fail(f"{prefix}_rowptr", f"ends at {int(r[-1])}, but {prefix}_cols holds {n} blocks")
+        c = cols.long()
+        outside = (c < 0) | (c >= nbc)
+        if bool(outside.any()):
+            i = _first_bad(outside)
+            fail(f"{prefix}_cols", f"[{i}] = {int(c[i])} is outside 0..{nbc - 1}")
+        row = torch.repeat_interleave(torch.arange(nbr, device=c.device), steps)
+        same_row = row[1:] == row[:-1]
+        unordered = same_row & (c[1:] <= c[:-1])
+        if bool(unordered.any()):
+            i = _first_bad(unordered)
+            fail(f"{prefix}_cols", f"[{i + 1}] = {int(c[i + 1])} does not increase after "
+                 f"{int(c[i])} in block-row {int(row[i])}")
+        flat = row * nbc + c
+        wrong_tier = t["tier_map"].flatten()[flat].long() != code
+        if bool(wrong_tier.any()):
+            i = _first_bad(wrong_tier)
+            fail(f"{prefix}_cols", f"[{i}] puts block ({int(row[i])}, {int(c[i])}) in tier "
+                 f"{TIER_NAMES[code]}, but tier_map says "
+                 f"{int(t['tier_map'].flatten()[flat[i]])}")
+        owner.index_add_(0, flat, torch.ones_like(flat))
+    if bool((owner != 1).any()):
+        i = _first_bad(owner != 1)
+        fail("tier_map", f"block ({i // nbc}, {i % nbc}) is listed by {int(owner[i])} tiers, "
+             f"expected exactly 1")
+    pos = t["topk_pos"].long()
+    if pos.numel():
+        bad = (pos >= b * b).any(1) | (pos[:, 1:] <= pos[:, :-1]).any(1)
+        if bool(bad.any()):
+            i = _first_bad(bad)
+            fail("topk_pos", f"[{i}] = {pos[i].tolist()} must be strictly increasing positions "
+                 f"below {b * b}")
+    meta = t["s24_meta"].int() & 0xFFFF
+    if meta.numel():
+        shift = torch.arange(b // 4, device=meta.device) * 4
+        first = (meta.unsqueeze(-1) >> shift) & 3
+        second = (meta.unsqueeze(-1) >> (shift + 2)) & 3
+        bad = (first >= second).any(-1) | ((meta >> b) != 0)
+        if bool(bad.any()):
+            i, row = (int(v) for v in bad.nonzero()[0])
+            fail("s24_meta", f"[{i}, {row}] = {int(meta[i, row]):#06x} does not pick two "
+                 f"ascending columns in every group of 4")
+
+
 @dataclass
 class HybridWeight:
     """A weight in the packed three-tier format (layout in the module docstring)."""
@@ -288,24 +408,42 @@ class HybridWeight:
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> HybridWeight:
-        """Read a file written by ``save``."""
-        from safetensors import safe_open
+        """Read a file written by ``save``, validated (:func:`validate_packed`) before any
+        kernel can see it: a truncated, corrupted or crafted file raises
+        :class:`CorruptWeightError` (``FileNotFoundError`` when there is no file)."""
+        from safetensors import SafetensorError, safe_open
 
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no HybridWeight file at {path!r}")
-        with safe_open(path, framework="pt", device=str(device)) as f:
-            meta = f.metadata() or {}
-            if meta.get("format") != "sparse_kernels.HybridWeight":
-                raise ValueError(f"{path!r} is not a HybridWeight file (metadata: "
-                                 f"{json.dumps(meta)[:200]})")
-            if int(meta["format_version"]) > FORMAT_VERSION:
-                raise ValueError(f"{path!r} has format version {meta['format_version']}; this "
-                                 f"package reads up to {FORMAT_VERSION}: upgrade it")
-            tensors = {name: f.get_tensor(name) for name in f.keys()}
-        tensors["tier_map"] = tensors["tier_map"].cpu()
-        return cls(int(meta["out_features"]), int(meta["in_features"]),
-                   int(meta["block_size"]), int(meta["topk"]), **tensors)
+        try:
+            with safe_open(path, framework="pt", device="cpu") as f:
+                meta = f.metadata() or {}
+                tensors = {name: f.get_tensor(name) for name in f.keys()}
+        except SafetensorError as err:  # truncated, garbled header, data out of bounds
+            raise CorruptWeightError(f"{path!r} is not a readable safetensors file: "
+                                     f"{err}") from None
+        if meta.get("format") != "sparse_kernels.HybridWeight":
+            raise CorruptWeightError(f"{path!r} is not a HybridWeight file (metadata: "
+                                     f"{json.dumps(meta)[:200]})")
+        try:
+            version, *shape = (int(meta[k]) for k in ("format_version", "out_features",
+                                                      "in_features", "block_size", "topk"))
+        except (KeyError, ValueError) as err:
+            raise CorruptWeightError(f"{path!r}: its metadata lacks a whole number for "
+                                     f"{err}") from None
+        if version > FORMAT_VERSION:
+            raise ValueError(f"{path!r} has format version {version}; this package reads up "
+                             f"to {FORMAT_VERSION}: upgrade it")
+        validate_packed(tensors, *shape, where=repr(path))
+        weight = cls(*shape, **tensors)
+        return weight.to(device)
+
+    def validate(self) -> HybridWeight:
+        """:func:`validate_packed` on this weight's tensors; returns it."""
+        validate_packed(self.tensors(), self.out_features, self.in_features, self.block_size,
+                        self.topk)
+        return self
 
     @classmethod
     def empty(cls, out_features: int, in_features: int, tier_map: torch.Tensor, topk: int = 15,

@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from . import backends
-from .format import FORMAT_VERSION, PACKED_FIELDS, HybridWeight, check_packable
+from .format import (FORMAT_VERSION, PACKED_FIELDS, HybridWeight, check_packable,
+                     validate_packed)
 from .functional import apply_packed, check_linear_inputs
 
 
@@ -60,6 +61,16 @@ class HybridSparseLinear(nn.Module):
             raise TypeError(f"expected an nn.Linear, got {type(linear).__name__}")
         weight = HybridWeight.from_dense(linear.weight.detach(), tier_map, topk, block_size)
         return cls.from_weight(weight, linear.bias, backend=backend)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Validate a complete set of packed tensors before they replace this module's: a corrupt
+        # or crafted state dict must raise here, never reach a kernel.
+        fields = ("tier_map",) + PACKED_FIELDS
+        if all(prefix + f in state_dict for f in fields):
+            validate_packed({f: state_dict[prefix + f] for f in fields}, self.out_features,
+                            self.in_features, self.block_size, self.topk,
+                            where=prefix.rstrip(".") or type(self).__name__)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
     def hybrid_weight(self) -> HybridWeight:
