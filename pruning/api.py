@@ -187,8 +187,9 @@ def prune(model: nn.Module, calibration="embedded", method: str = "wanda",
     calibration: a source ``pruning.calibration`` accepts (needs ``tokenizer``) or token ids
     ``[nsamples, seqlen]`` (then ``nsamples`` / ``seqlen`` are taken from it). method:
     ``magnitude``, ``wanda``, ``sparsegpt`` or ``wanda_obs`` (Wanda's mask + SparseGPT's weight
-    update), or a method object with options (``get_method("sparsegpt", proxy="obs")``). pattern: ``unstructured``, ``N:M`` (``2:4``, ``4:8``), ``block``, ``block_topk``
-    or ``three_tier``.
+    update), or a method object with options (``get_method("sparsegpt", proxy="obs")``).
+    pattern: ``unstructured``, ``N:M`` (``2:4``, ``4:8``), ``block``, ``block_topk`` or
+    ``three_tier``.
 
     three_tier takes either a byte ``budget`` (packed bytes / dense bytes as
     ``HybridWeight.nbytes`` counts them, in ``budget_dtype`` or each weight's dtype): every
@@ -205,10 +206,12 @@ def prune(model: nn.Module, calibration="embedded", method: str = "wanda",
     gradient in the unpruned model (:mod:`pruning.sensitivity`, one forward + backward pass
     over the first ``sensitivity_samples`` calibration samples), which makes losses comparable
     across matrices and layers; ``"auto"`` (default) does so where a byte budget is shared
-    between matrices (ranking ``layer`` or ``model``), None never. seqlen defaults to the model's context, at most 2048. device:
-    where each layer runs for its turn. Masks are applied (and OBS-updated weights written); the
-    result holds the masks, the tier maps of tiered patterns (and of 2:4, every block 2:4) and a
-    report (sparsity, and where there are tier maps the measured packed bytes).
+    between matrices (ranking ``layer`` or ``model``), None never.
+
+    seqlen defaults to the model's context, at most 2048. device: where each layer runs for its
+    turn. Masks are applied (and OBS-updated weights written); the result holds the masks, the
+    tier maps of tiered patterns (and of 2:4, every block 2:4), their K per module and a report
+    (sparsity, and where there are tier maps the measured packed bytes).
     """
     if tier_ratios is not None and budget is not None:
         raise ValueError("give three_tier either a byte budget or tier_ratios, not both")

@@ -2,17 +2,17 @@
 
   hybrid-prune                       # = hybrid-prune prune: the embedded SmolLM2, three-tier
                                      # within 0.62 of its bytes (SparseGPT, whole-model budget)
-  hybrid-prune prune --model meta-llama/Llama-2-7b-hf --method sparsegpt --pattern 2:4 --save out/
-  hybrid-prune eval --model out/ --tasks boolq rte --tier-maps out/tier_maps.safetensors --sparsify
+  hybrid-prune prune --model meta-llama/Llama-2-7b-hf --device cuda --save out/
+  hybrid-prune eval --model out/ --tasks boolq rte
+
+This module only parses arguments and calls the functions that do the work (loading.py,
+api.py, eval.py, checkpoint.py, timing.py), which a Python user calls the same way.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import sys
-import tempfile
 import time
 
 import torch
@@ -23,14 +23,25 @@ DEFAULT_BUDGET = 0.62
 # job (two perplexities, a SparseGPT prune with its gradient pass, the decode timing) within five
 # minutes on two CPU cores.
 EMBEDDED_NSAMPLES, HUB_NSAMPLES = 32, 128
+WANDA_TASKS = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge",
+               "openbookqa")
+EMBEDDED_TASK = "embedded_cloze"
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
-                   help="hub id or local path (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--dtype", choices=DTYPES, default="float32", help="model dtype")
+                   help="hub id, local folder, or a packed checkpoint folder (default: the "
+                        "embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--dtype", choices=DTYPES, default=None,
+                   help="model dtype (default: bfloat16 on a GPU, float32 on the CPU)")
     p.add_argument("--device", default=None,
-                   help="where each layer runs while pruning and where eval runs (default: cpu)")
+                   help="cpu (default) or a GPU (cuda, cuda:1): the model loads onto it and "
+                        "everything runs there")
+    p.add_argument("--offload", action="store_true",
+                   help="keep the model on the CPU and move each layer to --device for its "
+                        "pruning turn (a model larger than the GPU); evaluation stays on the CPU")
+    p.add_argument("--device-map", default=None,
+                   help="passed to from_pretrained (e.g. auto: spread over several GPUs)")
     p.add_argument("--seqlen", type=int, default=512, help="tokens per sample / eval window")
     p.add_argument("--ppl-source", default="embedded",
                    help="perplexity text: embedded (held-out part), wikitext2, c4, ptb, a file")
@@ -86,7 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=4, help="samples per forward call")
     p.add_argument("--save", default=None, metavar="DIR",
-                   help="write the pruned model, tokenizer, tier_maps.safetensors, report.json")
+                   help="write the packed checkpoint (from_pretrained loads it after import "
+                        "sparse_kernels), tokenizer, tier_maps.safetensors, report.json")
+    p.add_argument("--save-dense", action="store_true",
+                   help="also write the zero-filled dense model to DIR/dense")
+    p.add_argument("--overwrite", action="store_true",
+                   help="let --save replace the files it writes in a non-empty DIR (others stay)")
     p.add_argument("--eval-ppl", action=argparse.BooleanOptionalAction, default=None,
                    help="dense and pruned perplexity (default: on for the embedded model)")
     p.add_argument("--sparsify", action=argparse.BooleanOptionalAction, default=None,
@@ -95,82 +111,34 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="perplexity / zero-shot accuracy of a (pruned) model")
     _add_model_args(e)
-    e.add_argument("--tasks", nargs="*", default=[], help="lm-eval tasks (e.g. boolq rte)")
+    e.add_argument("--tasks", nargs="*", default=None,
+                   help=f"lm-eval tasks, e.g. {' '.join(WANDA_TASKS)} (they need the hub or "
+                        f"lm-eval's cache; default {EMBEDDED_TASK}, built offline from the "
+                        f"held-out embedded text)")
     e.add_argument("--task-dir", default=None, help="folder of local lm-eval task YAMLs")
     e.add_argument("--limit", type=int, default=None, help="documents per task (lm-eval)")
     e.add_argument("--no-ppl", action="store_true", help="skip perplexity")
-    e.add_argument("--tier-maps", default=None, help="tier_maps.safetensors from a prune --save")
+    e.add_argument("--tier-maps", default=None,
+                   help="tier_maps.safetensors of a dense (zero-filled) pruned model, for "
+                        "--sparsify (a packed checkpoint needs neither)")
     e.add_argument("--sparsify", action="store_true",
-                   help="evaluate with HybridSparseLinear (needs --tier-maps)")
+                   help="evaluate a dense pruned model with HybridSparseLinear (needs --tier-maps)")
+    e.add_argument("--out", default=None, metavar="JSON", help="write the results as JSON")
     return parser
-
-
-def load_model(name: str | None, dtype: torch.dtype):
-    """(model, tokenizer, display name); ``None`` loads the embedded default model."""
-    if name is None:
-        from .embedded import EMBEDDED_MODEL_NAME, load_embedded_model
-
-        model, tokenizer = load_embedded_model(dtype=dtype)
-        return model, tokenizer, EMBEDDED_MODEL_NAME
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if os.path.sep in name and not os.path.exists(name):
-        raise SystemExit(f"--model: no such directory {name!r}")
-    model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
-    return model, AutoTokenizer.from_pretrained(name), name
-
-
-def decode_step_ms(model, iters: int = 20, warmup: int = 3) -> float:
-    """Median time of one single-token forward (a decode step's matmuls) in milliseconds."""
-    import statistics
-
-    device = next(model.parameters()).device
-    ids = torch.ones(1, 1, dtype=torch.long, device=device)
-    samples = []
-    with torch.no_grad():
-        for i in range(warmup + iters):
-            t0 = time.perf_counter()
-            model(ids, use_cache=False)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            if i >= warmup:
-                samples.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(samples)
-
-
-def swap_in_hybrid(model, tier_maps: dict, topk, block_size: int) -> int:
-    """Replace the nn.Linear modules that have tier maps; returns how many were swapped."""
-    import sparse_kernels as sk
-    from torch import nn
-
-    modules = dict(model.named_modules())
-    linear_maps = {n: t for n, t in tier_maps.items() if isinstance(modules.get(n), nn.Linear)}
-    if isinstance(topk, dict):  # K per module
-        topk = {n: topk[n] for n in linear_maps}
-    sk.sparsify_model(model, linear_maps, topk=topk, block_size=block_size)
-    return len(linear_maps)
 
 
 def _perplexity(model, tokenizer, args) -> float:
     from .eval import perplexity
 
     return perplexity(model, tokenizer, args.ppl_source, seqlen=args.seqlen,
-                      max_windows=args.ppl_windows or None, device=args.device)
+                      max_windows=args.ppl_windows or None)
 
 
-def _save_atomically(folder: str, write) -> None:
-    """Run ``write(tmp_dir)`` and move the result to ``folder``; nothing is left half-written."""
-    parent = os.path.dirname(os.path.abspath(folder)) or "."
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=".hybrid-prune-")
-    try:
-        write(tmp)
-        if os.path.exists(folder):
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+def _load(args):
+    from .loading import load_model
+
+    return load_model(args.model, dtype=DTYPES[args.dtype] if args.dtype else None,
+                      device=args.device, offload=args.offload, device_map=args.device_map)
 
 
 def tier_arguments(args) -> dict:
@@ -199,26 +167,35 @@ def tier_arguments(args) -> dict:
 
 def run_prune(args) -> dict:
     from . import prune
+    from sparse_kernels.atomic import check_output_folder
+
+    from .checkpoint import pack_model, save_pruned, write_report
+    from .loading import device_plan
     from .report import format_report
+    from .timing import decode_step_ms
 
     embedded = args.model is None
     eval_ppl = embedded if args.eval_ppl is None else args.eval_ppl
-    sparsify = embedded if args.sparsify is None else args.sparsify
-    model, tokenizer, name = load_model(args.model, DTYPES[args.dtype])
-    model.eval()
-    out = {"model": name, "method": args.method, "pattern": args.pattern}
+    timing = embedded if args.sparsify is None else args.sparsify
+    tiers = tier_arguments(args)
+    if args.save:  # refuse a folder that would lose files now, not after an hour of pruning
+        check_output_folder(args.save, overwrite=args.overwrite)
+    plan = device_plan(args.device, args.offload, args.device_map)
+    model, tokenizer, name = _load(args)
+    out = {"model": name, "method": args.method, "pattern": args.pattern,
+           "dtype": str(next(model.parameters()).dtype), "device": plan.model_device}
     if eval_ppl:
         out["ppl"] = {"dense": _perplexity(model, tokenizer, args)}
         print(f"dense perplexity ({args.ppl_source}): {out['ppl']['dense']:.3f}")
     t0 = time.perf_counter()
     result = prune(model, args.calibration, args.method, args.pattern, args.sparsity,
-                   **tier_arguments(args), block_size=args.block_size,
+                   **tiers, block_size=args.block_size,
                    within_block=args.within_block, use_variant=args.use_variant,
                    sensitivity=None if args.sensitivity == "none" else args.sensitivity,
                    sensitivity_samples=args.sensitivity_samples, tokenizer=tokenizer,
                    nsamples=args.nsamples or (EMBEDDED_NSAMPLES if embedded else HUB_NSAMPLES),
                    seqlen=args.seqlen, seed=args.seed,
-                   batch_size=args.batch_size, device=args.device)
+                   batch_size=args.batch_size, device=plan.layer_device)
     out["prune_seconds"] = round(time.perf_counter() - t0, 1)
     out["pattern_spec"] = result.pattern.describe()
     out["sparsity"] = result.report["sparsity"]
@@ -227,63 +204,73 @@ def run_prune(args) -> dict:
     print(f"pruned ({out['pattern_spec']}) in {out['prune_seconds']} s")
     packed = result.report.get("packed_bytes")
     if packed:
-        dtype = packed["dtype"] or args.dtype
+        dtype = (packed["dtype"] or out["dtype"]).replace("torch.", "")
         print(f"packed bytes: {packed['fraction']:.4f} of the dense {dtype} weights "
               f"({packed['packed'] / 2**20:.1f} of {packed['dense'] / 2**20:.1f} MiB)")
     if eval_ppl:
         out["ppl"]["pruned"] = _perplexity(model, tokenizer, args)
         print(f"pruned perplexity ({args.ppl_source}): {out['ppl']['pruned']:.3f}")
-    if args.save:
-        def write(folder):
-            model.save_pretrained(folder)
-            tokenizer.save_pretrained(folder)
-            if result.tier_maps:
-                result.save_tier_maps(os.path.join(folder, "tier_maps.safetensors"), name)
-            with open(os.path.join(folder, "report.json"), "w") as f:
-                json.dump(out, f, indent=1)
-        _save_atomically(args.save, write)
-        print(f"saved to {args.save}")
-    kernel_maps = result.tier_maps if sparsify else {}
-    if sparsify and not kernel_maps:
-        print(f"--sparsify skipped: pattern {args.pattern!r} has no block tiers for the kernels "
+    if timing and not result.tier_maps:
+        print(f"no decode timing: pattern {args.pattern!r} has no block tiers for the kernels "
               "(use three_tier, block, block_topk or 2:4)")
-    elif sparsify:
-        dense_ms = decode_step_ms(model)
-        swapped = swap_in_hybrid(model, kernel_maps, result.topks, args.block_size)
+        timing = False
+    dense_ms = decode_step_ms(model) if timing else None
+    if args.save:
+        save_pruned(args.save, model, tokenizer, result, out, source_model=name,
+                    dense_copy=args.save_dense, overwrite=args.overwrite)
+        size = out["checkpoint"]
+        print(f"saved to {args.save}: {size['bytes'] / 2**20:.1f} MiB, {size['fraction']:.3f} of "
+              f"the dense checkpoint ({size['packed_modules']} modules packed)")
+    if timing:
+        swapped = pack_model(model, result) if not args.save else out["checkpoint"][
+            "packed_modules"]
         hybrid_ms = decode_step_ms(model)
         out["decode_step_ms"] = {"dense": round(dense_ms, 3), "hybrid": round(hybrid_ms, 3),
                                  "speedup": round(dense_ms / hybrid_ms, 3),
-                                 "modules_swapped": swapped}
+                                 "modules_swapped": swapped, "device": plan.model_device}
         print(f"one decode step (batch 1): dense {dense_ms:.2f} ms, hybrid {hybrid_ms:.2f} ms "
               f"({dense_ms / hybrid_ms:.2f}x, {swapped} Linear layers swapped)")
         if args.save:  # the report gains the speed; everything else is already saved
-            with open(os.path.join(args.save, "report.json"), "w") as f:
-                json.dump(out, f, indent=1)
+            write_report(args.save, out)
     return out
 
 
 def run_eval(args) -> dict:
-    model, tokenizer, name = load_model(args.model, DTYPES[args.dtype])
-    model.eval()
+    from .eval import format_zero_shot, zero_shot
+
+    model, tokenizer, name = _load(args)
     out = {"model": name}
     if args.sparsify:
         if not args.tier_maps:
-            raise SystemExit("--sparsify needs --tier-maps")
+            raise SystemExit("--sparsify needs --tier-maps (a packed checkpoint needs neither)")
+        from .checkpoint import packable_tier_maps
         from .tier_io import load_tier_maps
 
+        import sparse_kernels as sk
+
         tier_maps, meta = load_tier_maps(args.tier_maps, model)
-        out["modules_swapped"] = swap_in_hybrid(model, tier_maps, meta["topk"],
-                                                meta["block_size"])
+        maps = packable_tier_maps(model, tier_maps)
+        topk = meta["topk"] if isinstance(meta["topk"], int) else \
+            {n: meta["topk"][n] for n in maps}
+        sk.sparsify_model(model, maps, topk=topk, block_size=meta["block_size"])
+        out["modules_swapped"] = len(maps)
     if not args.no_ppl:
         out["ppl"] = _perplexity(model, tokenizer, args)
         print(f"perplexity ({args.ppl_source}): {out['ppl']:.3f}")
-    if args.tasks:
-        from .eval import zero_shot
+    tasks, task_dir = args.tasks, args.task_dir
+    if tasks is None:  # the offline default
+        from .tasks import embedded_task_dir
 
-        out["zero_shot"] = zero_shot(model, tokenizer, args.tasks, task_dir=args.task_dir,
-                                     limit=args.limit, device=args.device)
-        for task, metrics in out["zero_shot"].items():
-            print(task, json.dumps(metrics))
+        tasks, task_dir = [EMBEDDED_TASK], task_dir or embedded_task_dir()
+    if tasks:
+        out["zero_shot"] = zero_shot(model, tokenizer, tasks, task_dir=task_dir,
+                                     limit=args.limit)
+        print(format_zero_shot(out["zero_shot"]))
+    if args.out:
+        from sparse_kernels.atomic import atomic_file
+
+        with atomic_file(args.out) as tmp, open(tmp, "w") as f:
+            json.dump(out, f, indent=1)
     return out
 
 
@@ -292,9 +279,10 @@ def main(argv=None) -> int:
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
         argv.insert(0, "prune")  # no subcommand: prune
     args = build_parser().parse_args(argv)
-    if args.device is None:
-        args.device = "cpu"
-    (run_prune if args.command == "prune" else run_eval)(args)
+    try:
+        (run_prune if args.command == "prune" else run_eval)(args)
+    except (FileNotFoundError, FileExistsError, NotADirectoryError) as err:
+        raise SystemExit(f"hybrid-prune: {err}") from None
     return 0
 
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from .calibration import Source, get_tokens
 
-__all__ = ["perplexity", "eval_windows", "zero_shot"]
+__all__ = ["perplexity", "eval_windows", "zero_shot", "format_zero_shot"]
 
 
 def _model_device(model) -> torch.device:
@@ -156,3 +156,18 @@ def zero_shot(model, tokenizer, tasks: str | Iterable[str], task_dir: str | os.P
     if out is None:  # non-zero ranks of a distributed run
         return {}
     return _metric_table(out["results"])
+
+
+def format_zero_shot(results: dict[str, dict[str, float]]) -> str:
+    """A Markdown table of :func:`zero_shot` results: a row per task, ``acc`` and ``acc_norm``
+    first, then any other metric a task reports."""
+    metrics = ["acc", "acc_norm"]
+    for row in results.values():
+        metrics += [m for m in row if m not in metrics]
+    metrics = [m for m in metrics if any(m in row for row in results.values())]
+    lines = ["| task | " + " | ".join(metrics) + " |",
+             "|---|" + "---|" * len(metrics)]
+    for task, row in results.items():
+        cells = [f"{row[m]:.4f}" if m in row else "" for m in metrics]
+        lines.append(f"| {task} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

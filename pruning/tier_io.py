@@ -66,14 +66,19 @@ def load_tier_maps(path: str | os.PathLike, model: nn.Module | None = None):
 def check_against_model(tier_maps: dict[str, torch.Tensor], model: nn.Module,
                         block_size: int) -> None:
     """Raise naming the first module whose tier map does not fit the model."""
+    from sparse_kernels import HybridSparseLinear
+
     from .models import get_weight, is_prunable
 
     modules = dict(model.named_modules())
     for name, tiers in tier_maps.items():
         module = modules.get(name)
-        if module is None or not is_prunable(module):
+        if isinstance(module, HybridSparseLinear):  # a packed checkpoint's module
+            out_f, in_f = module.out_features, module.in_features
+        elif module is None or not is_prunable(module):
             raise ValueError(f"tier map for {name!r}, but the model has no Linear by that name")
-        out_f, in_f = get_weight(module).shape
+        else:
+            out_f, in_f = get_weight(module).shape
         grid = tier_grid(out_f, in_f, block_size)
         if tuple(tiers.shape) != grid:
             raise ValueError(f"tier map for {name!r} has shape {tuple(tiers.shape)}, but its "

@@ -20,3 +20,38 @@ __all__ = [
     "wanda_scores", "block_topk_mask", "nm_mask", "compress_24", "available_backends",
     "DENSE", "SPARSE_24", "TOPK", "TIER_NAMES", "assign_tiers", "tier_mask", "apply_tier_map",
 ]
+
+
+def _register_with_transformers_when_imported() -> None:
+    """``from_pretrained`` of a packed checkpoint needs this package's quantizer registered
+    with transformers; register it now if transformers is loaded, else right after it is."""
+    import importlib.abc
+    import importlib.util
+    import sys
+
+    if "transformers" in sys.modules:
+        from . import huggingface
+        huggingface.register()
+        return
+
+    class _AfterTransformers(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name != "transformers":
+                return None
+            sys.meta_path.remove(self)
+            spec = importlib.util.find_spec(name)
+            if spec is None or spec.loader is None:
+                return spec
+            exec_module = spec.loader.exec_module
+
+            def exec_then_register(module):
+                exec_module(module)
+                from . import huggingface
+                huggingface.register()
+            spec.loader.exec_module = exec_then_register
+            return spec
+
+    sys.meta_path.insert(0, _AfterTransformers())
+
+
+_register_with_transformers_when_imported()

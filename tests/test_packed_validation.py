@@ -41,7 +41,8 @@ CORRUPTIONS = {
     "dense_rowptr decreases": (_set("dense_rowptr", lambda r: r.flip(0)), "dense_rowptr"),
     "rowptr ends early": (_set("topk_rowptr", lambda r: r - (r == r[-1]).int()),
                           "topk_rowptr ends at"),
-    "column past the edge": (_set("s24_cols", lambda c: c + 100), r"s24_cols\[0\] = \d+ is outside"),
+    "column past the edge": (_set("s24_cols", lambda c: c + 100),
+                             r"s24_cols\[0\] = \d+ is outside"),
     "columns out of order": (_shift_first_col, "s24_cols"),
     "block in the wrong tier": (_set("tier_map", lambda m: (m + 1) % 3), "tier_map says"),
     "top-K position past the block": (_set("topk_pos", lambda p: p.fill_(255).add_(1)),
@@ -104,7 +105,8 @@ def test_fuzzed_files_raise_clear_errors_and_never_crash():
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "packed_fuzz.py")
     done = subprocess.run([sys.executable, script, "300", "0"], capture_output=True, text=True,
                           timeout=600)
-    assert done.returncode == 0, f"the fuzzing process died ({done.returncode}): {done.stderr[-2000:]}"
+    assert done.returncode == 0, \
+        f"the fuzzing process died ({done.returncode}): {done.stderr[-2000:]}"
     report = json.loads(done.stdout.strip().splitlines()[-1])
     outcomes = report["outcomes"]
     assert sum(outcomes.values()) == 300

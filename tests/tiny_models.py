@@ -54,6 +54,20 @@ ARCHITECTURES = {"llama": llama, "mistral": mistral, "qwen2": qwen2, "opt": opt,
                  "gpt_neox": gpt_neox, "gpt2": gpt2}
 
 
+def word_tokenizer(words, specials=("[UNK]", "[PAD]", "[EOS]")):
+    """A PreTrainedTokenizerFast over a WordLevel vocabulary, words first (in the given order)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {}
+    for w in list(dict.fromkeys(words)) + list(specials):
+        vocab.setdefault(w, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
+                                   eos_token="[EOS]")
+
+
 def calibration_ids(nsamples=4, seqlen=24, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, VOCAB, (nsamples, seqlen), generator=g)

@@ -175,5 +175,5 @@ def get_method(name: str | Method, **options) -> Method:
     return dataclasses.replace(method, **options)
 
 
-__all__ = ["LayerPruning", "Method", "weight_rows", "METHODS", "get_method", "Magnitude", "Wanda", "SparseGPT",
-           "WandaOBS"]
+__all__ = ["LayerPruning", "Method", "weight_rows", "METHODS", "get_method", "Magnitude", "Wanda",
+           "SparseGPT", "WandaOBS"]
