@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -248,7 +249,15 @@ def prune(model: nn.Module, calibration="embedded", method: str = "wanda",
         unpruned = {}
         dense_activations = model_ranked and budgeted and calibrated
         if sensitivity == "gradient" or dense_activations:
+            from .models import module_device
             from .sensitivity import unpruned_stats
+
+            home = module_device(model.get_input_embeddings())
+            if device is not None and torch.device(device) != home:
+                warnings.warn(f"the whole-model pass over the unpruned model (its gradient "
+                              f"sensitivity or statistics) runs where the model is ({home}), "
+                              f"not on {device}: slow for a large model kept on the CPU. "
+                              f"ranking='matrix' needs no such pass", stacklevel=2)
 
             unpruned = unpruned_stats(model, list(ids[:sensitivity_samples].split(batch_size)),
                                       gradients=sensitivity == "gradient",

@@ -90,10 +90,26 @@ def test_offloaded_weights_get_a_clear_error():
         module_device(layer)
 
 
-def test_layers_run_on_the_requested_device_and_go_back():
+def test_layers_run_on_the_requested_device_and_go_back(monkeypatch):
+    """Each layer (and its inputs) moves to the requested device for its turn and back after:
+    recorded with a stand-in device name, since this machine may have no GPU."""
+    import pruning.capture as capture
+
     model = ARCHITECTURES["llama"]()
-    seen = []
-    layerwise(model, [calibration_ids()], lambda name, layer, linears, stats: seen.append(
-        next(layer.parameters()).device.type), device="cpu", progress=False)
-    assert seen == ["cpu", "cpu"]
-    assert all(p.device.type == "cpu" for p in model.parameters())
+    _, layers = decoder_layers(model)
+    moves, turns = [], []
+    for index, layer in enumerate(layers):
+        monkeypatch.setattr(layer, "to", lambda device, i=index, layer=layer:
+                            (moves.append((i, str(device))), layer)[1])
+    monkeypatch.setattr(capture, "move_to", lambda obj, device: (
+        moves.append(("inputs", str(device))), obj)[1])
+    empty = LinearStats.empty  # statistics stay on the CPU with the stand-in device
+    monkeypatch.setattr(capture.LinearStats, "empty",
+                        lambda in_features, hessian, device=None: empty(in_features,
+                                                                         hessian=hessian))
+    layerwise(model, [calibration_ids()], lambda name, layer, linears, stats: turns.append(
+        (name, list(moves))), device="cuda:7", progress=False)
+    assert moves == [(0, "cuda:7"), ("inputs", "cuda:7"), (0, "cpu"),
+                     (1, "cuda:7"), ("inputs", "cuda:7"), (1, "cpu")]
+    # Pruning saw each layer after it moved and before it went back.
+    assert [t[1][-1] for t in turns] == [("inputs", "cuda:7")] * 2
