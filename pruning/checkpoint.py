@@ -31,13 +31,18 @@ def pack_model(model: nn.Module, result) -> int:
     return len(maps)
 
 
-def _unique_tensor_bytes(model: nn.Module) -> int:
-    """Bytes of the model's state dict, each storage once (tied weights are saved once)."""
+def _dense_checkpoint_bytes(model: nn.Module) -> int:
+    """Bytes the model's weights take unpacked: its state dict, each storage once (tied weights
+    are saved once), with every ``HybridSparseLinear`` counted as the dense weight it packs."""
+    packed = [m for m in model.modules() if isinstance(m, sk.HybridSparseLinear)]
+    skip = {t.data_ptr() for m in packed for t in m.buffers()}
+    total = sum(m.out_features * m.in_features * m.dense_vals.element_size() for m in packed)
     seen = {}
     for tensor in model.state_dict().values():
-        storage = tensor.untyped_storage()
-        seen[(tensor.device, storage.data_ptr())] = storage.nbytes()
-    return sum(seen.values())
+        if tensor.data_ptr() not in skip:
+            storage = tensor.untyped_storage()
+            seen[(tensor.device, storage.data_ptr())] = storage.nbytes()
+    return total + sum(seen.values())
 
 
 def save_pruned(folder: str | os.PathLike, model: nn.Module, tokenizer, result, report: dict, *,
@@ -53,7 +58,7 @@ def save_pruned(folder: str | os.PathLike, model: nn.Module, tokenizer, result, 
     follows :func:`sparse_kernels.atomic.write_into_folder` (``overwrite`` to replace files in a
     non-empty folder). Returns ``report`` with ``checkpoint`` sizes added.
     """
-    dense_bytes = _unique_tensor_bytes(model)
+    dense_bytes = _dense_checkpoint_bytes(model)
     packed_modules = 0
 
     def write(tmp: Path) -> None:
