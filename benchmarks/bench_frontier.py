@@ -21,12 +21,11 @@ import argparse
 import json
 import os
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import results_path, write_results  # noqa: E402
+from common import PruneRun, add_prune_run_args, results_path, write_results  # noqa: E402
 
 BUDGETS = (0.45, 0.50, 0.5625, 0.62, 0.70, 0.80)
 # Byte-budget series: prune() arguments besides the budget. "matrix": every matrix at the budget;
@@ -88,24 +87,21 @@ def series_of(name: str) -> str:
     return name.split("@")[0] if "@" in name and name.split("@")[0] in SERIES else name
 
 
-def measure(model, dense_state: dict, ids: torch.Tensor, name: str, arguments: dict,
-            budget_dtype: torch.dtype, ppl, keep_modules: bool = False) -> dict:
-    """Prune a fresh copy of the dense weights by ``arguments``, then measure it."""
-    import pruning
+def measure(run, name: str, arguments: dict, budget_dtype: torch.dtype,
+            keep_modules: bool = False) -> dict:
+    """Prune the dense weights of ``run`` (a ``PruneRun``) by ``arguments``, then measure."""
     from pruning.methods import get_method
 
-    model.load_state_dict(dense_state)
     kwargs = dict(arguments)
     kwargs["method"] = get_method(kwargs["method"], **kwargs.pop("method_options", {}))
     if kwargs.get("budget") is not None:
         kwargs["budget_dtype"] = budget_dtype
-    t0 = time.perf_counter()
-    result = pruning.prune(model, ids, batch_size=4, progress=False, **kwargs)
-    seconds = time.perf_counter() - t0
+    result, seconds = run.prune(**kwargs)
+    model = run.model
     record = {"config": name, "series": series_of(name),
               "arguments": {k: list(v) if isinstance(v, tuple) else v
                             for k, v in arguments.items()},
-              "sparsity": result.report["sparsity"], "ppl": ppl(),
+              "sparsity": result.report["sparsity"], "ppl": run.ppl(),
               "prune_seconds": round(seconds, 1)}
     packed = result.report.get("packed_bytes")
     if result.tier_maps:
@@ -254,12 +250,7 @@ def parse_args(argv=None):
                    help="the configuration whose allocation the heat map shows")
     p.add_argument("--budget-dtype", choices=DTYPES, default="float16",
                    help="the dtype bytes are counted in (default float16)")
-    p.add_argument("--nsamples", type=int, default=64, help="calibration samples (default 64)")
-    p.add_argument("--seqlen", type=int, default=512, help="tokens per sample and eval window")
-    p.add_argument("--ppl-windows", type=int, default=64,
-                   help="last N windows of the held-out text (default 64 = 32k tokens)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/...)")
+    add_prune_run_args(p, nsamples=64)
     p.add_argument("--resume", action="store_true",
                    help="keep the records already in --out and run only the missing ones")
     p.add_argument("--plot", default=None, metavar="JSON", help="only draw the PNGs of a JSON")
@@ -286,24 +277,10 @@ def main(argv=None, model=None, tokenizer=None, calibration=None, eval_text="emb
     args = parse_args(argv)
     if args.plot:
         return plot(args.plot)
-    from pruning.calibration import get_calibration
-    from pruning.embedded import EMBEDDED_MODEL_NAME, load_embedded_model
-    from pruning.eval import perplexity
-
-    name = EMBEDDED_MODEL_NAME if model is None else type(model).__name__
-    if model is None:
-        model, tokenizer = load_embedded_model()
-    model.eval()
-    dense_state = {k: v.clone() for k, v in model.state_dict().items()}
-    ids = calibration if calibration is not None else get_calibration(
-        "embedded", tokenizer, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed)
-
-    def ppl():
-        return perplexity(model, tokenizer, eval_text, seqlen=args.seqlen,
-                          max_windows=args.ppl_windows, progress=False)
-
+    run = PruneRun(args.nsamples, args.seqlen, args.ppl_windows, args.seed, model=model,
+                   tokenizer=tokenizer, calibration=calibration, eval_text=eval_text)
     path = args.out or results_path(torch.device("cpu"), prefix="frontier-")
-    settings = dict(model=name, nsamples=args.nsamples, seqlen=args.seqlen,
+    settings = dict(model=run.name, nsamples=args.nsamples, seqlen=args.seqlen,
                     ppl_windows=args.ppl_windows, seed=args.seed,
                     budget_dtype=args.budget_dtype, threads=torch.get_num_threads())
     records, dense_ppl = [], None
@@ -315,7 +292,7 @@ def main(argv=None, model=None, tokenizer=None, calibration=None, eval_text="emb
                              f"({ {k: old.get(k) for k in settings} })")
         records, dense_ppl = old["records"], old["dense_ppl"]
     if dense_ppl is None:
-        dense_ppl = ppl()
+        dense_ppl = run.ppl()
     done = {r["config"] for r in records}
     print(f"dense perplexity {dense_ppl:.3f}")
     print(f"{'config':42} {'bytes':>7} {'ppl':>9} {'prune s':>8}  tiers (dense/2:4/top-K)")
@@ -323,8 +300,8 @@ def main(argv=None, model=None, tokenizer=None, calibration=None, eval_text="emb
     for config, arguments in configs.items():
         if config in done:
             continue
-        record = measure(model, dense_state, ids, config, arguments,
-                         DTYPES[args.budget_dtype], ppl, keep_modules=config == args.map_config)
+        record = measure(run, config, arguments, DTYPES[args.budget_dtype],
+                         keep_modules=config == args.map_config)
         records.append(record)
         write_results(path, torch.device("cpu"), records, dense_ppl=dense_ppl, **settings)
         tiers = "/".join(f"{v:.3f}" for v in record.get("tiers", {}).values())

@@ -11,12 +11,11 @@ writes ``benchmarks/results/prune-<device>-<YYYYMMDD>.json``.
 import argparse
 import os
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import results_path, write_results  # noqa: E402
+from common import PruneRun, add_prune_run_args, results_path, write_results  # noqa: E402
 
 # name -> prune() arguments
 CONFIGS = {
@@ -39,12 +38,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--configs", default=",".join(CONFIGS),
                    help=f"comma-separated, from: {', '.join(CONFIGS)}")
-    p.add_argument("--nsamples", type=int, default=32, help="calibration samples (default 32)")
-    p.add_argument("--seqlen", type=int, default=512, help="tokens per sample and eval window")
-    p.add_argument("--ppl-windows", type=int, default=64,
-                   help="last N windows of the held-out text (default 64 = 32k tokens)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/...)")
+    add_prune_run_args(p, nsamples=32)
     args = p.parse_args(argv)
     unknown = [c for c in args.configs.split(",") if c not in CONFIGS]
     if unknown:
@@ -53,39 +47,22 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    import pruning
-    from pruning.calibration import get_calibration
-    from pruning.embedded import EMBEDDED_MODEL_NAME, load_embedded_model
-    from pruning.eval import perplexity
-
     args = parse_args(argv)
-    model, tokenizer = load_embedded_model()
-    model.eval()
-    dense_state = {k: v.clone() for k, v in model.state_dict().items()}
-    samples = get_calibration("embedded", tokenizer, nsamples=args.nsamples, seqlen=args.seqlen,
-                              seed=args.seed)
-
-    def ppl():
-        return perplexity(model, tokenizer, "embedded", seqlen=args.seqlen,
-                          max_windows=args.ppl_windows, progress=False)
-
-    dense_ppl = ppl()
+    run = PruneRun(args.nsamples, args.seqlen, args.ppl_windows, args.seed)
+    dense_ppl = run.ppl()
     print(f"{'config':28} {'sparsity':>8} {'ppl':>9} {'prune s':>8}")
     print(f"{'dense':28} {0.0:>8.3f} {dense_ppl:>9.3f} {'-':>8}", flush=True)
     records = [dict(config="dense", sparsity=0.0, ppl=dense_ppl, prune_seconds=0.0)]
     for name in args.configs.split(","):
-        model.load_state_dict(dense_state)
-        t0 = time.perf_counter()
-        result = pruning.prune(model, samples, batch_size=4, progress=False, **CONFIGS[name])
-        seconds = time.perf_counter() - t0
-        value = ppl()
+        result, seconds = run.prune(**CONFIGS[name])
+        value = run.ppl()
         records.append(dict(config=name, arguments=CONFIGS[name],
                             sparsity=result.report["sparsity"], ppl=value,
                             prune_seconds=round(seconds, 1)))
         print(f"{name:28} {result.report['sparsity']:>8.3f} {value:>9.3f} {seconds:>8.1f}",
               flush=True)
     path = args.out or results_path(torch.device("cpu"), prefix="prune-")
-    write_results(path, torch.device("cpu"), records, model=EMBEDDED_MODEL_NAME,
+    write_results(path, torch.device("cpu"), records, model=run.name,
                   nsamples=args.nsamples, seqlen=args.seqlen, ppl_windows=args.ppl_windows,
                   threads=torch.get_num_threads())
     print(f"\nwrote {path}")

@@ -108,3 +108,54 @@ def write_results(path: str, device: torch.device, records: list[dict], **extra)
     with atomic_file(path) as tmp, open(tmp, "w") as f:
         json.dump(payload, f, indent=1)
         f.write("\n")
+
+
+def add_prune_run_args(p, nsamples: int) -> None:
+    """The arguments every pruning-quality benchmark shares (see :class:`PruneRun`)."""
+    p.add_argument("--nsamples", type=int, default=nsamples,
+                   help=f"calibration samples (default {nsamples})")
+    p.add_argument("--seqlen", type=int, default=512, help="tokens per sample and eval window")
+    p.add_argument("--ppl-windows", type=int, default=64,
+                   help="last N windows of the held-out text (default 64 = 32k tokens)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/...)")
+
+
+class PruneRun:
+    """A model, its dense weights, calibration samples and held-out perplexity: every pruning
+    configuration starts from the same dense weights and the same samples.
+
+    By default the embedded SmolLM2-135M-Instruct, ``nsamples`` x ``seqlen`` samples of the
+    embedded text's calibration part, perplexity on the last ``ppl_windows`` windows of its
+    held-out part; ``model`` / ``tokenizer`` / ``calibration`` (ids ``[n, seqlen]``) /
+    ``eval_text`` replace them (tests use a tiny model).
+    """
+
+    def __init__(self, nsamples: int, seqlen: int, ppl_windows: int, seed: int, *, model=None,
+                 tokenizer=None, calibration=None, eval_text="embedded"):
+        from pruning.calibration import get_calibration
+        from pruning.embedded import EMBEDDED_MODEL_NAME, load_embedded_model
+
+        self.name = EMBEDDED_MODEL_NAME if model is None else type(model).__name__
+        if model is None:
+            model, tokenizer = load_embedded_model()
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.dense_state = {k: v.clone() for k, v in model.state_dict().items()}
+        self.ids = calibration if calibration is not None else get_calibration(
+            "embedded", tokenizer, nsamples=nsamples, seqlen=seqlen, seed=seed)
+        self.seqlen, self.ppl_windows, self.eval_text = seqlen, ppl_windows, eval_text
+
+    def ppl(self) -> float:
+        from pruning.eval import perplexity
+
+        return perplexity(self.model, self.tokenizer, self.eval_text, seqlen=self.seqlen,
+                          max_windows=self.ppl_windows, progress=False)
+
+    def prune(self, **arguments):
+        """``(PruneResult, seconds)`` of ``pruning.prune`` from the dense weights."""
+        import pruning
+
+        self.model.load_state_dict(self.dense_state)
+        t0 = time.perf_counter()
+        result = pruning.prune(self.model, self.ids, batch_size=4, progress=False, **arguments)
+        return result, time.perf_counter() - t0

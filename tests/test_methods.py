@@ -91,6 +91,18 @@ PATTERNS = {
 SHAPES = [(40, 72), (33, 48)]
 
 
+def check_tier_pattern(mask, tiers, k, b=16):
+    """Dense blocks keep all, 2:4 blocks 2 of every 4, top-K blocks min(k, size)."""
+    for br, bc, blk in blocks_of(mask, b):
+        tier = int(tiers[br, bc])
+        if tier == DENSE:
+            assert blk.all()
+        elif tier == SPARSE_24:
+            assert (blk.reshape(blk.shape[0], -1, 4).sum(-1) == 2).all()
+        else:
+            assert int(blk.sum()) == min(k, blk.numel())
+
+
 def check_invariants(method_name, pattern, weight, result):
     out_f, in_f = weight.shape
     mask = result.mask
@@ -120,16 +132,11 @@ def check_invariants(method_name, pattern, weight, result):
         else:
             assert (tiers == TOPK).sum() == int(n * pattern.sparsity)
             assert (tiers == SPARSE_24).sum() == 0
-        for br, bc, blk in blocks_of(mask, b):
-            tier = int(tiers[br, bc])
-            if tier == DENSE:
-                assert blk.all()
-            elif tier == SPARSE_24:
-                assert (blk.reshape(blk.shape[0], -1, 4).sum(-1) == 2).all()
-            elif pattern.kind == "block":
-                assert not blk.any()
-            else:
-                assert blk.sum() == min(pattern.topk, blk.numel())
+        if pattern.kind == "block":  # removed blocks keep nothing
+            for br, bc, blk in blocks_of(mask, b):
+                assert blk.all() if int(tiers[br, bc]) == DENSE else not blk.any()
+        else:
+            check_tier_pattern(mask, tiers, pattern.topk, b)
         # The tiered weight packs into the hybrid format.
         final = result.pruned_weight(weight)
         packed = sk.HybridWeight.from_dense(final, tiers, pattern.topk, b)
@@ -456,16 +463,6 @@ def test_tier_sweep_row_weight_moves_top_k_slots_to_heavy_rows():
     assert int(weighted.sum()) == int(plain.sum()) == 15
     assert int(weighted[:4].sum()) == 15 > int(plain[:4].sum())
 
-
-def check_tier_pattern(mask, tiers, k, b=16):
-    for br, bc, blk in blocks_of(mask, b):
-        tier = int(tiers[br, bc])
-        if tier == DENSE:
-            assert blk.all()
-        elif tier == SPARSE_24:
-            assert (blk.reshape(blk.shape[0], -1, 4).sum(-1) == 2).all()
-        else:
-            assert int(blk.sum()) == min(k, blk.numel())
 
 
 def test_budget_pattern_validation_and_description():
