@@ -16,6 +16,7 @@ mix per layer x module of ``--map-config``'s allocation (where the bytes went).
   python benchmarks/bench_frontier.py                         # the whole frontier (hours)
   python benchmarks/bench_frontier.py --series sparsegpt-model --budgets 0.5625,0.62
   python benchmarks/bench_frontier.py --plot benchmarks/results/frontier-....json
+  python benchmarks/bench_frontier.py --allocation-of out/report.json --out main-job.png
 """
 import argparse
 import json
@@ -220,6 +221,18 @@ def plot_allocation(record: dict, path: str) -> str:
     return path
 
 
+def plot_report_allocation(report_path: str, png: str | None) -> str:
+    """The heat map of a ``hybrid-prune prune --save`` run, from its ``report.json``."""
+    with open(report_path) as f:
+        report = json.load(f)
+    prune = report["report"]
+    record = {"config": f"{report['model']}: {report.get('pattern_spec', report['pattern'])}",
+              "packed_bytes_fraction": prune["packed_bytes"]["fraction"],
+              "ppl": report.get("ppl", {}).get("pruned", float("nan")),
+              "per_module": {n: e["tier_blocks"] for n, e in prune["per_module"].items()}}
+    return plot_allocation(record, png or os.path.splitext(report_path)[0] + "-allocation.png")
+
+
 def plot(path: str) -> list[str]:
     """Both PNGs of a frontier JSON (skipped, with a note, without matplotlib)."""
     try:
@@ -254,8 +267,11 @@ def parse_args(argv=None):
     p.add_argument("--resume", action="store_true",
                    help="keep the records already in --out and run only the missing ones")
     p.add_argument("--plot", default=None, metavar="JSON", help="only draw the PNGs of a JSON")
+    p.add_argument("--allocation-of", default=None, metavar="REPORT",
+                   help="only draw the tier heat map of a hybrid-prune --save report.json "
+                        "(to --out, a .png)")
     args = p.parse_args(argv)
-    if args.plot:
+    if args.plot or args.allocation_of:
         return args
     args.series = [s for s in args.series.split(",") if s]
     args.fixed = [s for s in args.fixed.split(",") if s and s != "none"]
@@ -277,6 +293,8 @@ def main(argv=None, model=None, tokenizer=None, calibration=None, eval_text="emb
     args = parse_args(argv)
     if args.plot:
         return plot(args.plot)
+    if args.allocation_of:
+        return plot_report_allocation(args.allocation_of, args.out)
     run = PruneRun(args.nsamples, args.seqlen, args.ppl_windows, args.seed, model=model,
                    tokenizer=tokenizer, calibration=calibration, eval_text=eval_text)
     path = args.out or results_path(torch.device("cpu"), prefix="frontier-")

@@ -105,3 +105,20 @@ def test_bench_frontier_records_every_configuration_and_resumes(tmp_path):
     again = json.loads(out.read_text())["records"]
     assert [r["config"] for r in again][-1] == "wanda-matrix@0.8"
     assert len(again) == len(records)
+
+
+def test_allocation_heat_map_of_a_saved_prune(tmp_path):
+    pytest.importorskip("matplotlib", reason="the heat map needs matplotlib (optional)")
+    import bench_frontier
+    import pruning
+    from tiny_models import calibration_ids, llama
+
+    result = pruning.prune(llama(), calibration_ids(), "wanda", "three_tier", budget=0.6,
+                           progress=False)
+    report = {"model": "tiny", "pattern": "three_tier", "pattern_spec": result.pattern.describe(),
+              "ppl": {"pruned": 12.0}, "report": result.report}
+    path = tmp_path / "report.json"
+    path.write_text(json.dumps(report))
+    png = bench_frontier.main(["--allocation-of", str(path), "--out", str(tmp_path / "map.png")])
+    with open(png, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
