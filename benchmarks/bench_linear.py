@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import sparse_kernels as sk  # noqa: E402
 from common import (TIER_MIXES, CacheFlusher, median_ms, results_path,  # noqa: E402
                     significant, write_results)
-from pruning import apply_tier_map, assign_tiers  # noqa: E402
+from sparse_kernels import apply_tier_map, assign_tiers  # noqa: E402
 
 DEFAULT_SHAPES = "4096x4096,11008x4096,4096x11008,1024x1024"
 QUICK_SHAPES = "1024x1024"

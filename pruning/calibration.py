@@ -193,19 +193,19 @@ def _local_text(path: Path) -> str:
     return "\n\n".join(parts)
 
 
-def _load_dataset(source: str, *args, **kwargs):
+def load_dataset_or_explain(source: str, *args, **kwargs):
     """``datasets.load_dataset`` with errors that say what went wrong and what to do."""
     try:
         import datasets
     except ImportError as err:
-        raise ImportError(f"calibration source {source!r} is read with the datasets library, "
-                          f"which is not installed: pip install datasets") from err
+        raise ImportError(f"source {source!r} is read with the datasets library, which is not "
+                          f"installed: pip install datasets") from err
     try:
         return datasets.load_dataset(*args, **kwargs)
     except Exception as err:  # offline, missing dataset, removed loading script, ...
         call = ", ".join([repr(a) for a in args] + [f"{k}={v!r}" for k, v in kwargs.items()])
         raise RuntimeError(
-            f"calibration source {source!r} needs the Hugging Face hub "
+            f"source {source!r} needs the Hugging Face hub "
             f"(datasets.load_dataset({call})) and could not be loaded: "
             f"{type(err).__name__}: {err}. Without hub access, pass a local copy of the text as a "
             f"file path (.txt, .jsonl, or a folder of them), or use source='embedded'.") from err
@@ -213,10 +213,10 @@ def _load_dataset(source: str, *args, **kwargs):
 
 def _c4(split: str):
     if split == "train":
-        return _load_dataset("c4", "allenai/c4",
+        return load_dataset_or_explain("c4", "allenai/c4",
                              data_files={"train": "en/c4-train.00000-of-01024.json.gz"},
                              split="train")
-    return _load_dataset("c4", "allenai/c4",
+    return load_dataset_or_explain("c4", "allenai/c4",
                          data_files={"validation": "en/c4-validation.00000-of-00008.json.gz"},
                          split="validation")
 
@@ -225,16 +225,16 @@ def _named_text(name: str, split: str) -> str:
     if name == "embedded":
         return embedded.embedded_text("calibration" if split == "train" else "evaluation")
     if name == "wikitext2":
-        data = _load_dataset(name, "wikitext", "wikitext-2-raw-v1", split=split)
+        data = load_dataset_or_explain(name, "wikitext", "wikitext-2-raw-v1", split=split)
         return (" " if split == "train" else "\n\n").join(data["text"])
     if name == "c4":
         data = _c4(split)
         return " ".join(data[:_C4_TEXT_DOCS]["text"])
     if name == "ptb":
-        data = _load_dataset(name, "ptb_text_only", "penn_treebank", split=split)
+        data = load_dataset_or_explain(name, "ptb_text_only", "penn_treebank", split=split)
         return " ".join(data["sentence"])
     if name.startswith("squad"):
-        data = _load_dataset(name, "rajpurkar/squad",
+        data = load_dataset_or_explain(name, "rajpurkar/squad",
                              split="train" if split == "train" else "validation")
         if name == "squad:context":
             return "\n\n".join(dict.fromkeys(data["context"]))  # distinct, in order
@@ -243,7 +243,7 @@ def _named_text(name: str, split: str) -> str:
         return "\n\n".join(f"Context: {c}\nQuestion: {q}"
                            for c, q in zip(data["context"], data["question"]))
     if name == "gsm8k":
-        data = _load_dataset(name, "openai/gsm8k", "main", split=split)
+        data = load_dataset_or_explain(name, "openai/gsm8k", "main", split=split)
         return "\n\n".join(f"{q}\n{a}" for q, a in zip(data["question"], data["answer"]))
     raise ValueError(f"unknown calibration source {name!r}; choose one of {_choices()}")
 

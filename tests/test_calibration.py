@@ -286,7 +286,7 @@ def fake_hub(monkeypatch):
         calls.append((source, args, kwargs))
         return datasets.Dataset.from_dict(tables[args[0]])
 
-    monkeypatch.setattr(cal, "_load_dataset", load)
+    monkeypatch.setattr(cal, "load_dataset_or_explain", load)
     return calls
 
 
