@@ -34,6 +34,10 @@ class PruneResult:
     pattern: Pattern
     topks: dict[str, int] = dataclasses.field(default_factory=dict)
 
+    @property
+    def block_size(self) -> int:
+        return self.pattern.block_size
+
     def save_tier_maps(self, path: str | os.PathLike, source_model: str | None = None) -> None:
         spec = self.pattern
         fixed_ratios = spec.kind == "three_tier" and spec.budget is None

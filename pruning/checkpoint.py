@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -12,7 +13,91 @@ from torch import nn
 import sparse_kernels as sk
 from sparse_kernels.atomic import atomic_file, write_into_folder
 
-__all__ = ["packable_tier_maps", "pack_model", "save_pruned", "write_report"]
+__all__ = ["PrunedModel", "load_pruned", "unpack_model", "packable_tier_maps", "pack_model",
+           "save_pruned", "write_report"]
+
+
+@dataclass
+class PrunedModel:
+    """A pruned model ready for more work (fine-tuning, evaluation): dense ``nn.Linear`` weights
+    with ``masks`` (True = the format keeps a slot there), and the ``tier_maps`` / ``topks`` /
+    ``block_size`` to pack it again; ``meta`` is what made them (tier-map file metadata)."""
+
+    model: nn.Module
+    tokenizer: object
+    masks: dict[str, torch.Tensor]
+    tier_maps: dict[str, torch.Tensor]
+    topks: dict[str, int]
+    block_size: int = 16
+    meta: dict = field(default_factory=dict)
+
+    def save_tier_maps(self, path, source_model: str | None = None) -> None:
+        from .tier_io import save_tier_maps
+
+        save_tier_maps(path, self.tier_maps, block_size=self.block_size, topk=self.topks,
+                       tier_ratios=self.meta.get("tier_ratios"), budget=self.meta.get("budget"),
+                       method=self.meta.get("method"), source_model=source_model)
+
+
+def unpack_model(model: nn.Module) -> tuple[dict, dict, dict, int]:
+    """Swap every ``HybridSparseLinear`` back for an ``nn.Linear`` holding its masked weight (in
+    place, one at a time); returns ``(masks, tier maps, K per module, block size)`` with the
+    packing's slots as the masks (see ``HybridWeight.kept_mask``)."""
+    masks, tier_maps, topks, block_size = {}, {}, {}, 16
+    names = [n for n, m in model.named_modules() if isinstance(m, sk.HybridSparseLinear)]
+    for name in names:
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        packed = getattr(parent, attr)
+        weight = packed.hybrid_weight
+        linear = nn.Linear(packed.in_features, packed.out_features, packed.bias is not None,
+                           device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(weight.to_dense())
+            if packed.bias is not None:
+                linear.bias.copy_(packed.bias)
+        masks[name] = weight.kept_mask().cpu()
+        tier_maps[name], topks[name] = weight.tier_map.clone(), weight.topk
+        block_size = weight.block_size
+        setattr(parent, attr, linear)
+    config = getattr(model, "config", None)
+    if names and config is not None and hasattr(config, "quantization_config"):
+        del config.quantization_config  # dense again: a save writes plain weights
+    for attr in ("hf_quantizer", "is_quantized", "quantization_method"):
+        if hasattr(model, attr):
+            delattr(model, attr)
+    return masks, tier_maps, topks, block_size
+
+
+def load_pruned(folder: str | os.PathLike, *, dtype: torch.dtype | None = None,
+                device: str | None = None) -> PrunedModel:
+    """A folder ``hybrid-prune prune --save`` wrote, packed or dense (zero-filled, with its
+    ``tier_maps.safetensors``), as a :class:`PrunedModel` of dense Linears and masks. A dense
+    folder's masks are its non-zero weights."""
+    from .loading import load_model
+    from .models import get_weight
+    from .tier_io import load_tier_maps
+
+    model, tokenizer, _ = load_model(str(folder), dtype=dtype, device=device)
+    masks, tier_maps, topks, block_size = unpack_model(model)
+    tier_file = Path(folder).expanduser() / "tier_maps.safetensors"
+    meta = {}
+    if tier_file.is_file():
+        saved, meta = load_tier_maps(tier_file, model)
+        block_size = meta["block_size"]
+        for name, tiers in saved.items():
+            if name in masks:
+                continue
+            # Saved dense (a dense checkpoint, or a Conv1D the kernels do not replace): the zeros
+            # are the pruning.
+            weight = get_weight(model.get_submodule(name)).detach()
+            masks[name] = (weight != 0).cpu()
+            tier_maps[name] = tiers
+            topks[name] = meta["topk"] if isinstance(meta["topk"], int) else meta["topk"][name]
+    if not masks:
+        raise ValueError(f"{str(folder)!r} holds no pruned model: no packed modules and no "
+                         f"tier_maps.safetensors (write it with hybrid-prune prune --save)")
+    return PrunedModel(model, tokenizer, masks, tier_maps, topks, block_size, meta)
 
 
 def packable_tier_maps(model: nn.Module, tier_maps: dict) -> dict:
@@ -22,12 +107,13 @@ def packable_tier_maps(model: nn.Module, tier_maps: dict) -> dict:
             if isinstance(model.get_submodule(n), nn.Linear)}
 
 
-def pack_model(model: nn.Module, result) -> int:
-    """Swap the pruned Linears of ``result`` (a ``PruneResult``) for ``HybridSparseLinear``, in
-    place, one at a time; returns how many. Their weights must still be the pruned ones."""
-    maps = packable_tier_maps(model, result.tier_maps)
-    sk.sparsify_model(model, maps, topk={n: result.topks[n] for n in maps},
-                      block_size=result.pattern.block_size)
+def pack_model(model: nn.Module, tiers) -> int:
+    """Swap the pruned Linears for ``HybridSparseLinear``, in place, one at a time; returns how
+    many. ``tiers``: a ``PruneResult`` or :class:`PrunedModel` (``tier_maps``, ``topks``,
+    ``block_size``); the weights must follow the maps."""
+    maps = packable_tier_maps(model, tiers.tier_maps)
+    sk.sparsify_model(model, maps, topk={n: tiers.topks[n] for n in maps},
+                      block_size=tiers.block_size)
     return len(maps)
 
 
@@ -45,12 +131,13 @@ def _dense_checkpoint_bytes(model: nn.Module) -> int:
     return total + sum(seen.values())
 
 
-def save_pruned(folder: str | os.PathLike, model: nn.Module, tokenizer, result, report: dict, *,
+def save_pruned(folder: str | os.PathLike, model: nn.Module, tokenizer, tiers, report: dict, *,
                 source_model: str | None = None, dense_copy: bool = False,
                 overwrite: bool = False) -> dict:
     """Write a pruned model to ``folder``: the packed checkpoint (``config.json`` with the
     packed format's ``quantization_config``, the packed tensors of every tiered Linear, every
-    other weight as it is), its tokenizer, ``tier_maps.safetensors`` and ``report.json``;
+    other weight as it is), its tokenizer, ``tier_maps.safetensors`` and ``report.json``.
+    ``tiers``: the ``PruneResult`` or :class:`PrunedModel` the weights follow;
     ``dense_copy`` also writes the zero-filled dense model to ``folder/dense``. A prune without
     tier maps (unstructured, N:M other than 2:4) has nothing to pack: the dense model is written.
 
@@ -66,15 +153,15 @@ def save_pruned(folder: str | os.PathLike, model: nn.Module, tokenizer, result, 
         if dense_copy:
             model.save_pretrained(tmp / "dense")
             tokenizer.save_pretrained(tmp / "dense")
-        if result.tier_maps and not any(isinstance(m, sk.HybridSparseLinear)
-                                        for m in model.modules()):
-            packed_modules = pack_model(model, result)
-        elif result.tier_maps:
+        if tiers.tier_maps and not any(isinstance(m, sk.HybridSparseLinear)
+                                       for m in model.modules()):
+            packed_modules = pack_model(model, tiers)
+        elif tiers.tier_maps:
             packed_modules = sum(isinstance(m, sk.HybridSparseLinear) for m in model.modules())
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if result.tier_maps:
-            result.save_tier_maps(tmp / "tier_maps.safetensors", source_model)
+        if tiers.tier_maps:
+            tiers.save_tier_maps(tmp / "tier_maps.safetensors", source_model)
         written = sum(p.stat().st_size for p in tmp.glob("*.safetensors")
                       if p.name != "tier_maps.safetensors")
         report["checkpoint"] = {"bytes": written, "dense_bytes": dense_bytes,

@@ -11,6 +11,7 @@ api.py, eval.py, checkpoint.py, timing.py), which a Python user calls the same w
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -109,6 +110,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="swap in HybridSparseLinear and time one decode step dense vs hybrid "
                         "(default: on for the embedded model)")
 
+    f = sub.add_parser("finetune", help="recover a pruned model without reviving a pruned weight")
+    _add_model_args(f)
+    _add_finetune_args(f)
+    f.add_argument("--save", required=True, metavar="DIR",
+                   help="write the fine-tuned model as prune --save does (packed)")
+    f.add_argument("--overwrite", action="store_true",
+                   help="let --save replace the files it writes in a non-empty DIR")
+
     e = sub.add_parser("eval", help="perplexity / zero-shot accuracy of a (pruned) model")
     _add_model_args(e)
     e.add_argument("--tasks", nargs="*", default=None,
@@ -125,6 +134,72 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluate a dense pruned model with HybridSparseLinear (needs --tier-maps)")
     e.add_argument("--out", default=None, metavar="JSON", help="write the results as JSON")
     return parser
+
+
+def _add_finetune_args(p: argparse.ArgumentParser) -> None:
+    from .finetune import LOSSES, MODES
+
+    p.add_argument("--mode", choices=MODES, default="masked",
+                   help="masked: the pruned weights train, masked; lora: adapters merged and "
+                        "re-masked at the end")
+    p.add_argument("--loss", choices=LOSSES, default="lm",
+                   help="language-model loss, distillation from the dense model, or both")
+    p.add_argument("--teacher", default=None,
+                   help="the dense model to distil from (default: the model the prune started "
+                        "from, as its report.json names it)")
+    p.add_argument("--hidden-weight", type=float, default=0.0,
+                   help="distillation: weight of the per-layer hidden-state loss (SquareHead)")
+    p.add_argument("--temperature", type=float, default=2.0, help="distillation temperature")
+    p.add_argument("--data", default="embedded",
+                   help="text (embedded, wikitext2, c4, a .txt/.jsonl) or instructions (squad, "
+                        "gsm8k, boolq, alpaca, or a .jsonl with --fields)")
+    p.add_argument("--fields", default=None, metavar="prompt=KEY,answer=KEY[,context=KEY]",
+                   help="the keys of a local instruction .jsonl")
+    p.add_argument("--max-steps", type=int, default=None, help="optimizer steps")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="tokens the loss counts (whichever of the two ends first)")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--batch-size", type=int, default=4, help="sequences per micro-batch")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step")
+    p.add_argument("--warmup", type=float, default=0.05, help="fraction of the steps")
+    p.add_argument("--schedule", choices=("cosine", "constant"), default="cosine")
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--lora-rank", type=int, default=16)
+    p.add_argument("--lora-alpha", type=int, default=32)
+    p.add_argument("--lora-dropout", type=float, default=0.0)
+    p.add_argument("--lora-targets", nargs="*", default=None,
+                   help="module names to adapt (default: every pruned Linear's name)")
+    p.add_argument("--eval-every", type=int, default=0,
+                   help="held-out perplexity every N steps (0: only before and after)")
+    p.add_argument("--checkpoint-every", type=int, default=0,
+                   help="save the training state every N steps (into DIR-finetune-state)")
+    p.add_argument("--resume", action="store_true", help="continue from DIR-finetune-state")
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def finetune_config(args):
+    """The ``FinetuneConfig`` of the command line's fine-tuning arguments."""
+    from .finetune import FinetuneConfig
+
+    return FinetuneConfig(
+        mode=args.mode, loss=args.loss, max_steps=args.max_steps, max_tokens=args.max_tokens,
+        lr=args.lr, weight_decay=args.weight_decay, warmup=args.warmup, schedule=args.schedule,
+        grad_accum=args.grad_accum, temperature=args.temperature,
+        hidden_weight=args.hidden_weight, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        lora_targets=tuple(args.lora_targets) if args.lora_targets else None,
+        eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
+        gradient_checkpointing=args.gradient_checkpointing, seed=args.seed)
+
+
+def _fields(text: str | None) -> dict | None:
+    if text is None:
+        return None
+    try:
+        return dict(pair.split("=", 1) for pair in text.split(","))
+    except ValueError:
+        raise SystemExit(f"--fields takes prompt=KEY,answer=KEY[,context=KEY], got {text!r}")
 
 
 def _perplexity(model, tokenizer, args) -> float:
@@ -235,6 +310,72 @@ def run_prune(args) -> dict:
     return out
 
 
+def run_finetune(args) -> dict:
+    import shutil
+    from pathlib import Path
+
+    from sparse_kernels.atomic import check_output_folder
+
+    from .checkpoint import load_pruned, save_pruned
+    from .embedded import EMBEDDED_MODEL_NAME
+    from .finetune import finetune
+    from .finetune_data import finetune_data
+    from .loading import load_model
+
+    if args.model is None:
+        raise SystemExit("finetune --model DIR: the folder hybrid-prune prune --save wrote")
+    config = finetune_config(args)
+    check_output_folder(args.save, overwrite=args.overwrite)
+    pruned = load_pruned(args.model, dtype=DTYPES[args.dtype] if args.dtype else None,
+                         device=args.device)
+    source = _source_model(args.model)
+    out = {"model": source, "pruned_model": args.model, "finetune": {}, "ppl": {}}
+    teacher = None
+    if config.distills:
+        name = args.teacher or (None if source == EMBEDDED_MODEL_NAME else source)
+        teacher = load_model(name, dtype=DTYPES[args.dtype] if args.dtype else None,
+                             device=args.device)[0]
+    data = finetune_data(args.data, pruned.tokenizer, args.seqlen, args.batch_size, args.seed,
+                         fields=_fields(args.fields))
+
+    def eval_fn(model):
+        return _perplexity(model, pruned.tokenizer, args)
+
+    out["ppl"]["before"] = eval_fn(pruned.model)
+    print(f"perplexity before ({args.ppl_source}): {out['ppl']['before']:.3f}")
+    state = Path(f"{str(args.save).rstrip('/')}-finetune-state")
+    result = finetune(pruned.model, data, pruned.masks, config, teacher=teacher,
+                      eval_fn=eval_fn, checkpoint_dir=state, resume=args.resume)
+    pruned.model = result.model
+    out["ppl"]["after"] = eval_fn(result.model)
+    out["finetune"] = {"config": dataclasses.asdict(config),
+                       "steps": result.steps, "tokens": result.tokens,
+                       "seconds": round(result.seconds, 1), "history": result.history,
+                       "lora": result.lora}
+    print(f"fine-tuned {result.steps} steps on {result.tokens:,} tokens in "
+          f"{result.seconds:.0f} s; perplexity after: {out['ppl']['after']:.3f}")
+    if result.lora:
+        print(f"LoRA merge: the re-mask removed {result.lora['removed_fraction']:.1%} of the "
+              f"update's energy")
+    save_pruned(args.save, pruned.model, pruned.tokenizer, pruned, out, source_model=source,
+                overwrite=args.overwrite)
+    print(f"saved to {args.save}")
+    if state.is_dir():  # only resuming needed it
+        shutil.rmtree(state)
+    return out
+
+
+def _source_model(folder: str) -> str:
+    """The model a pruned folder started from, as its report.json names it."""
+    import os
+
+    report = os.path.join(os.path.expanduser(folder), "report.json")
+    if os.path.isfile(report):
+        with open(report) as f:
+            return json.load(f).get("model", folder)
+    return folder
+
+
 def run_eval(args) -> dict:
     from .eval import format_zero_shot, zero_shot
 
@@ -280,7 +421,7 @@ def main(argv=None) -> int:
         argv.insert(0, "prune")  # no subcommand: prune
     args = build_parser().parse_args(argv)
     try:
-        (run_prune if args.command == "prune" else run_eval)(args)
+        {"prune": run_prune, "finetune": run_finetune, "eval": run_eval}[args.command](args)
     except (FileNotFoundError, FileExistsError, NotADirectoryError) as err:
         raise SystemExit(f"hybrid-prune: {err}") from None
     return 0

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import os
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -361,6 +362,15 @@ class HybridWeight:
         """The masked weight ``[out, in]``, bit-exact (zeros come back as +0.0)."""
         return reference.unpack_blocks(*self.packed_tensors(), self.out_features,
                                        self.in_features)
+
+    def kept_mask(self) -> torch.Tensor:
+        """Bool ``[out, in]``: the positions this packing has a slot for (dense blocks whole, the
+        2:4 slots, the top-K positions), whatever the values there. Training a weight inside
+        these positions keeps it packable with the same tier map."""
+        ones = {name: torch.ones_like(getattr(self, name))
+                for name in ("dense_vals", "s24_vals", "topk_vals")}
+        slots = dataclasses.replace(self, **ones)
+        return slots.to_dense() != 0
 
     def to(self, device=None, dtype: torch.dtype | None = None) -> HybridWeight:
         """Copy to another device and/or value dtype (indices keep their dtypes)."""

@@ -204,3 +204,38 @@ def test_text_batches_are_a_function_of_the_step():
     data = learnable_text()
     assert torch.equal(data.batch(7).input_ids, data.batch(7).input_ids)
     assert not torch.equal(data.batch(7).input_ids, data.batch(8).input_ids)
+
+
+def test_the_command_line_fine_tunes_a_saved_prune_and_saves_it_packed(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from pruning.checkpoint import load_pruned, save_pruned
+    from pruning.cli import main
+
+    model, dense, result = pruned()
+    tok = tokenizer()
+    dense.save_pretrained(tmp_path / "dense")
+    tok.save_pretrained(tmp_path / "dense")
+    save_pruned(tmp_path / "pruned", model, tok, result, {"model": str(tmp_path / "dense")})
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"w{i % 40}" for i in range(3000)))
+    assert main(["finetune", "--model", str(tmp_path / "pruned"), "--save", str(tmp_path / "ft"),
+                 "--data", str(text), "--ppl-source", str(text), "--ppl-windows", "2",
+                 "--seqlen", "16", "--max-steps", "4", "--lr", "1e-2", "--loss", "lm+distill",
+                 "--checkpoint-every", "2"]) == 0
+    report = json.loads((tmp_path / "ft" / "report.json").read_text())
+    assert report["finetune"]["steps"] == 4 and report["model"] == str(tmp_path / "dense")
+    assert set(report["ppl"]) == {"before", "after"}
+    assert not (tmp_path / "ft-finetune-state").exists()  # only a resume would need it
+    # Packed again with the same tier maps; the weights changed, every pruned one stayed zero.
+    before, after = load_pruned(tmp_path / "pruned"), load_pruned(tmp_path / "ft")
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "ft") is not None
+    changed = False
+    for name, mask in before.masks.items():
+        assert torch.equal(after.masks[name], mask)
+        assert torch.equal(after.tier_maps[name], before.tier_maps[name])
+        new = get_weight(after.model.get_submodule(name))
+        old = get_weight(before.model.get_submodule(name))
+        assert not bool(new[~mask].any())
+        changed |= not torch.equal(new, old)
+    assert changed
