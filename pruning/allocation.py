@@ -43,7 +43,8 @@ class MatrixCost:
 
     losses: float64 ``[nbr, nbc, 3]`` (:func:`tier_losses`). out_features / in_features: the
     weight's shape. dtype: the value dtype the bytes are counted in. topk, block_size: the
-    format's K and B.
+    format's K and B. best_tier: int8 ``[nbr, nbc]`` or None, the best tier each block may
+    take (a progressive prune never promotes a block it demoted).
     """
 
     losses: torch.Tensor
@@ -52,6 +53,7 @@ class MatrixCost:
     dtype: torch.dtype
     topk: int = 15
     block_size: int = 16
+    best_tier: torch.Tensor | None = None
 
     @property
     def block_costs(self) -> tuple[int, int, int]:
@@ -127,35 +129,45 @@ def minimum_budget(matrices: list[MatrixCost], allow_topk: bool = True) -> float
     return need / sum(m.dense_nbytes for m in matrices)
 
 
-def _upgrades(losses: torch.Tensor, costs: tuple[int, int, int], allow_topk: bool):
+def _upgrades(losses: torch.Tensor, costs: tuple[int, int, int], allow_topk: bool,
+              best: torch.Tensor | None = None):
     """Start tiers ``[n]`` and the upgrades of ``n`` blocks along their convex hulls.
 
-    Returns ``(start, block, to, extra_bytes, rate)``; the upgrades are listed first-steps
-    first, so a stable sort by falling rate never puts a block's second step before its first.
+    ``best`` (int8 ``[n]``, optional): the best tier each block may take (a block demoted
+    earlier is never promoted); a block capped at 2:4 can only step up to 2:4, one capped at
+    top-K not at all. Returns ``(start, block, to, extra_bytes, rate)``; the upgrades are listed
+    first-steps first, so a stable sort by falling rate never puts a block's second step before
+    its first.
     """
     n = losses.shape[0]
     l_dense, l_24, l_topk = losses.unbind(1)
     c_dense, c_24, c_topk = costs
     ids = torch.arange(n)
+    best = torch.full((n,), DENSE, dtype=torch.int8) if best is None else best.flatten()
     if not allow_topk:
         start = torch.full((n,), SPARSE_24, dtype=torch.int8)
-        return (start, ids, torch.full((n,), DENSE, dtype=torch.int8),
-                torch.full((n,), c_dense - c_24, dtype=torch.int64),
-                (l_24 - l_dense) / (c_dense - c_24))
+        free = best == DENSE
+        return (start, ids[free], torch.full((int(free.sum()),), DENSE, dtype=torch.int8),
+                torch.full((int(free.sum()),), c_dense - c_24, dtype=torch.int64),
+                ((l_24 - l_dense) / (c_dense - c_24))[free])
     start = torch.full((n,), TOPK, dtype=torch.int8)
     rate_to_24 = (l_topk - l_24) / (c_24 - c_topk)
     rate_24_to_dense = (l_24 - l_dense) / (c_dense - c_24)
-    # 2:4 is on the hull when stepping through it saves at least as much per byte first.
-    hull = rate_to_24 >= rate_24_to_dense
+    # 2:4 is on the hull when stepping through it saves at least as much per byte first; a
+    # block capped at 2:4 has it as its only step.
+    hull = (rate_to_24 >= rate_24_to_dense) | (best == SPARSE_24)
     first_to = torch.where(hull, SPARSE_24, DENSE).to(torch.int8)
     first_bytes = torch.where(hull, c_24 - c_topk, c_dense - c_topk).to(torch.int64)
     first_rate = torch.where(hull, rate_to_24, (l_topk - l_dense) / (c_dense - c_topk))
-    second = ids[hull]
-    block = torch.cat([ids, second])
-    to = torch.cat([first_to, torch.full((len(second),), DENSE, dtype=torch.int8)])
-    extra = torch.cat([first_bytes, torch.full((len(second),), c_dense - c_24,
-                                               dtype=torch.int64)])
-    rate = torch.cat([first_rate, rate_24_to_dense[hull]])
+    # A capped block's step to 2:4 may lose more than it saves (top-K keeps its best weights
+    # better): never take a step that raises the loss.
+    first = (best != TOPK) & (first_rate >= 0)
+    second = ids[hull & (best == DENSE)]
+    block = torch.cat([ids[first], second])
+    to = torch.cat([first_to[first], torch.full((len(second),), DENSE, dtype=torch.int8)])
+    extra = torch.cat([first_bytes[first], torch.full((len(second),), c_dense - c_24,
+                                                      dtype=torch.int64)])
+    rate = torch.cat([first_rate[first], rate_24_to_dense[second]])
     return start, block, to, extra, rate
 
 
@@ -190,16 +202,22 @@ def allocate(matrices: list[MatrixCost], budget: float, *, allow_topk: bool = Tr
         return []
     budget = _check_budget(matrices, budget, allow_topk)
     floor = minimum_budget(matrices, allow_topk)
-    starts, blocks, tos, extras, rates = [], [], [], [], []
+    starts, blocks, tos, extras, rates, firsts = [], [], [], [], [], []
     offset = 0
     for m in matrices:
         losses = m.losses.reshape(-1, 3).double().cpu()
-        start, block, to, extra, rate = _upgrades(losses, m.block_costs, allow_topk)
+        start, block, to, extra, rate = _upgrades(losses, m.block_costs, allow_topk,
+                                                  m.best_tier)
         starts.append(start)
         blocks.append(block + offset)
         tos.append(to)
         extras.append(extra)
         rates.append(rate)
+        # A block's second step (2:4 -> dense) is the later of its two entries.
+        order = torch.arange(len(block))
+        earliest = torch.full((losses.shape[0],), len(block), dtype=torch.int64)
+        earliest.scatter_reduce_(0, block, order, reduce="amin")
+        firsts.append(earliest[block] == order)
         offset += losses.shape[0]
     total_dense = sum(m.dense_nbytes for m in matrices)
     spare = max(int(budget * total_dense) - round(floor * total_dense), 0)
@@ -208,7 +226,7 @@ def allocate(matrices: list[MatrixCost], budget: float, *, allow_topk: bool = Tr
     tiers = torch.cat(starts)
     order_key = torch.cat(rates)
     block, to, extra = torch.cat(blocks), torch.cat(tos), torch.cat(extras)
-    first = torch.cat([torch.arange(len(b)) < s.numel() for b, s in zip(blocks, starts)])
+    first = torch.cat(firsts)
     block, to, extra, order_key = (torch.cat([t[first], t[~first]])
                                    for t in (block, to, extra, order_key))
     order = torch.sort(order_key, descending=True, stable=True).indices

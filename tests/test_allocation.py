@@ -129,13 +129,15 @@ def test_lagrangian_optimality_and_near_brute_force_optimum(seed):
         # The greedy is optimal up to the one upgrade that did not fit: its loss is within
         # the largest single-block loss step of the brute-force optimum.
         assert got - best <= float(cost.losses.reshape(-1, 3)[:, 2].max()) + 1e-9
-        # Every block's tier minimises loss + lambda * bytes for some lambda >= 0.
-        penalised = lambda lam: cost.losses.reshape(-1, 3) + lam * costs  # noqa: E731
-        rows = torch.arange(tiers.numel())
-        assert any(bool((penalised(lam)[rows, tiers.flatten().long()]
-                         <= penalised(lam).min(1).values + 1e-9).all())
-                   for lam in torch.cat([torch.tensor([0.0]),
-                                         torch.logspace(-6, 6, 2000, dtype=torch.float64)]))
+        # Every block's tier minimises loss + lambda * bytes for some lambda >= 0 (all the
+        # lambdas tried at once: [lambdas, blocks, tiers]).
+        lambdas = torch.cat([torch.zeros(1, dtype=torch.float64),
+                             torch.logspace(-6, 6, 2000, dtype=torch.float64)])
+        penalised = cost.losses.reshape(1, -1, 3) + lambdas.view(-1, 1, 1) * costs
+        chosen = penalised.gather(2, tiers.flatten().long().view(1, -1, 1).expand(
+            len(lambdas), -1, 1)).squeeze(2)
+        optimal = (chosen <= penalised.min(2).values + 1e-9).all(1)
+        assert bool(optimal.any())
 
 
 def test_loss_never_rises_with_the_budget():
@@ -221,3 +223,21 @@ def test_a_k_that_costs_as_much_as_2_4_is_refused():
     pattern = parse_pattern("three_tier", budget=0.6, topk_choices=(15, 96))
     with pytest.raises(ValueError, match="K=96 costs 293 bytes.*choose K below 96"):
         matrix_costs(torch.rand(32, 32), pattern, torch.float16)
+
+
+def test_a_block_is_never_promoted_above_its_cap():
+    import dataclasses
+
+    proxy = llm_like_proxy(128, 256, seed=5)
+    cost = matrix_cost(proxy, parse_pattern("three_tier", budget=0.5), torch.float16)
+    g = torch.Generator().manual_seed(0)
+    caps = torch.randint(0, 3, cost.losses.shape[:2], generator=g, dtype=torch.int8)
+    capped = dataclasses.replace(cost, best_tier=caps)
+    for budget in (0.3, 0.6, 1.0, 1.1):
+        (tiers,) = allocate([capped], budget)
+        assert bool((tiers >= caps).all())  # codes: dense 0 < 2:4 1 < top-K 2
+    (tiers,) = allocate([capped], 1.1)  # bytes to spare: every block at its cap, except ...
+    better_kept = (tiers == caps) | ((caps == SPARSE_24) & (tiers == TOPK))
+    assert bool(better_kept.all())  # ... a capped block whose top-K loses less than its 2:4
+    with_zero_caps = dataclasses.replace(cost, best_tier=torch.zeros_like(caps))
+    assert torch.equal(allocate([with_zero_caps], 0.6)[0], allocate([cost], 0.6)[0])
