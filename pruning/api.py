@@ -92,20 +92,42 @@ def _named_linears(model) -> dict[str, nn.Module]:
 
 
 def _budget_candidates(method, linears: dict, stats: dict, spec: Pattern,
-                       prefix: str = "") -> dict:
+                       prefix: str = "", caps: dict | None = None) -> dict:
     """``{name: [MatrixCost per candidate K]}`` of each Linear, by the method's loss proxy
-    (``prefix`` + name is the module's full name, for errors)."""
+    (``prefix`` + name is the module's full name, for errors); ``caps``: the best tier each
+    block may take, by full name (a progressive prune's last tier maps)."""
     from .allocation import matrix_costs
 
     candidates = {}
     for name, module in linears.items():
         weight = get_weight(module).detach()
-        candidates[name] = matrix_costs(method.loss_proxy(weight, stats[name]).cpu(), spec,
-                                        weight.dtype, prefix + name)
+        costs = matrix_costs(method.loss_proxy(weight, stats[name]).cpu(), spec, weight.dtype,
+                             prefix + name)
+        cap = (caps or {}).get(prefix + name)
+        candidates[name] = costs if cap is None else \
+            [dataclasses.replace(c, best_tier=cap.to(torch.int8).cpu()) for c in costs]
     return candidates
 
 
-def _layer_budgets(model, unpruned: dict, method, spec: Pattern) -> dict[str, float]:
+def _demoted_tier_maps(method, layer_name: str, linears: dict, stats: dict, spec: Pattern,
+                       previous: dict) -> dict[str, tuple[torch.Tensor, int]]:
+    """A progressive step with fixed ratios: each matrix's last tier map, demoted one way."""
+    from .patterns import demote_tiers, kept_block_scores
+
+    given = {}
+    for name, module in linears.items():
+        weight = get_weight(module).detach()
+        scores = method.scores(weight, stats[name])
+        grid = tier_grid(*weight.shape, spec.block_size)
+        last = previous.get(f"{layer_name}.{name}", torch.zeros(grid, dtype=torch.int8))
+        given[name] = (demote_tiers(last.cpu(), block_scores(scores, spec.block_size).cpu(),
+                                    kept_block_scores(scores, weight, spec.block_size).cpu(),
+                                    spec.tier_ratios), spec.topk)
+    return given
+
+
+def _layer_budgets(model, unpruned: dict, method, spec: Pattern,
+                   caps: dict | None = None) -> dict[str, float]:
     """Each decoder layer's budget fraction when the whole model shares ``spec.budget``: one
     allocation over every matrix of the unpruned model (``unpruned``: their statistics by full
     name) decides how the bytes split between layers; the matrices of a layer then share its
@@ -117,7 +139,8 @@ def _layer_budgets(model, unpruned: dict, method, spec: Pattern) -> dict[str, fl
     proxy_method = get_method("wanda") if method.needs_hessian else method
     linears = _named_linears(model)
     candidates = _budget_candidates(proxy_method, linears,
-                                    {n: unpruned.get(n, LinearStats()) for n in linears}, spec)
+                                    {n: unpruned.get(n, LinearStats()) for n in linears}, spec,
+                                    caps=caps)
     shares = budget_shares(allocate_all(candidates, spec), candidates)
     path = decoder_layers(model)[0]
     spent, dense = {}, {}
@@ -130,13 +153,13 @@ def _layer_budgets(model, unpruned: dict, method, spec: Pattern) -> dict[str, fl
 
 
 def _budget_allocation(method, layer_name: str, linears: dict, stats: dict, spec: Pattern,
-                       budget: float) -> dict[str, tuple[torch.Tensor, int]]:
+                       budget: float, caps: dict | None) -> dict[str, tuple[torch.Tensor, int]]:
     """``{name: (tier map, K)}`` of one decoder layer's Linears at ``budget``: each matrix on
     its own (ranking ``matrix``) or all of them sharing it (``layer``, and ``model``, where
-    ``budget`` is the layer's share)."""
+    ``budget`` is the layer's share); no block above its cap."""
     from .allocation import allocate_all
 
-    candidates = _budget_candidates(method, linears, stats, spec, layer_name + ".")
+    candidates = _budget_candidates(method, linears, stats, spec, layer_name + ".", caps)
     if spec.ranking == "matrix":
         return {n: allocate_all({n: c}, spec, budget)[n] for n, c in candidates.items()}
     return allocate_all(candidates, spec, budget)
@@ -186,6 +209,7 @@ def prune(model: nn.Module, calibration="embedded", method: str = "wanda",
           allow_topk: bool = True, sensitivity: str | None = "auto",
           sensitivity_samples: int = 8, tokenizer=None, nsamples: int = 128,
           seqlen: int | None = None, seed: int = 0, batch_size: int = 1, device=None,
+          previous_tier_maps: dict[str, torch.Tensor] | None = None,
           progress: bool = True) -> PruneResult:
     """Prune every Linear of the model's decoder layers in place, one layer at a time.
 
@@ -213,6 +237,11 @@ def prune(model: nn.Module, calibration="embedded", method: str = "wanda",
     across matrices and layers; ``"auto"`` (default) does so where a byte budget is shared
     between matrices (ranking ``layer`` or ``model``), None never.
 
+    previous_tier_maps: the tier maps of an earlier prune of this model (a progressive step,
+    three_tier only): no block is promoted above its tier there (fixed ratios demote the
+    lowest-scoring blocks one tier down, the research code's rule; a budget caps each block),
+    and the OBS methods never revive a zero weight.
+
     seqlen defaults to the model's context, at most 2048. device: where each layer runs for its
     turn. Masks are applied (and OBS-updated weights written); the result holds the masks, the
     tier maps of tiered patterns (and of 2:4, every block 2:4), their K per module and a report
@@ -233,6 +262,12 @@ def prune(model: nn.Module, calibration="embedded", method: str = "wanda",
                          topk=topk, block_size=block_size, within_block=within_block,
                          ranking=ranking, use_variant=use_variant, budget=budget,
                          budget_dtype=budget_dtype, allow_topk=allow_topk, topk_choices=choices)
+    if previous_tier_maps is not None and spec.kind != "three_tier":
+        raise ValueError(f"previous_tier_maps (a progressive step) applies to three_tier, got "
+                         f"pattern {spec.name!r}")
+    if previous_tier_maps is not None and spec.budget is None and spec.ranking != "matrix":
+        raise ValueError("a progressive step with fixed ratios demotes per matrix "
+                         "(ranking='matrix')")
     if sensitivity == "auto":
         sensitivity = "gradient" if spec.budget is not None and spec.ranking != "matrix" \
             else None
@@ -269,7 +304,10 @@ def prune(model: nn.Module, calibration="embedded", method: str = "wanda",
         if sensitivity == "gradient":
             row_weights = {n: s.out_sensitivity for n, s in unpruned.items()}
     if model_ranked and budgeted:
-        layer_budgets = _layer_budgets(model, unpruned if batches else {}, meth, spec)
+        layer_budgets = _layer_budgets(model, unpruned if batches else {}, meth, spec,
+                                       previous_tier_maps)
+    elif previous_tier_maps is not None:
+        pass  # each matrix's last map, demoted when its layer's turn comes
     elif model_ranked and calibrated:
         fixed = _model_ranked_tier_maps(model, batches, meth, spec, device, progress,
                                         row_weights)
@@ -285,7 +323,11 @@ def prune(model: nn.Module, calibration="embedded", method: str = "wanda",
         given = {}  # {name: (tier map, K)} decided for the whole layer
         if budgeted:
             given = _budget_allocation(meth, layer_name, linears, stats, spec,
-                                       layer_budgets.get(layer_name, spec.budget))
+                                       layer_budgets.get(layer_name, spec.budget),
+                                       previous_tier_maps)
+        elif previous_tier_maps is not None:
+            given = _demoted_tier_maps(meth, layer_name, linears, stats, spec,
+                                       previous_tier_maps)
         elif fixed is not None:
             prefix = layer_name + "."
             given = {n[len(prefix):]: (t, spec.topk) for n, t in fixed.items()

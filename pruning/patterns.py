@@ -33,7 +33,7 @@ from sparse_kernels.tiers import assign_tiers, check_ratios, per_entry_tiers, ti
 __all__ = [
     "Pattern", "parse_pattern", "PATTERN_KINDS", "TIERED_KINDS", "WITHIN_BLOCK", "RANKINGS",
     "BLOCK_SIZES", "unstructured_row_mask", "unstructured_matrix_mask", "wanda_variant_mask",
-    "block_scores", "rank_blocks", "rank_blocks_jointly",
+    "block_scores", "kept_block_scores", "rank_blocks", "rank_blocks_jointly", "demote_tiers",
     "tiered_mask", "build_mask",
 ]
 
@@ -363,6 +363,40 @@ def block_scores(scores: torch.Tensor, block_size: int) -> torch.Tensor:
     (a ragged edge block is averaged over its real entries)."""
     ones = torch.ones(scores.shape[1], dtype=torch.float32, device=scores.device)
     return sk.wanda_scores(scores.float(), ones, block_size)[1]
+
+
+def kept_block_scores(scores: torch.Tensor, weight: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Mean of ``|scores|`` over each block's non-zero weights (0 for an all-zero block): how a
+    block that is already sparse scores by what it still holds."""
+    nonzero = (weight != 0).float()
+    total = block_scores(scores.float().abs() * nonzero, block_size)
+    share = block_scores(nonzero, block_size)  # the fraction of the block that is non-zero
+    return torch.where(share > 0, total / share.clamp_min(1e-30), torch.zeros_like(total))
+
+
+def demote_tiers(previous: torch.Tensor, scores: torch.Tensor, kept_scores: torch.Tensor,
+                 ratios) -> torch.Tensor:
+    """One step of progressive three-tier pruning (the research code's rule): tiers only ever
+    go down. ``previous``: the last tier map; ``scores`` / ``kept_scores``: each block's mean
+    score over all its weights / over its non-zero ones (same shape).
+
+    First the lowest-scoring dense blocks become 2:4 until ``int(n * dense target)`` are left
+    (the count :func:`sparse_kernels.assign_tiers` keeps); then the 2:4 blocks with the lowest
+    ``kept_scores`` become top-K until ``int(n * 2:4 target)`` are left. Targets at or above
+    what is there now demote nothing.
+    """
+    r_dense, r_24, _ = check_ratios(ratios)
+    tiers = previous.to(torch.int8).flatten().clone()
+    n = tiers.numel()
+    for code, target, rank_by in ((DENSE, r_dense, scores), (SPARSE_24, r_24, kept_scores)):
+        members = (tiers == code).nonzero().flatten()
+        excess = len(members) - int(n * target)
+        if excess <= 0:
+            continue
+        key = _sort_key(rank_by.flatten()[members])
+        lowest = members[torch.sort(key, stable=True).indices[:excess]]
+        tiers[lowest] = code + 1
+    return tiers.reshape(previous.shape)
 
 
 def rank_blocks(blocks: torch.Tensor, pattern: Pattern) -> torch.Tensor:

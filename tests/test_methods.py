@@ -480,3 +480,16 @@ def test_budget_pattern_validation_and_description():
             parse_pattern("three_tier", **kwargs)
     with pytest.raises(ValueError, match="needs the allocated tier_map"):
         get_method("wanda").prune(torch.randn(16, 16), make_stats(16)[0], pattern)
+
+
+@pytest.mark.parametrize("pattern_name", ["unstructured", "2:4", "three_tier", "block_topk"])
+@pytest.mark.parametrize("method_name", ["sparsegpt", "wanda_obs"])
+def test_obs_update_never_revives_a_zero_weight(method_name, pattern_name):
+    """Pruned once, pruned again (a progressive prune): the update keeps every zero zero."""
+    torch.manual_seed(4)
+    weight = torch.randn(32, 64)
+    weight[torch.rand(32, 64) < 0.4] = 0.0  # what an earlier, sparser step left
+    stats, _ = make_stats(64, correlated=True)
+    result = get_method(method_name).prune(weight, stats, PATTERNS[pattern_name])
+    assert not bool(result.weight[weight == 0].any())
+    assert not bool(result.mask[weight == 0].any())

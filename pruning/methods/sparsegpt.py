@@ -100,7 +100,8 @@ def obs_sweep(w: torch.Tensor, u: torch.Tensor, *, mask: torch.Tensor | None = N
     reaches their first column and whose 2:4 groups their 2 best when it reaches them (top-K
     ranks by the saliency times ``row_weight [out]`` when given); or else unstructured
     ``sparsity``, chosen per block of ``blocksize`` columns during the sweep.
-    Weights outside the mask come back exactly zero.
+    Weights outside the mask come back exactly zero, and so do weights that were zero already
+    (never revived by the update, so a progressive prune only ever removes).
     """
     if sum(x is not None for x in (mask, nm, tier_map)) > 1:
         raise ValueError("obs_sweep: give at most one of a fixed mask, nm or tier_map")
@@ -108,6 +109,9 @@ def obs_sweep(w: torch.Tensor, u: torch.Tensor, *, mask: torch.Tensor | None = N
         raise ValueError(f"blocksize must be a positive integer, got {blocksize!r}")
     w = w.detach().float().clone()
     rows, cols = w.shape
+    # A weight that is exactly zero stays zero: pruned earlier (a progressive prune), its slot is
+    # not the sweep's to fill, whatever the choice below would keep.
+    zero = w == 0
     if mask is not None:
         if tuple(mask.shape) != (rows, cols):
             raise ValueError(f"mask has shape {tuple(mask.shape)}, the weight {(rows, cols)}")
@@ -143,6 +147,7 @@ def obs_sweep(w: torch.Tensor, u: torch.Tensor, *, mask: torch.Tensor | None = N
                 p1[:, i:i + width] = ~sk.nm_mask(sal, n, m)
             if choose is not None and i % 4 == 0:
                 choose(w1, d1, p1, i, i1 + i)
+            p1[:, i] |= zero[:, i1 + i]
             col = w1[:, i]
             q = col.masked_fill(p1[:, i], 0)
             err = (col - q) / d1[i]
@@ -195,12 +200,13 @@ class _TierChoice:
 
 def obs_update(weight: torch.Tensor, hessian: torch.Tensor, mask: torch.Tensor, *,
                blocksize: int = 128, percdamp: float = 0.01, nsamples: int | None = None
-               ) -> torch.Tensor:
-    """``weight`` pruned to the fixed ``mask`` (True = kept) with SparseGPT's OBS update, in
-    the weight's dtype (a new tensor)."""
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(weight, kept mask)``: ``weight`` pruned to the fixed ``mask`` (True = kept) with
+    SparseGPT's OBS update, in the weight's dtype (a new tensor); the kept mask is ``mask``
+    less any weight that was zero already (see :func:`obs_sweep`)."""
     w, u = prepare_obs(weight, hessian, percdamp, nsamples)
-    new, _ = obs_sweep(w, u, mask=mask, blocksize=blocksize)
-    return new.to(weight.dtype)
+    new, kept = obs_sweep(w, u, mask=mask, blocksize=blocksize)
+    return new.to(weight.dtype), kept
 
 
 PROXIES = ("error", "obs")

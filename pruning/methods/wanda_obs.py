@@ -40,6 +40,6 @@ class WandaOBS:
         weight = check_weight(weight)
         hessian = check_hessian(self.name, weight, stats)
         chosen = Wanda().prune(weight, stats, pattern, tier_map)
-        new = obs_update(weight, hessian, chosen.mask, blocksize=self.blocksize,
-                         percdamp=self.percdamp, nsamples=stats.nsamples)
-        return LayerPruning(chosen.mask, chosen.tier_map, new)
+        new, kept = obs_update(weight, hessian, chosen.mask, blocksize=self.blocksize,
+                               percdamp=self.percdamp, nsamples=stats.nsamples)
+        return LayerPruning(kept, chosen.tier_map, new)
