@@ -4,9 +4,12 @@
                                      # within 0.62 of its bytes (SparseGPT, whole-model budget)
   hybrid-prune prune --model meta-llama/Llama-2-7b-hf --device cuda --save out/
   hybrid-prune eval --model out/ --tasks boolq rte
+  hybrid-prune finetune --model out/ --save tuned/ --loss lm+distill --max-tokens 200000
+  hybrid-prune progressive --schedule steps.csv --save runs/ --epoch-steps 20
 
 This module only parses arguments and calls the functions that do the work (loading.py,
-api.py, eval.py, checkpoint.py, timing.py), which a Python user calls the same way.
+api.py, eval.py, checkpoint.py, timing.py, finetune.py,
+progressive.py), which a Python user calls the same way.
 """
 from __future__ import annotations
 
@@ -118,6 +121,30 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--overwrite", action="store_true",
                    help="let --save replace the files it writes in a non-empty DIR")
 
+    g = sub.add_parser("progressive", help="prune a step at a time, fine-tuning in between")
+    _add_model_args(g)
+    g.add_argument("--schedule", default=None, metavar="CSV",
+                   help="iteration,dense,mid_2_4,topk,epochs or iteration,budget,epochs "
+                        "(default: the research code's five steps, 0.90/0.10/0.00 ... "
+                        "0.35/0.45/0.20)")
+    g.add_argument("--epoch-steps", type=int, default=20,
+                   help="optimizer steps in one epoch of the schedule (default 20)")
+    g.add_argument("--method", default="sparsegpt", help="pruning method (default sparsegpt)")
+    g.add_argument("--topk", type=int, default=None,
+                   help="K kept per top-K block (default 64 for budget steps, else 15)")
+    g.add_argument("--ranking", choices=("matrix", "row", "layer", "model"), default=None,
+                   help="where blocks compete (default: model for budget steps, else matrix)")
+    g.add_argument("--calibration", default="embedded", help="pruning calibration text")
+    g.add_argument("--nsamples", type=int, default=None,
+                   help=f"calibration samples (default {EMBEDDED_NSAMPLES} embedded, "
+                        f"{HUB_NSAMPLES} others)")
+    _add_finetune_args(g, progressive=True)
+    g.add_argument("--save", required=True, metavar="DIR",
+                   help="one folder per iteration (iteration-<i>/, a packed checkpoint with its "
+                        "tier maps and report) and progress.json")
+    g.add_argument("--resume", action="store_true",
+                   help="continue DIR after its last finished iteration")
+
     e = sub.add_parser("eval", help="perplexity / zero-shot accuracy of a (pruned) model")
     _add_model_args(e)
     e.add_argument("--tasks", nargs="*", default=None,
@@ -136,7 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_finetune_args(p: argparse.ArgumentParser) -> None:
+def _add_finetune_args(p: argparse.ArgumentParser, progressive: bool = False) -> None:
+    """Fine-tuning options; ``progressive``: without the length and resume options (a
+    schedule's epochs set the length, and the whole run resumes)."""
     from .finetune import LOSSES, MODES
 
     p.add_argument("--mode", choices=MODES, default="masked",
@@ -155,14 +184,16 @@ def _add_finetune_args(p: argparse.ArgumentParser) -> None:
                         "gsm8k, boolq, alpaca, or a .jsonl with --fields)")
     p.add_argument("--fields", default=None, metavar="prompt=KEY,answer=KEY[,context=KEY]",
                    help="the keys of a local instruction .jsonl")
-    p.add_argument("--max-steps", type=int, default=None, help="optimizer steps")
-    p.add_argument("--max-tokens", type=int, default=None,
-                   help="tokens the loss counts (whichever of the two ends first)")
+    if not progressive:
+        p.add_argument("--max-steps", type=int, default=None, help="optimizer steps")
+        p.add_argument("--max-tokens", type=int, default=None,
+                       help="tokens the loss counts (whichever of the two ends first)")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--batch-size", type=int, default=4, help="sequences per micro-batch")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step")
     p.add_argument("--warmup", type=float, default=0.05, help="fraction of the steps")
-    p.add_argument("--schedule", choices=("cosine", "constant"), default="cosine")
+    p.add_argument("--lr-schedule", choices=("cosine", "constant"), default="cosine",
+                   help="learning-rate schedule after the warmup (default cosine)")
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--lora-rank", type=int, default=16)
     p.add_argument("--lora-alpha", type=int, default=32)
@@ -171,9 +202,11 @@ def _add_finetune_args(p: argparse.ArgumentParser) -> None:
                    help="module names to adapt (default: every pruned Linear's name)")
     p.add_argument("--eval-every", type=int, default=0,
                    help="held-out perplexity every N steps (0: only before and after)")
-    p.add_argument("--checkpoint-every", type=int, default=0,
-                   help="save the training state every N steps (into DIR-finetune-state)")
-    p.add_argument("--resume", action="store_true", help="continue from DIR-finetune-state")
+    if not progressive:
+        p.add_argument("--checkpoint-every", type=int, default=0,
+                       help="save the training state every N steps (into DIR-finetune-state)")
+        p.add_argument("--resume", action="store_true",
+                       help="continue from DIR-finetune-state")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--seed", type=int, default=0)
 
@@ -183,13 +216,15 @@ def finetune_config(args):
     from .finetune import FinetuneConfig
 
     return FinetuneConfig(
-        mode=args.mode, loss=args.loss, max_steps=args.max_steps, max_tokens=args.max_tokens,
-        lr=args.lr, weight_decay=args.weight_decay, warmup=args.warmup, schedule=args.schedule,
+        mode=args.mode, loss=args.loss,
+        max_steps=getattr(args, "max_steps", None) or getattr(args, "epoch_steps", None),
+        max_tokens=getattr(args, "max_tokens", None),
+        lr=args.lr, weight_decay=args.weight_decay, warmup=args.warmup, schedule=args.lr_schedule,
         grad_accum=args.grad_accum, temperature=args.temperature,
         hidden_weight=args.hidden_weight, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
         lora_dropout=args.lora_dropout,
         lora_targets=tuple(args.lora_targets) if args.lora_targets else None,
-        eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
+        eval_every=args.eval_every, checkpoint_every=getattr(args, "checkpoint_every", 0),
         gradient_checkpointing=args.gradient_checkpointing, seed=args.seed)
 
 
@@ -365,6 +400,49 @@ def run_finetune(args) -> dict:
     return out
 
 
+def run_progressive(args) -> dict:
+    import copy
+
+    from sparse_kernels.atomic import check_output_folder
+
+    from .calibration import get_calibration
+    from .finetune_data import finetune_data
+    from .progressive import RESEARCH_SCHEDULE, progress_path, progressive, read_schedule
+
+    schedule = read_schedule(args.schedule) if args.schedule else RESEARCH_SCHEDULE
+    if args.epoch_steps < 1:
+        raise SystemExit(f"--epoch-steps must be >= 1, got {args.epoch_steps}")
+    config = finetune_config(args)
+    if not args.resume or not progress_path(args.save).is_file():
+        check_output_folder(args.save)  # a fresh run: an empty or new folder
+    model, tokenizer, name = _load(args)
+    teacher = copy.deepcopy(model).eval() if config.distills else None
+    calibration = get_calibration(
+        args.calibration, tokenizer, nsamples=args.nsamples or (
+            EMBEDDED_NSAMPLES if args.model is None else HUB_NSAMPLES),
+        seqlen=args.seqlen, seed=args.seed)
+    data = finetune_data(args.data, tokenizer, args.seqlen, args.batch_size, args.seed,
+                         fields=_fields(args.fields))
+
+    def eval_fn(m):
+        return _perplexity(m, tokenizer, args)
+
+    budgeted = any(step.budget is not None for step in schedule)
+    reports = progressive(
+        model, tokenizer, calibration, schedule, args.save, data=data, finetune_config=config,
+        method=args.method, topk=args.topk, ranking=args.ranking or (
+            "model" if budgeted else "matrix"),
+        teacher=teacher, eval_fn=eval_fn, resume=args.resume, source_model=name)
+    print(f"{'iteration':>9} {'bytes':>7} {'ppl pruned':>11} {'ppl tuned':>10}")
+    for r in reports:
+        size = (r.get("packed_bytes") or {}).get("fraction")
+        print(f"{r['iteration']:>9} {'-' if size is None else f'{size:.4f}':>7} "
+              f"{r.get('eval_pruned', float('nan')):>11.3f} "
+              f"{r.get('eval_finetuned', float('nan')):>10.3f}")
+    print(f"saved to {args.save}/iteration-<i>; the last is iteration-{len(schedule)}")
+    return {"model": name, "iterations": reports}
+
+
 def _source_model(folder: str) -> str:
     """The model a pruned folder started from, as its report.json names it."""
     import os
@@ -421,7 +499,8 @@ def main(argv=None) -> int:
         argv.insert(0, "prune")  # no subcommand: prune
     args = build_parser().parse_args(argv)
     try:
-        {"prune": run_prune, "finetune": run_finetune, "eval": run_eval}[args.command](args)
+        {"prune": run_prune, "finetune": run_finetune, "progressive": run_progressive,
+         "eval": run_eval}[args.command](args)
     except (FileNotFoundError, FileExistsError, NotADirectoryError) as err:
         raise SystemExit(f"hybrid-prune: {err}") from None
     return 0
