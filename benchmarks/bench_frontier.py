@@ -258,7 +258,7 @@ def parse_args(argv=None):
                    help="budgets (packed / dense bytes) of every series")
     p.add_argument("--fixed", default=",".join(FIXED),
                    help=f"single configurations, comma-separated (or none), from: "
-                        f"{', '.join(FIXED)}")
+                        f"{', '.join(FIXED)}".replace("%", "%%"))
     p.add_argument("--map-config", default=MAP_CONFIG,
                    help="the configuration whose allocation the heat map shows")
     p.add_argument("--budget-dtype", choices=DTYPES, default="float16",
