@@ -136,7 +136,8 @@ def save_pruned(folder: str | os.PathLike, model: nn.Module, tokenizer, tiers, r
                 overwrite: bool = False) -> dict:
     """Write a pruned model to ``folder``: the packed checkpoint (``config.json`` with the
     packed format's ``quantization_config``, the packed tensors of every tiered Linear, every
-    other weight as it is), its tokenizer, ``tier_maps.safetensors`` and ``report.json``.
+    other weight as it is), its tokenizer (when not None), ``tier_maps.safetensors`` and
+    ``report.json``.
     ``tiers``: the ``PruneResult`` or :class:`PrunedModel` the weights follow;
     ``dense_copy`` also writes the zero-filled dense model to ``folder/dense``. A prune without
     tier maps (unstructured, N:M other than 2:4) has nothing to pack: the dense model is written.
@@ -159,7 +160,8 @@ def save_pruned(folder: str | os.PathLike, model: nn.Module, tokenizer, tiers, r
         elif tiers.tier_maps:
             packed_modules = sum(isinstance(m, sk.HybridSparseLinear) for m in model.modules())
         model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
         if tiers.tier_maps:
             tiers.save_tier_maps(tmp / "tier_maps.safetensors", source_model)
         written = sum(p.stat().st_size for p in tmp.glob("*.safetensors")

@@ -109,7 +109,8 @@ class FinetuneConfig:
 class FinetuneResult:
     """What happened: ``model`` (the same object in masked mode; the merged base model in LoRA
     mode), steps, loss-counted tokens, seconds, ``history`` (a dict per logged step: step,
-    tokens, loss, lr, and ``eval`` where evaluated) and, in LoRA mode, ``lora`` (the update's
+    tokens, training seconds so far (evaluation not counted), loss, lr, and ``eval`` where
+    evaluated) and, in LoRA mode, ``lora`` (the update's
     norm before and after the re-mask, and the eval before and after the merge)."""
 
     model: nn.Module
@@ -302,8 +303,8 @@ def finetune(model: nn.Module, data, masks: dict[str, torch.Tensor], config: Fin
                 _apply_masks(modules, masks)
             step += 1
             seconds += time.perf_counter() - started
-            record = {"step": step, "tokens": tokens, "loss": step_loss,
-                      "lr": schedule.get_last_lr()[0]}
+            record = {"step": step, "tokens": tokens, "seconds": round(seconds, 2),
+                      "loss": step_loss, "lr": schedule.get_last_lr()[0]}
             if eval_fn is not None and config.eval_every and step % config.eval_every == 0:
                 record["eval"] = eval_fn(trained)
                 trained.train()

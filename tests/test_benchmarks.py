@@ -122,3 +122,38 @@ def test_allocation_heat_map_of_a_saved_prune(tmp_path):
     png = bench_frontier.main(["--allocation-of", str(path), "--out", str(tmp_path / "map.png")])
     with open(png, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_recovery_curves_keep_sparsity_and_resume(tmp_path):
+    import bench_recovery
+    from tiny_models import calibration_ids, llama
+
+    out = tmp_path / "recovery.json"
+    argv = ["--starts", "recipe@0.62,sparsegpt-2:4", "--runs", "masked-lm,lora-distill",
+            "--tokens", str(6 * 2 * 24), "--train-seqlen", "24", "--batch-size", "2",
+            "--eval-every", "3", "--progressive-budgets", "0.8,0.62",
+            "--progressive-epochs", "1,1", "--nsamples", "4", "--seqlen", "24",
+            "--ppl-windows", "2", "--out", str(out)]
+    tiny = dict(calibration=calibration_ids(), eval_text=calibration_ids(8, 24, seed=1).flatten(),
+                train_ids=calibration_ids(16, 24, seed=2).flatten())
+    bench_recovery.main(argv, model=llama(), **tiny)
+    payload = json.loads(out.read_text())
+    runs = {(r["start"], r["run"]): r for r in payload["records"]}
+    assert set(runs) == {(s, r) for s in ("recipe@0.62", "sparsegpt-2:4")
+                         for r in ("masked-lm", "lora-distill")} | {("recipe@0.62", "progressive")}
+    for key, r in runs.items():
+        assert r["tokens"] == 6 * 2 * 23, key  # the loss counts 23 predicted tokens a window
+        if key[1] == "progressive":
+            assert r["packed_bytes_fraction"] <= 0.62 and len(r["iterations"]) == 2
+            continue
+        assert r["sparsity_kept"] == {"revived": 0, "tier_maps_pack": True}
+        assert [p["step"] for p in r["curve"]] == [0, 3, 6]
+        assert r["curve"][-1]["seconds"] > 0 and r["curve"][0]["ppl"] == r["start_ppl"]
+        assert (r["lora"] is not None) == key[1].startswith("lora")
+    if importlib.util.find_spec("matplotlib"):
+        assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    payload["records"] = [r for r in payload["records"] if r["run"] != "lora-distill"]
+    out.write_text(json.dumps(payload))
+    bench_recovery.main(argv + ["--resume"], model=llama(), **tiny)
+    again = json.loads(out.read_text())["records"]
+    assert len(again) == len(runs) and again[-1]["run"] == "lora-distill"
