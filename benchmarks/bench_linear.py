@@ -1,8 +1,13 @@
 """Hybrid matmul vs dense F.linear on LLM weight shapes, measured side by side in one run.
 
-For every shape x tier mix x batch x backend it times dense ``F.linear`` on the masked weight and
-``sparse_kernels.hybrid_linear`` on the packed one (median of --iters calls), prints a table and
-writes ``benchmarks/results/<device>-<YYYYMMDD>.json``. On CUDA with 16-bit values it also times
+For every shape x tier mix x batch x backend it first checks the output of
+``sparse_kernels.hybrid_linear`` on the packed weight against dense ``F.linear`` on the masked
+weight (relative tolerance by dtype; a wrong output is recorded as such and not timed), then times
+both, prints a table and writes ``benchmarks/results/<device>-<YYYYMMDD>.json`` (``--jsonl``: also
+one line per record the moment it is measured). CPU times are the median of --iters calls, each
+after a cache flush. GPU times are kernel-only: CUDA events around --iters calls queued without
+a synchronisation, each after an L2 flush, minus the flushes alone; the per-call time with its
+host overhead (sync, Python, dispatch) is recorded beside it (``*_call_ms``). On CUDA with 16-bit values it also times
 the baseline a 2:4 user would pick: ``F.linear`` on the whole weight pruned 2:4 and converted
 with ``torch.sparse.to_sparse_semi_structured`` (backend ``torch-2:4`` in the table; its weight
 is 50 % sparse, not the hybrid mix), where torch supports the shape.
@@ -20,13 +25,16 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import sparse_kernels as sk  # noqa: E402
-from common import (TIER_MIXES, CacheFlusher, median_ms, results_path,  # noqa: E402
-                    significant, write_results)
+from common import (TIER_MIXES, CacheFlusher, append_jsonl, default_backends,  # noqa: E402
+                    kernel_ms, median_ms, results_path, significant, write_results)
 from sparse_kernels import apply_tier_map, assign_tiers  # noqa: E402
 
 DEFAULT_SHAPES = "4096x4096,11008x4096,4096x11008,1024x1024"
 QUICK_SHAPES = "1024x1024"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Largest |hybrid - dense| over the largest |dense| output a correct kernel stays within: the two
+# sum the same products in different orders (and 16-bit outputs round once more).
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}
 
 
 def parse_args(argv=None):
@@ -41,7 +49,8 @@ def parse_args(argv=None):
                    help="value dtype (default float32 on cpu, float16 on cuda)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--backends", default=None,
-                   help="comma-separated backends (default: every available one but torch)")
+                   help="comma-separated backends (default: the compiled ones that natively serve "
+                        "--device)")
     p.add_argument("--iters", type=int, default=30, help="timed calls per measurement")
     p.add_argument("--warmup", type=int, default=3, help="untimed calls first")
     p.add_argument("--warm-cache", action="store_true",
@@ -50,6 +59,8 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true",
                    help=f"only {QUICK_SHAPES}, batches 1 and 16, hybrid mix")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/...)")
+    p.add_argument("--jsonl", default=None,
+                   help="also append every record to this JSON-lines file as it is measured")
     args = p.parse_args(argv)
     if args.quick:
         args.shapes = args.shapes or QUICK_SHAPES
@@ -81,7 +92,8 @@ def make_weight(out_f, in_f, ratios, topk, dtype, device):
 
 
 def semi_structured_baseline(masked: torch.Tensor):
-    """``x -> F.linear(x, W_24)`` with torch's semi-structured 2:4 kernels, or (None, why not)."""
+    """``((W_24, x -> F.linear(x, W_24 semi-structured)), None)``: torch's 2:4 kernels on the
+    weight pruned 2:4, with the dense ``W_24`` to check them against; or ``(None, why not)``."""
     if masked.device.type != "cuda" or masked.dtype not in (torch.float16, torch.bfloat16):
         return None, "torch's semi-structured 2:4 needs CUDA and float16/bfloat16"
     weight_24 = masked * sk.nm_mask(masked.abs(), 2, 4)
@@ -89,33 +101,72 @@ def semi_structured_baseline(masked: torch.Tensor):
         sparse = torch.sparse.to_sparse_semi_structured(weight_24)
     except (RuntimeError, ValueError, NotImplementedError) as exc:
         return None, f"to_sparse_semi_structured failed: {exc}"
-    return (lambda x: F.linear(x, sparse)), None
+    return (weight_24, lambda x: F.linear(x, sparse)), None
 
 
-def record(backend, mix, dtype, shape, batch, ratios, topk, dense_ms, ms, packed_bytes,
+def output_error(fn, x: torch.Tensor, weight: torch.Tensor) -> float:
+    """max |fn(x) - F.linear(x, weight)| / max |F.linear(x, weight)|, in fp32."""
+    expected = F.linear(x, weight).float()
+    got = fn(x).float()
+    if got.shape != expected.shape:
+        return float("inf")
+    return float((got - expected).abs().max() / expected.abs().max().clamp_min(1e-30))
+
+
+class Timer:
+    """Times a call as the device allows (see the module docstring): ``(ms, call_ms)``, where
+    ``ms`` is kernel-only on a GPU and ``call_ms`` includes the host (None on the CPU, where the
+    two are one measurement)."""
+
+    def __init__(self, device, warmup, iters, flush):
+        self.device, self.warmup, self.iters, self.flush = device, warmup, iters, flush
+
+    def __call__(self, fn) -> tuple[float, float | None]:
+        call = median_ms(fn, self.device, self.warmup, self.iters, self.flush)
+        if self.device.type != "cuda":
+            return call, None
+        return kernel_ms(fn, self.device, self.iters, self.flush), call
+
+
+def record(backend, mix, dtype, shape, batch, ratios, topk, dense, hybrid, error, packed_bytes,
            ideal_bytes, dense_bytes):
+    """One measurement; ``dense`` / ``hybrid``: ``Timer`` results (hybrid None: wrong output,
+    not timed)."""
     out_f, in_f = shape
-    return dict(backend=backend, mix=mix, dtype=str(dtype).removeprefix("torch."),
-                out_features=out_f, in_features=in_f, batch=batch, tier_ratios=list(ratios),
-                topk=topk, dense_ms=significant(dense_ms), hybrid_ms=significant(ms),
-                speedup=significant(dense_ms / ms), packed_bytes=packed_bytes,
-                ideal_bytes=ideal_bytes, dense_bytes=dense_bytes)
+    rec = dict(backend=backend, mix=mix, dtype=str(dtype).removeprefix("torch."),
+               out_features=out_f, in_features=in_f, batch=batch, tier_ratios=list(ratios),
+               topk=topk, max_rel_error=significant(error), output_ok=hybrid is not None,
+               dense_ms=significant(dense[0]), packed_bytes=packed_bytes,
+               ideal_bytes=ideal_bytes, dense_bytes=dense_bytes)
+    if hybrid is not None:
+        rec.update(hybrid_ms=significant(hybrid[0]), speedup=significant(dense[0] / hybrid[0]))
+    if dense[1] is not None:
+        rec["dense_call_ms"] = significant(dense[1])
+        if hybrid is not None:
+            rec["hybrid_call_ms"] = significant(hybrid[1])
+    return rec
 
 
 def print_row(rec):
     shape = f"{rec['out_features']}x{rec['in_features']}"
-    print(f"{rec['backend']:9} {rec['dtype']:9} {shape:>11} {rec['mix']:9} {rec['batch']:>5} "
-          f"{rec['dense_ms']:>9.3f} {rec['hybrid_ms']:>9.3f} {rec['speedup']:>6.2f}x "
+    start = (f"{rec['backend']:9} {rec['dtype']:9} {shape:>11} {rec['mix']:9} {rec['batch']:>5} "
+             f"{rec['dense_ms']:>9.4f}")
+    if not rec["output_ok"]:
+        print(f"{start}  !! wrong output (max relative error {rec['max_rel_error']:.3g}): "
+              f"not timed", flush=True)
+        return
+    calls = (f"  (per call: dense {rec['dense_call_ms']:.4f}, hybrid {rec['hybrid_call_ms']:.4f})"
+             if "hybrid_call_ms" in rec else "")
+    print(f"{start} {rec['hybrid_ms']:>9.4f} {rec['speedup']:>6.2f}x "
           f"{rec['packed_bytes'] / rec['dense_bytes']:>12.3f} "
-          f"{rec['ideal_bytes'] / rec['dense_bytes']:>11.3f}", flush=True)
+          f"{rec['ideal_bytes'] / rec['dense_bytes']:>11.3f}{calls}", flush=True)
 
 
 def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype or ("float16" if device.type == "cuda" else "float32")]
-    backends = (args.backends.split(",") if args.backends
-                else [b for b in sk.available_backends() if b != "torch"] or ["torch"])
+    backends = args.backends.split(",") if args.backends else default_backends(device)
     for b in backends:
         sk.backends.resolve_backend(b, device)  # fail now, not after an hour
     mixes = args.mixes.split(",")
@@ -124,8 +175,16 @@ def main(argv=None):
         raise SystemExit(f"--mixes: unknown {unknown}; choose from {list(TIER_MIXES)}")
     batches = [int(b) for b in args.batches.split(",")]
     flush = None if args.warm_cache else CacheFlusher(device)
+    timer = Timer(device, args.warmup, args.iters, flush)
+    tolerance = TOLERANCE[dtype]
 
     records = []
+
+    def keep(rec):
+        records.append(rec)
+        append_jsonl(args.jsonl, rec)
+        print_row(rec)
+
     header = (f"{'backend':9} {'dtype':9} {'shape':>11} {'mix':9} {'batch':>5} {'dense ms':>9} "
               f"{'ms':>9} {'speedup':>7} {'packed/dense':>12} {'ideal/dense':>11}")
     print(header)
@@ -141,26 +200,26 @@ def main(argv=None):
             sizes = (packed.nbytes, packed.ideal_nbytes, packed.dense_nbytes)
             for batch in batches:
                 x = torch.randn(batch, shape[1], device=device).to(dtype)
-                dense_ms = median_ms(lambda: F.linear(x, masked), device, args.warmup, args.iters,
-                                     flush)
+                dense = timer(lambda: F.linear(x, masked))
                 for backend in backends:
-                    ms = median_ms(lambda: sk.hybrid_linear(x, packed, backend=backend),
-                                   device, args.warmup, args.iters, flush)
-                    records.append(record(backend, mix, dtype, shape, batch, ratios, args.topk,
-                                          dense_ms, ms, *sizes))
-                    print_row(records[-1])
+                    def hybrid(v, backend=backend):
+                        return sk.hybrid_linear(v, packed, backend=backend)
+                    error = output_error(hybrid, x, masked)
+                    timed = timer(lambda: hybrid(x)) if error <= tolerance else None
+                    keep(record(backend, mix, dtype, shape, batch, ratios, args.topk, dense,
+                                timed, error, *sizes))
                 if baseline_24 is not None:
+                    weight_24, call_24 = baseline_24
                     try:
-                        ms = median_ms(lambda: baseline_24(x), device, args.warmup, args.iters,
-                                       flush)
+                        error = output_error(call_24, x, weight_24)
+                        timed = timer(lambda: call_24(x)) if error <= tolerance else None
                     except RuntimeError as exc:  # e.g. a batch size torch's kernels refuse
                         print(f"(torch-2:4 failed at batch {batch}: {exc})")
                         continue
                     half = shape[0] * shape[1] * masked.element_size()
-                    records.append(record("torch-2:4", "all-2:4", dtype, shape, batch,
-                                          (0.0, 1.0, 0.0), args.topk, dense_ms, ms,
-                                          half // 2 + half // 16, half // 2 + half // 16, half))
-                    print_row(records[-1])
+                    keep(record("torch-2:4", "all-2:4", dtype, shape, batch, (0.0, 1.0, 0.0),
+                                args.topk, dense, timed, error, half // 2 + half // 16,
+                                half // 2 + half // 16, half))
     path = args.out or results_path(device)
     write_results(path, device, records, threads=torch.get_num_threads(),
                   cache="warm" if args.warm_cache else "cold",

@@ -88,6 +88,53 @@ def median_ms(fn, device: torch.device, warmup: int, iters: int, flush=None) -> 
     return statistics.median(samples)
 
 
+def kernel_ms(fn, device: torch.device, iters: int, flush=None) -> float:
+    """GPU time of one call of ``fn`` without the host: CUDA events around a loop of ``iters``
+    calls with no synchronisation between them (each after ``flush``, if given), minus the same
+    loop of flushes alone, divided by ``iters``. While the GPU runs a flush the host queues the
+    next call, so Python and dispatch overhead leave the measurement; CPU: ``median_ms``."""
+    if device.type != "cuda":
+        return median_ms(fn, device, 1, iters, flush)
+
+    def loop(work) -> float:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        for _ in range(iters):
+            work()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end)
+
+    def both():
+        if flush is not None:
+            flush()
+        fn()
+
+    loop(both)  # warm: compiles, autotunes, allocations
+    flushes = loop(flush) if flush is not None else 0.0
+    return max(loop(both) - flushes, 0.0) / iters
+
+
+def default_backends(device: torch.device) -> list[str]:
+    """The backends a benchmark times on ``device`` by default: the compiled ones that natively
+    serve it (the pure-torch reference only when there is none)."""
+    import sparse_kernels as sk
+
+    return sk.backends.native_backends(device.type) or ["torch"]
+
+
+def append_jsonl(path: str | None, record: dict) -> None:
+    """Append ``record`` as one JSON line to ``path`` (if given) and flush it to disk now: a
+    run killed later keeps every record measured before."""
+    if path is None:
+        return
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def significant(value: float, digits: int = 4) -> float:
     """``value`` to ``digits`` significant digits: GPU kernel times are microseconds, so a fixed
     number of decimals in milliseconds would keep too few."""

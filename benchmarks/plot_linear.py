@@ -20,8 +20,8 @@ def load_series(records: list[dict], mix: str) -> dict:
     """{shape: {label: [(batch, speedup), ...]}} for the mix and the torch 2:4 baseline."""
     series = {}
     for rec in records:
-        if mix_name(rec) != mix and rec["backend"] != "torch-2:4":
-            continue
+        if mix_name(rec) != mix and rec["backend"] != "torch-2:4" or "speedup" not in rec:
+            continue  # another mix, or a wrong output (not timed)
         shape = f"{rec['out_features']}x{rec['in_features']}"
         series.setdefault(shape, {}).setdefault(rec["backend"], []).append(
             (rec["batch"], rec["speedup"]))

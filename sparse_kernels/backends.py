@@ -68,6 +68,12 @@ def available_backends() -> list[str]:
     return list(_AVAILABLE)
 
 
+def native_backends(device_type: str) -> list[str]:
+    """Available compiled backends whose kernels natively serve ``device_type`` tensors,
+    fastest first (the reference and the Triton interpreter excluded): what a benchmark times."""
+    return [b for b in _AVAILABLE if _NATIVE_DEVICE.get(b) == device_type]
+
+
 def _default_backend(device_type: str) -> str:
     return _DEFAULT.get(device_type, "torch")
 

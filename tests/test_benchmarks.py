@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "benchmarks")
@@ -21,17 +22,34 @@ import bench_prune_kernels  # noqa: E402
 
 
 def test_bench_linear_writes_side_by_side_records(tmp_path):
-    out = tmp_path / "linear.json"
+    out, lines = tmp_path / "linear.json", tmp_path / "linear.jsonl"
     bench_linear.main(["--shapes", "48x80", "--batches", "1,17", "--mixes", "hybrid,all-dense",
-                       "--iters", "2", "--warmup", "0", "--warm-cache", "--out", str(out)])
+                       "--iters", "2", "--warmup", "0", "--warm-cache", "--out", str(out),
+                       "--jsonl", str(lines)])
     payload = json.loads(out.read_text())
     assert {"device", "torch", "commit", "records"} <= payload.keys()
     records = payload["records"]
     assert {(r["mix"], r["batch"]) for r in records} == {
         ("hybrid", 1), ("hybrid", 17), ("all-dense", 1), ("all-dense", 17)}
     for r in records:
+        assert r["output_ok"] and r["max_rel_error"] <= bench_linear.TOLERANCE[torch.float32]
         assert r["dense_ms"] > 0 and r["hybrid_ms"] > 0
         assert r["speedup"] == pytest.approx(r["dense_ms"] / r["hybrid_ms"], rel=1e-2)
+    # The same records, one per line, written as they were measured.
+    assert [json.loads(line) for line in lines.read_text().splitlines()] == records
+
+
+def test_bench_linear_does_not_time_a_wrong_output(tmp_path, monkeypatch):
+    import sparse_kernels as sk
+
+    real = sk.hybrid_linear
+    monkeypatch.setattr(sk, "hybrid_linear", lambda x, w, backend=None: real(x, w) * 1.01)
+    out = tmp_path / "linear.json"
+    bench_linear.main(["--shapes", "32x64", "--batches", "3", "--mixes", "hybrid",
+                       "--iters", "1", "--warmup", "0", "--warm-cache", "--out", str(out)])
+    (r,) = json.loads(out.read_text())["records"]
+    assert not r["output_ok"] and r["max_rel_error"] == pytest.approx(0.01, rel=1e-3)
+    assert "hybrid_ms" not in r and "speedup" not in r
 
 
 def test_bench_prune_kernels_counts_bytes_against_copy(tmp_path):
@@ -43,6 +61,7 @@ def test_bench_prune_kernels_counts_bytes_against_copy(tmp_path):
     ops = {r["op"] for r in payload["records"]}
     assert ops == {"wanda_scores", "block_topk_mask", "nm_mask", "compress_24"}
     for r in payload["records"]:
+        assert r["output_ok"], r
         assert r["bytes"] == bench_prune_kernels.bytes_moved(r["op"], 64, 96, 4)
         assert r["fraction_of_copy"] == pytest.approx(r["gb_per_s"] / payload["copy_gb_per_s"],
                                                       rel=1e-3)
@@ -157,3 +176,41 @@ def test_bench_recovery_curves_keep_sparsity_and_resume(tmp_path):
     bench_recovery.main(argv + ["--resume"], model=llama(), **tiny)
     again = json.loads(out.read_text())["records"]
     assert len(again) == len(runs) and again[-1]["run"] == "lora-distill"
+
+
+def test_gpu_script_dry_run_leaves_every_record_file(tmp_path):
+    """The GPU check's plumbing on the CPU at tiny sizes: every step passes and writes the
+    JSON-lines files a GPU run would, with checked outputs."""
+    out = tmp_path / "gpu"
+    done = subprocess.run(["bash", os.path.join(BENCH, "gpu_check.sh"), "--dry-run", str(out)],
+                          env={**os.environ, "PYTHON": sys.executable}, capture_output=True,
+                          text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    steps = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps][:3] == ["environment", "backends", "smoke"]
+    assert all(s["exit"] == 0 for s in steps), steps
+    smoke = [json.loads(line) for line in (out / "smoke.jsonl").read_text().splitlines()]
+    assert {s["check"] for s in smoke} == {"metadata-2:4", "large-shape"}
+    assert all(s["ok"] for s in smoke)
+    linear = [json.loads(line) for line in (out / "linear.jsonl").read_text().splitlines()]
+    assert {r["backend"] for r in linear} == {"cpu", "triton"}
+    assert {r["mix"] for r in linear} == {"hybrid", "all-dense"}
+    assert all(r["output_ok"] and r["speedup"] > 0 for r in linear)
+    kernels = [json.loads(line) for line in (out / "prune-kernels.jsonl").read_text().splitlines()]
+    assert {r["backend"] for r in kernels} == {"cpu", "triton"}
+
+
+def test_gpu_smoke_names_a_misplaced_2_4_entry(monkeypatch):
+    import gpu_smoke
+    import sparse_kernels as sk
+
+    real = sk.hybrid_linear
+
+    def swapped(x, w, backend=None):  # reads the first two kept columns of every group swapped
+        return real(x[:, [1, 0] + list(range(2, x.shape[1]))], w, backend=backend)
+
+    assert gpu_smoke.check_metadata("cpu", torch.device("cpu"), torch.float32)["ok"]
+    monkeypatch.setattr(sk, "hybrid_linear", swapped)
+    result = gpu_smoke.check_metadata("cpu", torch.device("cpu"), torch.float32)
+    assert not result["ok"] and result["wrong_entries"] > 0
+    assert {e["col"] for e in result["first_wrong"]} <= {0, 1}

@@ -8,7 +8,12 @@ interpreter runs the same kernels on CPU tensors with numpy. It cannot benchmark
 kernel runs with its first config; it cannot be wrapped, so it is called directly, and the op
 around it is an opaque ``custom_op`` (torch.compile calls it instead of tracing into it); a
 launch on fake tensors (shape propagation) does nothing, as ``wrap_triton``'s does.
+
+``SPARSE_KERNELS_TRITON_ONE_CONFIG=1`` keeps only each kernel's first config on a GPU too (no
+autotuning: a short GPU check spends its minutes on measurements, not on tuning compiles).
 """
+import os
+
 import torch
 import triton
 from triton.runtime.autotuner import Autotuner
@@ -37,11 +42,13 @@ class _FirstConfig:
 
 
 def tuned(configs: list[triton.Config], key: list[str]):
-    """``triton.autotune(configs, key)``, or the first config alone under the interpreter."""
+    """``triton.autotune(configs, key)``, or the first config alone under the interpreter
+    (and, with ``SPARSE_KERNELS_TRITON_ONE_CONFIG=1``, compiled: one config is never tuned)."""
     def decorate(kernel):
         if interpreting():
             return _FirstConfig(kernel, configs[0])
-        return triton.autotune(configs=configs, key=key)(kernel)
+        one = os.environ.get("SPARSE_KERNELS_TRITON_ONE_CONFIG", "0") == "1"
+        return triton.autotune(configs=configs[:1] if one else configs, key=key)(kernel)
     return decorate
 
 
