@@ -7,9 +7,10 @@
 #   3. smoke: 2:4 metadata position by position, large shapes against F.linear (gpu_smoke.py)
 #   4. decode: cuda backend, default mix, LLaMA-2-7B shapes, batch 1 / 4 / 16 vs cuBLAS, torch 2:4
 #   5. prefill 2048 / 256 / 64; then the triton backend; then the all-dense control
-#   6. kernel tests on the GPU: CUDA, then Triton with one config per kernel (no autotuning,
+#   6. whole-model tokens/s, dense vs hybrid, on a LLaMA-2-7B-shaped model (bench_model.py)
+#   7. kernel tests on the GPU: CUDA, then Triton with one config per kernel (no autotuning,
 #      no torch.compile tests)
-#   7. pruning kernels (cuda, triton), then the plot
+#   8. pruning kernels (cuda, triton), then the plot
 #
 #   bash benchmarks/gpu_check.sh [OUT_DIR]            (default benchmarks/results/gpu-<date>)
 #   bash benchmarks/gpu_check.sh --dry-run OUT_DIR    every step on the CPU at tiny sizes
@@ -31,11 +32,12 @@ status=0
 if [ "$DRY" = 1 ]; then
   DEV=cpu; NATIVE=cpu; DTYPE=float32; SHAPES=64x48,40x200; BIG=96x64
   DECODE=1,4; PREFILL=64,16; SMOKE_BATCHES=1,3; ITERS=2; KERNEL_SHAPE=64x96
+  MODEL=(--shape tiny --batches 1,2 --new-tokens 4 --prompt 32 --repeats 1)
   export TRITON_INTERPRET=1   # Triton steps run interpreted: plumbing, not speed
 else
   DEV=cuda; NATIVE=cuda; DTYPE=float16; SHAPES=4096x4096,11008x4096,4096x11008
   BIG=4096x4096,11008x4096; DECODE=1,4,16; PREFILL=2048,256,64; SMOKE_BATCHES=1,16,2048
-  ITERS=50; KERNEL_SHAPE=4096x11008
+  ITERS=50; KERNEL_SHAPE=4096x11008; MODEL=(--shape llama2-7b --batches 1,8,32)
 fi
 
 # step NAME SECONDS CMD...: run CMD under a time limit, log it, record how it ended.
@@ -104,6 +106,9 @@ step "decode + prefill (triton)" 150 "${LINEAR[@]}" --backends triton "${MIX[@]}
   --batches "$DECODE,$PREFILL" --out "$OUT/linear-triton.json"
 step "all-dense control ($NATIVE)" 90 "${LINEAR[@]}" --backends "$NATIVE" --mixes all-dense \
   --shapes "$SHAPES" --batches "$DECODE,$PREFILL" --out "$OUT/linear-all-dense.json"
+
+step "whole model: greedy decode and prefill tokens/s" 240 "$PY" benchmarks/bench_model.py \
+  --device "$DEV" "${MODEL[@]}" --jsonl "$OUT/model.jsonl" --out "$OUT/model.json"
 
 step "tests: cuda" 120 "$PY" -m pytest -q -x -rs tests/test_cuda_backend.py
 if [ "$DRY" = 1 ]; then

@@ -196,6 +196,9 @@ def test_gpu_script_dry_run_leaves_every_record_file(tmp_path):
     assert {r["backend"] for r in linear} == {"cpu", "triton"}
     assert {r["mix"] for r in linear} == {"hybrid", "all-dense"}
     assert all(r["output_ok"] and r["speedup"] > 0 for r in linear)
+    model = [json.loads(line) for line in (out / "model.jsonl").read_text().splitlines()]
+    assert [(r["phase"], r["batch"]) for r in model] == [("prefill", 1), ("decode", 1),
+                                                         ("decode", 2)]
     kernels = [json.loads(line) for line in (out / "prune-kernels.jsonl").read_text().splitlines()]
     assert {r["backend"] for r in kernels} == {"cpu", "triton"}
 
@@ -214,3 +217,19 @@ def test_gpu_smoke_names_a_misplaced_2_4_entry(monkeypatch):
     result = gpu_smoke.check_metadata("cpu", torch.device("cpu"), torch.float32)
     assert not result["ok"] and result["wrong_entries"] > 0
     assert {e["col"] for e in result["first_wrong"]} <= {0, 1}
+
+
+def test_bench_model_checks_logits_then_times_both_sides(tmp_path):
+    import bench_model
+
+    out = tmp_path / "model.json"
+    bench_model.main(["--shape", "tiny", "--batches", "1,3", "--new-tokens", "3", "--prompt", "24",
+                      "--repeats", "1", "--out", str(out)])
+    payload = json.loads(out.read_text())
+    assert payload["logits_error"] <= bench_model.TOLERANCE[torch.float32]
+    assert 0.55 < payload["packed_fraction"] < 0.65  # the default mix in fp32
+    assert [(r["phase"], r["batch"]) for r in payload["records"]] == [
+        ("prefill", 1), ("decode", 1), ("decode", 3)]
+    for r in payload["records"]:
+        assert r["speedup"] == pytest.approx(r["hybrid_tokens_per_s"] / r["dense_tokens_per_s"],
+                                             rel=1e-2)
