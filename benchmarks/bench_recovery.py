@@ -190,8 +190,10 @@ def parse_args(argv=None):
                    help="fine-tune tokens of each run (default 49152 = 48 steps of 4 x 256)")
     p.add_argument("--train-seqlen", type=int, default=256, help="tokens per training sequence")
     p.add_argument("--batch-size", type=int, default=4, help="sequences per step")
-    p.add_argument("--lr-masked", type=float, default=1e-4)
-    p.add_argument("--lr-lora", type=float, default=5e-4)
+    p.add_argument("--lr-masked", type=float, default=3e-4,
+                   help="peak learning rate of masked runs (default 3e-4: see NOTES-recovery)")
+    p.add_argument("--lr-lora", type=float, default=1e-3,
+                   help="peak learning rate of LoRA runs (default 1e-3)")
     p.add_argument("--lora-rank", type=int, default=16)
     p.add_argument("--eval-every", type=int, default=8, help="steps between evaluations")
     p.add_argument("--progressive", action=argparse.BooleanOptionalAction, default=True,
