@@ -40,6 +40,19 @@ def device_name(device: torch.device) -> str:
     return f"{model} x{torch.get_num_threads()} threads"
 
 
+def cpu_features() -> list[str]:
+    """The vector extensions the CPU kernels' speed depends on, as /proc/cpuinfo lists them (a
+    CPU model name alone, e.g. a VM's "AMD EPYC", does not say AVX2 from AVX-512)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(re.search(r"flags\s*:\s*(.+)", f.read()).group(1).split())
+    except (OSError, AttributeError):
+        return []
+    wanted = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_bf16", "avx512_fp16",
+              "amx_tile", "amx_bf16")
+    return [f for f in wanted if f in flags]
+
+
 def git_commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True,
@@ -150,8 +163,8 @@ def results_path(device: torch.device, prefix: str = "") -> str:
 
 def write_results(path: str, device: torch.device, records: list[dict], **extra) -> None:
     """Write ``{device, torch, commit, ..., records}`` atomically."""
-    payload = {"device": device_name(device), "torch": torch.__version__,
-               "commit": git_commit(), **extra, "records": records}
+    payload = {"device": device_name(device), "cpu_features": cpu_features(),
+               "torch": torch.__version__, "commit": git_commit(), **extra, "records": records}
     with atomic_file(path) as tmp, open(tmp, "w") as f:
         json.dump(payload, f, indent=1)
         f.write("\n")
