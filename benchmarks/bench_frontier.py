@@ -26,7 +26,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import PruneRun, add_prune_run_args, results_path, write_results  # noqa: E402
+from common import (PruneRun, add_prune_run_args, results_path,  # noqa: E402
+                    resumed_records, write_results)
 
 BUDGETS = (0.45, 0.50, 0.5625, 0.62, 0.70, 0.80)
 # Byte-budget series: prune() arguments besides the budget. "matrix": every matrix at the budget;
@@ -301,14 +302,7 @@ def main(argv=None, model=None, tokenizer=None, calibration=None, eval_text="emb
     settings = dict(model=run.name, nsamples=args.nsamples, seqlen=args.seqlen,
                     ppl_windows=args.ppl_windows, seed=args.seed,
                     budget_dtype=args.budget_dtype, threads=torch.get_num_threads())
-    records, dense_ppl = [], None
-    if args.resume and os.path.exists(path):
-        with open(path) as f:
-            old = json.load(f)
-        if any(old.get(k) != v for k, v in settings.items() if k != "threads"):
-            raise SystemExit(f"--resume: {path} was measured with other settings "
-                             f"({ {k: old.get(k) for k in settings} })")
-        records, dense_ppl = old["records"], old["dense_ppl"]
+    records, dense_ppl = resumed_records(path, settings, args.resume)
     if dense_ppl is None:
         dense_ppl = run.ppl()
     done = {r["config"] for r in records}

@@ -26,7 +26,8 @@ import tempfile
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import PruneRun, add_prune_run_args, results_path, write_results  # noqa: E402
+from common import (PruneRun, add_prune_run_args, results_path,  # noqa: E402
+                    resumed_records, write_results)
 
 # Pruned starts: prune() arguments.
 STARTS = {
@@ -242,13 +243,7 @@ def main(argv=None, model=None, tokenizer=None, calibration=None, eval_text="emb
     settings = dict(model=run.name, nsamples=args.nsamples, seqlen=args.seqlen,
                     ppl_windows=args.ppl_windows, seed=args.seed, train_seqlen=args.train_seqlen,
                     batch_size=args.batch_size, threads=torch.get_num_threads())
-    records, dense_ppl = [], None
-    if args.resume and os.path.exists(path):
-        with open(path) as f:
-            old = json.load(f)
-        if any(old.get(k) != v for k, v in settings.items() if k != "threads"):
-            raise SystemExit(f"--resume: {path} was measured with other settings")
-        records, dense_ppl = old["records"], old["dense_ppl"]
+    records, dense_ppl = resumed_records(path, settings, args.resume)
     if dense_ppl is None:
         dense_ppl = run.ppl()
     print(f"dense perplexity {dense_ppl:.3f}")

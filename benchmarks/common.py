@@ -170,6 +170,19 @@ def write_results(path: str, device: torch.device, records: list[dict], **extra)
         f.write("\n")
 
 
+def resumed_records(path: str, settings: dict, resume: bool) -> tuple[list, float | None]:
+    """``(records, dense_ppl)`` already in the results file ``path`` when ``resume`` (else
+    nothing); a file measured with other ``settings`` (threads aside) cannot be resumed."""
+    if not resume or not os.path.exists(path):
+        return [], None
+    with open(path) as f:
+        old = json.load(f)
+    if any(old.get(k) != v for k, v in settings.items() if k != "threads"):
+        raise SystemExit(f"--resume: {path} was measured with other settings "
+                         f"({ {k: old.get(k) for k in settings} }, now {settings})")
+    return old["records"], old["dense_ppl"]
+
+
 def add_prune_run_args(p, nsamples: int) -> None:
     """The arguments every pruning-quality benchmark shares (see :class:`PruneRun`)."""
     p.add_argument("--nsamples", type=int, default=nsamples,
