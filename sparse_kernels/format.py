@@ -324,7 +324,7 @@ class HybridWeight:
         group of 4 or a top-K block more than ``topk``.
         """
         tiers, blocks = _checked_blocks(weight, tier_map, topk, block_size)
-        nbc, b = tiers.shape[1], block_size
+        b = block_size
         out_f, in_f = weight.shape
         dense_rowptr, dense_cols, dense_ids = _csr(tiers == DENSE)
         s24_rowptr, s24_cols, s24_ids = _csr(tiers == SPARSE_24)

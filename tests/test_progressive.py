@@ -1,6 +1,5 @@
 """Progressive three-tier pruning: tiers only go down, zeros stay zero, every iteration is saved,
 and a run killed mid-iteration resumes to the weights and tier maps of an uninterrupted one."""
-import copy
 
 import pytest
 import torch
