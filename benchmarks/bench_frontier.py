@@ -161,11 +161,12 @@ def plot_frontier(payload: dict, path: str) -> str:
                         xytext=(4, 4), textcoords="offset points")
         else:
             ax.axhline(r["ppl"], linestyle=":", color="gray", linewidth=1)
-            ax.annotate(f"{r['config']} (no packed kernel)", (0.42, r["ppl"]), fontsize=7,
-                        xytext=(0, 2), textcoords="offset points", color="gray")
+            ax.annotate(f"{r['config']} (no packed kernel)", (0.01, r["ppl"]), fontsize=7,
+                        xycoords=("axes fraction", "data"), xytext=(0, 2),
+                        textcoords="offset points", color="gray")
     ax.axhline(payload["dense_ppl"], linestyle="--", color="black", linewidth=1)
-    ax.annotate("dense", (0.42, payload["dense_ppl"]), fontsize=7, xytext=(0, 2),
-                textcoords="offset points")
+    ax.annotate("dense", (0.01, payload["dense_ppl"]), fontsize=7, xytext=(0, 2),
+                xycoords=("axes fraction", "data"), textcoords="offset points")
     ax.set_yscale("log")
     ax.set_xlabel(f"packed bytes / dense bytes ({payload['budget_dtype']})")
     ax.set_ylabel("perplexity (held-out embedded text)")
