@@ -255,7 +255,8 @@ def plot(path: str) -> list[str]:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--series", default=",".join(SERIES),
-                   help=f"byte-budget series, comma-separated, from: {', '.join(SERIES)}")
+                   help=f"byte-budget series, comma-separated (or none), from: "
+                        f"{', '.join(SERIES)}")
     p.add_argument("--budgets", default=",".join(f"{b:g}" for b in BUDGETS),
                    help="budgets (packed / dense bytes) of every series")
     p.add_argument("--fixed", default=",".join(FIXED),
@@ -275,7 +276,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.plot or args.allocation_of:
         return args
-    args.series = [s for s in args.series.split(",") if s]
+    args.series = [s for s in args.series.split(",") if s and s != "none"]
     args.fixed = [s for s in args.fixed.split(",") if s and s != "none"]
     unknown = [s for s in args.series if s not in SERIES] + \
         [s for s in args.fixed if s not in FIXED]
