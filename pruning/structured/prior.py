@@ -1,0 +1,77 @@
+"""H-GSP's layer / block prior: units of blocks the model can lose cheaply go first.
+
+For every decoder layer the calibration loss is measured with the layer skipped, with only its
+attention block skipped and with only its MLP block skipped (a block is skipped by zeroing what
+its output projection adds to the residual stream; a layer by skipping both), against the loss
+of the whole model: ``dL = max(loss_skipped - loss, 0)``. Each unit's score is multiplied by
+
+    ln(1 + dL) ** temperature
+
+where ``dL`` is the layer's when ``dL_layer < tau`` (a layer the model barely needs is judged as
+a whole) and the unit's block's otherwise. ``temperature = 0`` turns the prior off (factor 1).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..models import decoder_layers, module_device
+from .units import ATTENTION, MLP, LayerUnits
+
+__all__ = ["skip_losses", "prior_factors"]
+
+
+def _loss(model: nn.Module, batches: list[torch.Tensor]) -> float:
+    device = module_device(model.get_input_embeddings())
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for ids in batches:
+            ids = ids.to(device)
+            out = model(ids, use_cache=False)
+            logits = (out.logits if hasattr(out, "logits") else out[0])[:, :-1].float()
+            total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                     ids[:, 1:].reshape(-1), reduction="sum").item()
+            count += ids[:, 1:].numel()
+    return total / count
+
+
+def _zero_output(_module, _args, output):
+    return torch.zeros_like(output)
+
+
+def skip_losses(model: nn.Module, units: list[LayerUnits], batches: list[torch.Tensor], *,
+                progress: bool = True) -> dict:
+    """``{"base": loss, "layer": [dL per layer], "attention": [...], "mlp": [...]}``: the
+    increase of the mean calibration token loss when each layer / block is skipped (>= 0)."""
+    from tqdm.auto import tqdm
+
+    _, layers = decoder_layers(model)
+    base = _loss(model, batches)
+    out = {"base": base, "layer": [], ATTENTION: [], MLP: []}
+    for u in tqdm(units, desc="H-GSP skip losses", disable=not progress):
+        layer = layers[u.index]
+        outputs = {ATTENTION: [layer.get_submodule(u.o)], MLP: [layer.get_submodule(u.contract)]}
+        outputs["layer"] = outputs[ATTENTION] + outputs[MLP]
+        for key, modules in outputs.items():
+            handles = [m.register_forward_hook(_zero_output) for m in modules]
+            try:
+                out[key].append(max(_loss(model, batches) - base, 0.0))
+            finally:
+                for h in handles:
+                    h.remove()
+    return out
+
+
+def prior_factors(losses: dict, temperature: float, tau: float) -> dict[tuple[int, str], float]:
+    """``{(layer, kind): ln(1 + dL) ** temperature}`` (see the module docstring)."""
+    if temperature < 0 or not math.isfinite(temperature):
+        raise ValueError(f"temperature must be >= 0 (0: no prior), got {temperature}")
+    factors = {}
+    for i, layer_dl in enumerate(losses["layer"]):
+        for kind in (ATTENTION, MLP):
+            dl = layer_dl if layer_dl < tau else losses[kind][i]
+            factors[(i, kind)] = 1.0 if temperature == 0 else math.log1p(dl) ** temperature
+    return factors

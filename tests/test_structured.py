@@ -1,0 +1,301 @@
+"""Global structured pruning: units found on every architecture, slicing that is exact, the
+parameter budget met, guards kept, and saved models that load back to the same logits."""
+import copy
+
+import pytest
+import torch
+
+from pruning.models import decoder_layers
+from pruning.structured import (Plan, discover_units, is_structured, load_structured,
+                                save_structured, select_units, structured_prune,
+                                unit_importance, unit_statistics)
+from pruning.structured.prior import prior_factors
+from pruning.structured.slicing import apply_plan
+from pruning.structured.units import ATTENTION, MLP
+from tiny_models import ARCHITECTURES, VOCAB, calibration_ids, word_tokenizer
+
+
+def gqa_model(heads, kv_heads, family="llama"):
+    """A tiny model with the given query / KV head counts (head_dim 8)."""
+    from transformers import (LlamaConfig, LlamaForCausalLM, Qwen2Config,
+                              Qwen2ForCausalLM)
+    torch.manual_seed(0)
+    cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM),
+                      "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[family]
+    return model_cls(cls(vocab_size=VOCAB, hidden_size=8 * heads, head_dim=8,
+                         intermediate_size=40, num_hidden_layers=2, num_attention_heads=heads,
+                         num_key_value_heads=kv_heads, max_position_embeddings=64)).eval()
+
+
+@pytest.mark.parametrize("heads,kv,family", [(4, 4, "llama"), (6, 2, "llama"), (8, 2, "llama"),
+                                             (7, 1, "qwen2")])
+def test_units_follow_the_gqa_ratio(heads, kv, family):
+    units = discover_units(gqa_model(heads, kv, family))
+    assert [(u.groups, u.group_size, u.head_dim, u.channels) for u in units] == \
+        [(kv, heads // kv, 8, 40)] * 2
+    # One group: q/k/v rows (group_size + 2 heads) and o columns (group_size heads), 8 wide.
+    assert units[0].unit_cost(ATTENTION, decoder_layers(gqa_model(heads, kv, family))[1][0]) \
+        == (2 * (heads // kv) + 2) * 8 * (8 * heads) + (8 * (heads // kv) + 16 if family ==
+                                                         "qwen2" else 0)
+
+
+def test_units_on_opt_and_mistral():
+    opt = discover_units(ARCHITECTURES["opt"]())[0]
+    assert (opt.o, opt.expand, opt.contract, opt.groups, opt.group_size) == \
+        ("self_attn.out_proj", ("fc1",), "fc2", 4, 1)
+    mistral = discover_units(ARCHITECTURES["mistral"]())[0]
+    assert (mistral.expand, mistral.groups, mistral.group_size) == \
+        (("mlp.gate_proj", "mlp.up_proj"), 2, 2)
+
+
+def test_fused_projections_are_refused_by_name():
+    with pytest.raises(ValueError, match="c_attn.*fused"):
+        discover_units(ARCHITECTURES["gpt2"]())
+
+
+def zeroed_reference(model, plan):
+    """The original model with the removed units' o / down columns (their only path to the
+    residual stream) set to zero."""
+    ref = copy.deepcopy(model)
+    _, layers = decoder_layers(ref)
+    for u in discover_units(ref):
+        layer = layers[u.index]
+        width = u.group_size * u.head_dim
+        with torch.no_grad():
+            for g in plan.removed.get((u.index, ATTENTION), []):
+                layer.get_submodule(u.o).weight[:, g * width:(g + 1) * width] = 0
+            for c in plan.removed.get((u.index, MLP), []):
+                layer.get_submodule(u.contract).weight[:, c] = 0
+    return ref
+
+
+def check_same(model, ref):
+    test = calibration_ids(2, 20, seed=1)
+    with torch.no_grad():
+        torch.testing.assert_close(model(test).logits, ref(test).logits, rtol=1e-4, atol=1e-5)
+    # ... and with a KV cache (greedy decode): the sliced attention caches fewer heads.
+    out = model.generate(test[:1, :5], max_new_tokens=6, do_sample=False)
+    assert torch.equal(out, ref.generate(test[:1, :5], max_new_tokens=6, do_sample=False))
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "opt"])
+def test_the_smaller_model_computes_the_original_with_the_units_zeroed(arch):
+    model = ARCHITECTURES[arch]()
+    original = copy.deepcopy(model)
+    units = discover_units(model)
+    plan = Plan({(0, ATTENTION): [1], (1, ATTENTION): [0], (0, MLP): [0, 5, 95],
+                 (1, MLP): list(range(10, 40))})
+    sizes = apply_plan(model, units, plan)
+    assert [s["attention_groups"] for s in sizes] == [units[0].groups - 1] * 2
+    assert [s["mlp_channels"] for s in sizes] == [93, 66]
+    check_same(model, zeroed_reference(original, plan))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "opt"])
+@pytest.mark.parametrize("importance", ["taylor", "taylor_2nd", "wanda"])
+def test_structured_prune_slices_what_it_planned(arch, importance):
+    model = ARCHITECTURES[arch]()
+    original = copy.deepcopy(model)
+    result = structured_prune(model, calibration_ids(4, 24), ratio=0.3, importance=importance,
+                              progress=False)
+    assert sum(len(v) for v in result.plan.removed.values()) > 0
+    check_same(model, zeroed_reference(original, result.plan))
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+@pytest.mark.parametrize("ratio", [0.1, 0.25, 0.4])
+def test_removed_parameters_are_within_one_unit_of_the_ratio(arch, ratio):
+    model = ARCHITECTURES[arch]()
+    before = sum(p.numel() for p in model.parameters())
+    units = discover_units(model)
+    result = structured_prune(model, calibration_ids(), ratio=ratio, importance="magnitude",
+                              progress=False)
+    after = sum(p.numel() for p in model.parameters())
+    largest_unit = max(u.unit_cost(k, layer) for u, layer in zip(units, decoder_layers(
+        ARCHITECTURES[arch]())[1]) for k in (ATTENTION, MLP))
+    assert after == result.summary["params_after"]
+    assert 0 <= ratio * before - (before - after) < largest_unit
+
+
+def test_the_lowest_scores_go_first_and_a_block_keeps_its_last_unit():
+    scores = {(0, ATTENTION): torch.tensor([5., 1., 9.]), (0, MLP): torch.tensor([2., 3., 0.5]),
+              (1, ATTENTION): torch.tensor([0.1, 0.2]), (1, MLP): torch.tensor([7., 8.])}
+    costs = {k: 10 for k in scores}
+    plan = select_units(scores, costs, ratio=0.5, total_params=100)
+    # Ascending: (1,att,0)=0.1, (1,att,1)=0.2 (the last of its block: stays), (0,mlp,2)=0.5,
+    # (0,att,1)=1, (0,mlp,0)=2 -> 4 units = 40 params; the next, (0,mlp,1), would be the last
+    # MLP unit of layer 0, then (0,att,0) = 50 fits.
+    assert plan.removed == {(0, ATTENTION): [0, 1], (0, MLP): [0, 2], (1, ATTENTION): [0],
+                            (1, MLP): []}
+    assert plan.removed_params == 50
+    with pytest.raises(ValueError, match="at most ratio 0.600"):
+        select_units(scores, costs, ratio=0.7, total_params=100)
+    with pytest.raises(ValueError, match="NaN"):
+        select_units({**scores, (1, MLP): torch.tensor([float("nan"), 1.])}, costs, 0.2, 100)
+    with pytest.raises(ValueError, match="0 < ratio < 1"):
+        select_units(scores, costs, ratio=1.5, total_params=100)
+
+
+def test_epsilon_collapses_a_layer_whose_kept_fraction_falls_below_it():
+    scores = {(0, ATTENTION): torch.tensor([0.1, 0.2]), (0, MLP): torch.tensor([0.3, 0.4]),
+              (1, ATTENTION): torch.tensor([5., 6.]), (1, MLP): torch.tensor([7., 8.])}
+    costs = {k: 10 for k in scores}
+    plain = select_units(scores, costs, ratio=0.25, total_params=100)
+    assert plain.collapsed == [] and plain.removed_params == 20  # one unit per block stays
+    collapsed = select_units(scores, costs, ratio=0.25, total_params=100, epsilon=0.6)
+    assert collapsed.collapsed == [0] and collapsed.removed_params == 40
+    assert collapsed.removed[(0, ATTENTION)] == [0, 1] and collapsed.removed[(1, MLP)] == []
+
+
+def test_a_collapsed_layer_is_deleted_and_the_model_skips_it():
+    model = ARCHITECTURES["llama"]()
+    original = copy.deepcopy(model)
+    ids = calibration_ids()
+    result = structured_prune(model, ids, ratio=0.3, importance="magnitude", epsilon=0.9,
+                              progress=False)
+    assert result.plan.collapsed and model.config.num_hidden_layers == 1
+    keep = 1 - result.plan.collapsed[0]
+    ref = zeroed_reference(original, Plan({k: v for k, v in result.plan.removed.items()
+                                           if k[0] == keep}))
+    _, layers = decoder_layers(ref)
+    del layers[result.plan.collapsed[0]]  # LLaMA has no biases: a layer with nothing is identity
+    layers[0].self_attn.layer_idx = 0
+    ref.config.num_hidden_layers = 1
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ref(ids).logits, rtol=1e-4, atol=1e-5)
+    assert torch.equal(model.generate(ids[:1, :4], max_new_tokens=4, do_sample=False),
+                       ref.generate(ids[:1, :4], max_new_tokens=4, do_sample=False))
+
+
+def test_uniform_sizes_load_with_stock_from_pretrained(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = gqa_model(8, 4)
+    tok = word_tokenizer([f"w{i}" for i in range(VOCAB - 3)])
+    result = structured_prune(model, calibration_ids(), ratio=0.45, importance="wanda",
+                              uniform=True, progress=False)
+    assert len({(s["attention_groups"], s["mlp_channels"]) for s in result.sizes}) == 1
+    assert result.sizes[0]["attention_groups"] == 2 and result.summary["stock_loadable"]
+    save_structured(tmp_path / "out", model, tok, result)
+    assert not is_structured(tmp_path / "out")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    ids = calibration_ids(2, 16, seed=3)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+    for name in ("units.csv", "structured.json", "kept.png", "report.json"):
+        assert (tmp_path / "out" / name).is_file()
+
+
+def test_a_head_count_transformers_refuses_loads_through_load_structured(tmp_path):
+    model = gqa_model(8, 4)  # hidden 64: 3 groups = 6 heads, which LlamaConfig refuses
+    result = structured_prune(model, calibration_ids(), ratio=0.3, importance="wanda",
+                              uniform=True, progress=False)
+    assert result.sizes[0]["heads"] == 6 and not result.summary["stock_loadable"]
+    assert "multiple of the number of attention heads" in model.config.structured_stock_refused
+    save_structured(tmp_path / "out", model, None, result)
+    assert is_structured(tmp_path / "out")
+    loaded, _ = load_structured(tmp_path / "out")
+    ids = calibration_ids(2, 16, seed=3)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_per_layer_sizes_load_through_load_structured(tmp_path, arch):
+    model = ARCHITECTURES[arch]()
+    result = structured_prune(model, calibration_ids(), ratio=0.3, importance="taylor",
+                              progress=False)
+    assert len({(s["attention_groups"], s["mlp_channels"]) for s in result.sizes}) > 1 \
+        or arch == "opt"
+    save_structured(tmp_path / "out", model, None, result)
+    assert is_structured(tmp_path / "out")
+    loaded, tokenizer = load_structured(tmp_path / "out")
+    assert tokenizer is None
+    ids = calibration_ids(2, 16, seed=3)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+    rows = (tmp_path / "out" / "units.csv").read_text().splitlines()
+    assert rows[0] == "layer,type,index,importance,cost,prior,score,kept"
+    assert len(rows) - 1 == sum(u.groups + u.channels
+                                for u in discover_units(ARCHITECTURES[arch]()))
+
+
+def test_a_truncated_structured_checkpoint_raises_naming_the_missing_weights(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = ARCHITECTURES["llama"]()
+    result = structured_prune(model, calibration_ids(), ratio=0.3, importance="magnitude",
+                              progress=False)
+    save_structured(tmp_path / "out", model, None, result)
+    weights = tmp_path / "out" / "model.safetensors"
+    state = load_file(weights)
+    del state["model.layers.1.mlp.down_proj.weight"]
+    save_file(state, weights, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="missing.*layers.1.mlp.down_proj"):
+        load_structured(tmp_path / "out")
+
+
+def test_importance_sums_each_units_weights():
+    model = gqa_model(4, 2)
+    units = discover_units(model)
+    u = units[0]
+    layer = decoder_layers(model)[1][0]
+    magnitude = unit_importance(model, units, "magnitude")
+    group = 1
+    rows = slice(group * 16, group * 16 + 16)  # 2 query heads x 8
+    kv = slice(group * 8, group * 8 + 8)
+    expected = (layer.self_attn.q_proj.weight[rows].abs().sum()
+                + layer.self_attn.k_proj.weight[kv].abs().sum()
+                + layer.self_attn.v_proj.weight[kv].abs().sum()
+                + layer.self_attn.o_proj.weight[:, rows].abs().sum())
+    torch.testing.assert_close(magnitude[(0, ATTENTION)][group], expected.detach())
+    channel = 7
+    expected = (layer.mlp.gate_proj.weight[channel].abs().sum()
+                + layer.mlp.up_proj.weight[channel].abs().sum()
+                + layer.mlp.down_proj.weight[:, channel].abs().sum())
+    torch.testing.assert_close(magnitude[(0, MLP)][channel], expected.detach())
+    # taylor: |W * sum of per-sample gradients|, checked against autograd directly.
+    ids = calibration_ids(3, 12)
+    stats = unit_statistics(model, units, [ids], progress=False)
+    model.zero_grad()
+    for row in ids:
+        out = model(row[None], use_cache=False).logits[:, :-1]
+        torch.nn.functional.cross_entropy(out.reshape(-1, VOCAB), row[1:]).backward()
+    down = layer.mlp.down_proj.weight
+    torch.testing.assert_close(stats.grad["model.layers.0.mlp.down_proj"], down.grad)
+    taylor = unit_importance(model, units, "taylor", stats)
+    expected = sum((m.weight * m.weight.grad)[channel].abs().sum()
+                   for m in (layer.mlp.gate_proj, layer.mlp.up_proj)) \
+        + (down * down.grad)[:, channel].abs().sum()
+    torch.testing.assert_close(taylor[(0, MLP)][channel], expected.detach(), rtol=1e-5,
+                               atol=1e-8)
+    second = unit_importance(model, units, "taylor_2nd", stats)
+    assert bool((second[(0, MLP)] >= taylor[(0, MLP)]).all())
+    with pytest.raises(ValueError, match="needs the gradient statistics"):
+        unit_importance(model, units, "taylor", unit_statistics(model, units, [ids],
+                                                                gradients=False,
+                                                                progress=False))
+
+
+def test_prior_factors():
+    losses = {"layer": [0.01, 2.0], ATTENTION: [0.5, 1.0], MLP: [0.2, 3.0]}
+    assert set(prior_factors(losses, 0.0, 0.1).values()) == {1.0}
+    factors = prior_factors(losses, 2.0, tau=0.1)
+    # Layer 0 is below tau: judged as a whole; layer 1 by block.
+    assert factors[(0, ATTENTION)] == factors[(0, MLP)] == pytest.approx(
+        torch.log1p(torch.tensor(0.01)).item() ** 2)
+    assert factors[(1, MLP)] == pytest.approx(torch.log1p(torch.tensor(3.0)).item() ** 2)
+    with pytest.raises(ValueError, match="temperature"):
+        prior_factors(losses, -1.0, 0.1)
+
+
+def test_the_prior_measures_skipping_and_changes_the_choice():
+    model = ARCHITECTURES["llama"]()
+    ids = calibration_ids(4, 24)
+    result = structured_prune(copy.deepcopy(model), ids, ratio=0.2, importance="magnitude",
+                              temperature=1.0, tau=0.0, progress=False)
+    losses = result.skip_losses
+    assert len(losses["layer"]) == 2 and losses["base"] > 0
+    assert all(v >= 0 for k in ("layer", ATTENTION, MLP) for v in losses[k])
+    priors = {(r["layer"], r["type"]): r["prior"] for r in result.units}
+    assert priors[(0, MLP)] == pytest.approx(torch.log1p(torch.tensor(losses[MLP][0])).item())
