@@ -73,7 +73,8 @@ def load_pruned(folder: str | os.PathLike, *, dtype: torch.dtype | None = None,
                 device: str | None = None) -> PrunedModel:
     """A folder ``hybrid-prune prune --save`` wrote, packed or dense (zero-filled, with its
     ``tier_maps.safetensors``), as a :class:`PrunedModel` of dense Linears and masks. A dense
-    folder's masks are its non-zero weights."""
+    folder's masks are its non-zero weights; a structurally pruned model's (``hybrid-prune
+    structured --save``) are all True."""
     from .loading import load_model
     from .models import get_weight
     from .tier_io import load_tier_maps
@@ -94,9 +95,16 @@ def load_pruned(folder: str | os.PathLike, *, dtype: torch.dtype | None = None,
             masks[name] = (weight != 0).cpu()
             tier_maps[name] = tiers
             topks[name] = meta["topk"] if isinstance(meta["topk"], int) else meta["topk"][name]
+    if not masks and getattr(model.config, "structured_layers", None):
+        # Structurally pruned only: nothing inside the matrices is pruned, every weight trains.
+        from .api import _named_linears
+
+        masks = {n: torch.ones_like(get_weight(m), dtype=torch.bool, device="cpu")
+                 for n, m in _named_linears(model).items()}
     if not masks:
-        raise ValueError(f"{str(folder)!r} holds no pruned model: no packed modules and no "
-                         f"tier_maps.safetensors (write it with hybrid-prune prune --save)")
+        raise ValueError(f"{str(folder)!r} holds no pruned model: no packed modules, no "
+                         f"tier_maps.safetensors and no structured sizes (write it with "
+                         f"hybrid-prune prune --save or hybrid-prune structured --save)")
     return PrunedModel(model, tokenizer, masks, tier_maps, topks, block_size, meta)
 
 
@@ -133,7 +141,7 @@ def _dense_checkpoint_bytes(model: nn.Module) -> int:
 
 def save_pruned(folder: str | os.PathLike, model: nn.Module, tokenizer, tiers, report: dict, *,
                 source_model: str | None = None, dense_copy: bool = False,
-                overwrite: bool = False) -> dict:
+                overwrite: bool = False, extra=None) -> dict:
     """Write a pruned model to ``folder``: the packed checkpoint (``config.json`` with the
     packed format's ``quantization_config``, the packed tensors of every tiered Linear, every
     other weight as it is), its tokenizer (when not None), ``tier_maps.safetensors`` and
@@ -144,7 +152,8 @@ def save_pruned(folder: str | os.PathLike, model: nn.Module, tokenizer, tiers, r
 
     The tiered Linears are swapped for ``HybridSparseLinear`` in place (the packing); ``folder``
     follows :func:`sparse_kernels.atomic.write_into_folder` (``overwrite`` to replace files in a
-    non-empty folder). Returns ``report`` with ``checkpoint`` sizes added.
+    non-empty folder); ``extra(tmp)`` may write more files beside them. Returns ``report`` with
+    ``checkpoint`` sizes added.
     """
     dense_bytes = _dense_checkpoint_bytes(model)
     packed_modules = 0
@@ -171,6 +180,8 @@ def save_pruned(folder: str | os.PathLike, model: nn.Module, tokenizer, tiers, r
                                 "packed_modules": packed_modules,
                                 "dtype": str(next(model.parameters()).dtype)}
         (tmp / "report.json").write_text(json.dumps(report, indent=1))
+        if extra is not None:
+            extra(tmp)
 
     write_into_folder(folder, write, overwrite=overwrite)
     return report

@@ -6,10 +6,11 @@
   hybrid-prune eval --model out/ --tasks boolq rte
   hybrid-prune finetune --model out/ --save tuned/ --loss lm+distill --max-tokens 200000
   hybrid-prune progressive --schedule steps.csv --save runs/ --epoch-steps 20
+  hybrid-prune structured --ratio 0.2 --importance taylor --save smaller/ [--then-three-tier]
 
 This module only parses arguments and calls the functions that do the work (loading.py,
 api.py, eval.py, checkpoint.py, timing.py, finetune.py,
-progressive.py), which a Python user calls the same way.
+progressive.py, structured/), which a Python user calls the same way.
 """
 from __future__ import annotations
 
@@ -145,6 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", action="store_true",
                    help="continue DIR after its last finished iteration")
 
+    s = sub.add_parser("structured", help="remove whole attention groups and MLP channels "
+                                          "(a smaller dense model)")
+    _add_model_args(s)
+    _add_structured_args(s)
+
     e = sub.add_parser("eval", help="perplexity / zero-shot accuracy of a (pruned) model")
     _add_model_args(e)
     e.add_argument("--tasks", nargs="*", default=None,
@@ -161,6 +167,44 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluate a dense pruned model with HybridSparseLinear (needs --tier-maps)")
     e.add_argument("--out", default=None, metavar="JSON", help="write the results as JSON")
     return parser
+
+
+def _add_structured_args(p: argparse.ArgumentParser) -> None:
+    from .structured import IMPORTANCES
+
+    p.add_argument("--ratio", type=float, default=0.2,
+                   help="fraction of the model's parameters to remove (default 0.2)")
+    p.add_argument("--importance", choices=IMPORTANCES, default="taylor",
+                   help="unit importance (default taylor: |W * dL/dW| over the unit)")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="H-GSP prior: scores times ln(1 + dL)^T, dL the loss increase of "
+                        "skipping the unit's layer or block (default 0: off)")
+    p.add_argument("--tau", type=float, default=0.0,
+                   help="H-GSP prior: a layer whose skip dL is below tau is judged as a whole")
+    p.add_argument("--epsilon", type=float, default=0.0,
+                   help="collapse (delete) a layer whose kept fraction falls below epsilon "
+                        "(default 0: never; a block always keeps one unit)")
+    p.add_argument("--uniform", action="store_true",
+                   help="the same sizes in every layer (stock from_pretrained loads the result)")
+    p.add_argument("--calibration", default="embedded", help="calibration text (as prune)")
+    p.add_argument("--nsamples", type=int, default=32, help="calibration samples (default 32)")
+    p.add_argument("--prior-samples", type=int, default=8,
+                   help="calibration samples of the H-GSP skip losses (default 8)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--then-three-tier", action="store_true",
+                   help="then prune what remains three-tier (SparseGPT, whole-model budget)")
+    p.add_argument("--budget", type=float, default=None,
+                   help=f"--then-three-tier's byte budget (default {DEFAULT_BUDGET})")
+    p.add_argument("--save", default=None, metavar="DIR",
+                   help="write the smaller model (safetensors), tokenizer, units.csv, "
+                        "structured.json, kept.png, report.json")
+    p.add_argument("--overwrite", action="store_true",
+                   help="let --save replace the files it writes in a non-empty DIR")
+    p.add_argument("--eval-ppl", action=argparse.BooleanOptionalAction, default=None,
+                   help="perplexity before and after (default: on for the embedded model)")
+    p.add_argument("--time-decode", action=argparse.BooleanOptionalAction, default=None,
+                   help="time one decode step before and after (default: on for the embedded "
+                        "model)")
 
 
 def _add_finetune_args(p: argparse.ArgumentParser, progressive: bool = False) -> None:
@@ -443,6 +487,92 @@ def run_progressive(args) -> dict:
     return {"model": name, "iterations": reports}
 
 
+def run_structured(args) -> dict:
+    from sparse_kernels.atomic import check_output_folder
+
+    from .loading import device_plan
+    from .structured import save_structured, structured_prune, write_structured_outputs
+    from .timing import decode_step_ms
+
+    if args.budget is not None and not args.then_three_tier:
+        raise SystemExit("--budget applies to --then-three-tier")
+    embedded = args.model is None
+    eval_ppl = embedded if args.eval_ppl is None else args.eval_ppl
+    timing = embedded if args.time_decode is None else args.time_decode
+    if args.save:
+        check_output_folder(args.save, overwrite=args.overwrite)
+    if args.offload or args.device_map:
+        raise SystemExit("structured pruning takes gradients through the whole model: load it "
+                         "onto one --device (no --offload / --device-map)")
+    plan = device_plan(args.device)
+    model, tokenizer, name = _load(args)
+    out = {"model": name, "dtype": str(next(model.parameters()).dtype),
+           "device": plan.model_device, "ppl": {}, "decode_step_ms": {}}
+    if eval_ppl:
+        out["ppl"]["dense"] = _perplexity(model, tokenizer, args)
+        print(f"dense perplexity ({args.ppl_source}): {out['ppl']['dense']:.3f}")
+    if timing:
+        out["decode_step_ms"]["dense"] = round(decode_step_ms(model), 3)
+    result = structured_prune(model, args.calibration, args.ratio, args.importance,
+                              temperature=args.temperature, tau=args.tau, epsilon=args.epsilon,
+                              uniform=args.uniform, tokenizer=tokenizer, nsamples=args.nsamples,
+                              seqlen=args.seqlen, prior_samples=args.prior_samples,
+                              seed=args.seed)
+    out["structured"] = result.summary
+    summary = result.summary
+    print(f"removed {summary['removed_fraction']:.1%} of {summary['params_before']:,} parameters "
+          f"({summary['importance']}, temperature {summary['temperature']}) in "
+          f"{summary['seconds']} s; collapsed layers: {summary['collapsed_layers'] or 'none'}")
+    print("from_pretrained loads it" if summary["stock_loadable"] else
+          "per-layer sizes: load it with pruning.structured.load_structured (or any "
+          "hybrid-prune --model)")
+    if eval_ppl:
+        out["ppl"]["structured"] = _perplexity(model, tokenizer, args)
+        print(f"structured perplexity ({args.ppl_source}): {out['ppl']['structured']:.3f}")
+    if timing:
+        out["decode_step_ms"]["structured"] = round(decode_step_ms(model), 3)
+    tiers = None
+    if args.then_three_tier:
+        from . import prune
+
+        tiers = prune(model, args.calibration, "sparsegpt", "three_tier",
+                      budget=DEFAULT_BUDGET if args.budget is None else args.budget,
+                      ranking="model", tokenizer=tokenizer, nsamples=args.nsamples,
+                      seqlen=args.seqlen, seed=args.seed)
+        out["three_tier"] = {"packed_bytes": tiers.report.get("packed_bytes"),
+                             "sparsity": tiers.report["sparsity"]}
+        packed = tiers.report["packed_bytes"]
+        print(f"three-tier on what remains: {packed['fraction']:.4f} of its dense bytes")
+        if eval_ppl:
+            out["ppl"]["structured+three_tier"] = _perplexity(model, tokenizer, args)
+            print(f"structured + three-tier perplexity ({args.ppl_source}): "
+                  f"{out['ppl']['structured+three_tier']:.3f}")
+    if args.save:
+        if tiers is None:
+            save_structured(args.save, model, tokenizer, result, out, overwrite=args.overwrite)
+        else:  # packed: the kernels run it
+            from .checkpoint import save_pruned
+
+            save_pruned(args.save, model, tokenizer, tiers, out, source_model=name,
+                        overwrite=args.overwrite,
+                        extra=lambda tmp: write_structured_outputs(tmp, result))
+        print(f"saved to {args.save}")
+    if timing and tiers is not None:
+        from .checkpoint import pack_model
+
+        if not args.save:
+            pack_model(model, tiers)
+        out["decode_step_ms"]["structured+three_tier"] = round(decode_step_ms(model), 3)
+    if timing:
+        ms = out["decode_step_ms"]
+        print("one decode step (batch 1): " + ", ".join(f"{k} {v:.2f} ms" for k, v in ms.items()))
+    if args.save and timing:
+        from .checkpoint import write_report
+
+        write_report(args.save, out)
+    return out
+
+
 def _source_model(folder: str) -> str:
     """The model a pruned folder started from, as its report.json names it."""
     import os
@@ -500,7 +630,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         {"prune": run_prune, "finetune": run_finetune, "progressive": run_progressive,
-         "eval": run_eval}[args.command](args)
+         "eval": run_eval, "structured": run_structured}[args.command](args)
     except (FileNotFoundError, FileExistsError, NotADirectoryError) as err:
         raise SystemExit(f"hybrid-prune: {err}") from None
     return 0

@@ -92,6 +92,15 @@ def load_model(name: str | None = None, *, dtype: torch.dtype | None = None,
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = os.path.expanduser(name) if local else name
+    if local:
+        from .structured.io import is_structured, load_structured
+
+        if is_structured(source):  # per-layer sizes: stock transformers cannot build it
+            if plan.device_map is not None and plan.device_map != plan.model_device:
+                raise ValueError(f"{name!r} is a structured model with per-layer sizes; it "
+                                 "loads whole onto one --device (no --device-map)")
+            model, tokenizer = load_structured(source, dtype=dtype, device=plan.model_device)
+            return model, tokenizer, name
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, low_cpu_mem_usage=True,
                                                      device_map=plan.device_map)

@@ -52,6 +52,34 @@ def _tier_maps_and_k(checkpoint_files) -> dict[str, tuple[torch.Tensor, int, boo
     return found
 
 
+def install_packed_shells(model: nn.Module, checkpoint_files, block_size: int,
+                          dtype: torch.dtype | None = None) -> nn.Module:
+    """Replace every ``nn.Linear`` the checkpoint files pack by an empty (meta-device)
+    ``HybridSparseLinear`` of the Linear's shape and the file's tier map, K, bias and value dtype
+    (``dtype`` overrides the latter); the normal loading then fills their buffers by name."""
+    for name, (tier_map, k, has_bias, file_dtype) in _tier_maps_and_k(checkpoint_files).items():
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        old = getattr(parent, attr)
+        if not isinstance(old, nn.Linear):
+            raise ValueError(f"the checkpoint packs {name!r}, which this model "
+                             f"architecture has as a {type(old).__name__}")
+        setattr(parent, attr, HybridSparseLinear(
+            old.in_features, old.out_features, tier_map, k, block_size, has_bias,
+            dtype=dtype or file_dtype, device="meta"))
+    return model
+
+
+def validate_packed_modules(model: nn.Module) -> None:
+    """Check every ``HybridSparseLinear``'s packed tensors (``format.validate_packed``) before
+    any kernel runs on them."""
+    for name, module in model.named_modules():
+        if isinstance(module, HybridSparseLinear):
+            weight = module.hybrid_weight
+            validate_packed(weight.tensors(), weight.out_features, weight.in_features,
+                            weight.block_size, weight.topk, where=name)
+
+
 def register() -> None:
     """Register the packed format's config and quantizer with transformers (once)."""
     global _REGISTERED
@@ -101,26 +129,12 @@ def register() -> None:
             if not files:
                 raise ValueError("loading a packed checkpoint needs its files; this version of "
                                  "transformers did not pass them to the quantizer")
-            block_size = self.quantization_config.block_size
-            for name, (tier_map, k, has_bias, dtype) in _tier_maps_and_k(files).items():
-                parent_name, _, attr = name.rpartition(".")
-                parent = model.get_submodule(parent_name)
-                old = getattr(parent, attr)
-                if not isinstance(old, nn.Linear):
-                    raise ValueError(f"the checkpoint packs {name!r}, which this model "
-                                     f"architecture has as a {type(old).__name__}")
-                setattr(parent, attr, HybridSparseLinear(
-                    old.in_features, old.out_features, tier_map, k, block_size, has_bias,
-                    dtype=self._dtype if isinstance(self._dtype, torch.dtype) else dtype,
-                    device="meta"))
-            return model
+            return install_packed_shells(model, files, self.quantization_config.block_size,
+                                         self._dtype if isinstance(self._dtype, torch.dtype)
+                                         else None)
 
         def _process_model_after_weight_loading(self, model, **kwargs):
-            for name, module in model.named_modules():
-                if isinstance(module, HybridSparseLinear):
-                    weight = module.hybrid_weight
-                    validate_packed(weight.tensors(), weight.out_features, weight.in_features,
-                                    weight.block_size, weight.topk, where=name)
+            validate_packed_modules(model)
             return model
 
         def is_serializable(self, *args, **kwargs):

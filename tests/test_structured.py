@@ -299,3 +299,63 @@ def test_the_prior_measures_skipping_and_changes_the_choice():
     assert all(v >= 0 for k in ("layer", ATTENTION, MLP) for v in losses[k])
     priors = {(r["layer"], r["type"]): r["prior"] for r in result.units}
     assert priors[(0, MLP)] == pytest.approx(torch.log1p(torch.tensor(losses[MLP][0])).item())
+
+
+@pytest.fixture
+def tiny_folder(tmp_path):
+    model = ARCHITECTURES["llama"]()
+    folder = tmp_path / "base"
+    model.save_pretrained(folder)
+    word_tokenizer([f"w{i}" for i in range(VOCAB - 3)]).save_pretrained(folder)
+    return folder
+
+
+def test_the_command_line_prunes_saves_fine_tunes_and_loads(tmp_path, tiny_folder, capsys):
+    import json
+
+    from pruning.cli import main
+    from pruning.eval import perplexity
+    from pruning.loading import load_model
+
+    out, tuned = tmp_path / "smaller", tmp_path / "tuned"
+    common = ["--seqlen", "32", "--ppl-windows", "2"]
+    assert main(["structured", "--model", str(tiny_folder), "--ratio", "0.3", "--nsamples", "4",
+                 "--temperature", "1", "--eval-ppl", "--time-decode", "--save", str(out),
+                 *common]) == 0
+    printed = capsys.readouterr().out
+    assert "removed 2" in printed and "one decode step" in printed
+    report = json.loads((out / "report.json").read_text())
+    assert 0.28 < report["structured"]["removed_fraction"] <= 0.3
+    assert report["structured"]["temperature"] == 1.0 and "structured" in report["ppl"]
+    model, tokenizer, _ = load_model(str(out))  # per-layer sizes: load_structured underneath
+    assert perplexity(model, tokenizer, "embedded", seqlen=32, max_windows=2,
+                      progress=False) == pytest.approx(report["ppl"]["structured"], rel=1e-5)
+    # Recovery: every weight of the smaller model trains; it saves and loads the same way.
+    assert main(["finetune", "--model", str(out), "--save", str(tuned), "--max-steps", "2",
+                 "--lr", "1e-2", *common]) == 0
+    after, _, _ = load_model(str(tuned))
+    assert sum(p.numel() for p in after.parameters()) == report["structured"]["params_after"]
+    changed = after.model.layers[0].mlp.down_proj.weight
+    assert not torch.equal(changed, model.model.layers[0].mlp.down_proj.weight)
+
+
+def test_the_command_line_composes_structured_and_three_tier(tmp_path, tiny_folder):
+    import json
+
+    import sparse_kernels as sk
+    from pruning.cli import main
+    from pruning.eval import perplexity
+    from pruning.loading import load_model
+
+    out = tmp_path / "both"
+    assert main(["structured", "--model", str(tiny_folder), "--ratio", "0.2", "--nsamples", "4",
+                 "--then-three-tier", "--budget", "0.7", "--eval-ppl", "--save", str(out),
+                 "--seqlen", "32", "--ppl-windows", "2"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["three_tier"]["packed_bytes"]["fraction"] <= 0.7
+    assert (out / "units.csv").is_file() and (out / "tier_maps.safetensors").is_file()
+    model, tokenizer, _ = load_model(str(out))
+    assert sum(isinstance(m, sk.HybridSparseLinear) for m in model.modules()) == 2 * 7
+    assert perplexity(model, tokenizer, "embedded", seqlen=32, max_windows=2,
+                      progress=False) == pytest.approx(report["ppl"]["structured+three_tier"],
+                                                       rel=1e-4)

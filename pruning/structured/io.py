@@ -98,26 +98,13 @@ def is_structured(folder: str | os.PathLike) -> bool:
     return "structured_layers" in config and not config.get("structured_stock_loadable", False)
 
 
-def load_structured(folder: str | os.PathLike, *, dtype: torch.dtype | None = None,
-                    device: str | None = None):
-    """``(model, tokenizer)`` from a folder ``hybrid-prune structured --save`` wrote (any
-    per-layer sizes), in eval mode; weights loaded strictly (a missing or mis-shaped tensor
-    raises)."""
-    from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoTokenizer
-
-    folder = Path(folder).expanduser()
-    config = AutoConfig.from_pretrained(folder)
-    sizes = getattr(config, "structured_layers", None)
-    if not sizes:
-        raise ValueError(f"{str(folder)!r}: config.json has no structured_layers; load it with "
-                         "AutoModelForCausalLM.from_pretrained")
-    model = _build_empty(config, dtype=dtype or torch.float32)
+def _resize_layers(model: nn.Module, sizes: list[dict], where: str) -> None:
+    """Give each layer's projections the recorded sizes (uninitialised)."""
     units = discover_units(model)
     _, layers = decoder_layers(model)
     if len(sizes) != len(layers):
-        raise ValueError(f"{str(folder)!r}: structured_layers lists {len(sizes)} layers, the "
-                         f"config builds {len(layers)}")
+        raise ValueError(f"{where}: structured_layers lists {len(sizes)} layers, the config "
+                         f"builds {len(layers)}")
     for u, size in zip(units, sizes):
         layer = layers[u.index]
         q_rows = size["heads"] * u.head_dim
@@ -131,12 +118,22 @@ def load_structured(folder: str | os.PathLike, *, dtype: torch.dtype | None = No
             setattr(owner, attr, resize_linear(getattr(owner, attr), out_f, in_f))
         set_head_counts(layer.get_submodule(u.attention), size["heads"],
                         size["attention_groups"])
+
+
+def _load_weights(model: nn.Module, folder: Path, config, dtype) -> None:
+    """Load every ``*.safetensors`` of ``folder`` into ``model`` by name; anything missing
+    (but a tied output embedding) or unexpected raises."""
+    from safetensors.torch import load_file
+
     state = {}
     for file in sorted(folder.glob("*.safetensors")):
-        state.update(load_file(file))
+        if file.name != "tier_maps.safetensors":
+            state.update(load_file(file))
     if not state:
         raise FileNotFoundError(f"{str(folder)!r} has no *.safetensors weights")
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     tied = getattr(config, "tie_word_embeddings", False)
     missing = [k for k in missing if not (tied and k == "lm_head.weight")]
     if missing or unexpected:
@@ -144,6 +141,36 @@ def load_structured(folder: str | os.PathLike, *, dtype: torch.dtype | None = No
                          f"missing {missing[:5]}, unexpected {unexpected[:5]}")
     if tied:
         model.tie_weights()
+
+
+def load_structured(folder: str | os.PathLike, *, dtype: torch.dtype | None = None,
+                    device: str | None = None):
+    """``(model, tokenizer)`` from a folder ``hybrid-prune structured --save`` wrote (any
+    per-layer sizes, dense or packed three-tier), in eval mode; dense weights load strictly (a
+    missing or mis-shaped tensor raises)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    folder = Path(folder).expanduser()
+    config = AutoConfig.from_pretrained(folder)
+    sizes = getattr(config, "structured_layers", None)
+    if not sizes:
+        raise ValueError(f"{str(folder)!r}: config.json has no structured_layers; load it with "
+                         "AutoModelForCausalLM.from_pretrained")
+    packed = getattr(config, "quantization_config", None)
+    plain = copy.deepcopy(config)
+    if packed:
+        del plain.quantization_config
+    model = _build_empty(plain, dtype=dtype or torch.float32)
+    _resize_layers(model, sizes, str(folder))
+    if packed:  # pruned three-tier as well: the packed modules at the sliced shapes
+        from sparse_kernels.huggingface import install_packed_shells, validate_packed_modules
+
+        install_packed_shells(model, sorted(folder.glob("model*.safetensors")),
+                              packed["block_size"], dtype)
+    _load_weights(model, folder, config, dtype)
+    if packed:
+        validate_packed_modules(model)
+        model.config.quantization_config = packed
     model = model.to(device or "cpu").eval()
     tokenizer = AutoTokenizer.from_pretrained(folder) \
         if (folder / "tokenizer_config.json").is_file() else None
