@@ -233,3 +233,30 @@ def test_bench_model_checks_logits_then_times_both_sides(tmp_path):
     for r in payload["records"]:
         assert r["speedup"] == pytest.approx(r["hybrid_tokens_per_s"] / r["dense_tokens_per_s"],
                                              rel=1e-2)
+
+
+def test_bench_structured_compares_importances_speed_and_composition(tmp_path):
+    import bench_structured
+    from tiny_models import calibration_ids, llama
+
+    out = tmp_path / "structured.json"
+    argv = ["--ratio", "0.3", "--finetune-steps", "2", "--train-seqlen", "24", "--seqlen", "24",
+            "--ppl-windows", "2", "--nsamples", "4", "--new-tokens", "4", "--repeats", "1",
+            "--budget", "0.7", "--out", str(out)]
+    bench_structured.main(argv, model=llama(), calibration=calibration_ids(),
+                          eval_text=calibration_ids(8, 24, seed=1).flatten(),
+                          train_ids=calibration_ids(16, 24, seed=2).flatten())
+    payload = json.loads(out.read_text())
+    rows = [r for r in payload["records"] if r["config"] == "structured"]
+    assert {(r["importance"], r["temperature"]) for r in rows} == {
+        (i, t) for i in ("taylor", "taylor_2nd", "wanda", "magnitude") for t in (0.0, 1.0)}
+    assert all(0.2 < r["removed_fraction"] <= 0.3 for r in rows)  # within one head group
+    assert sum("finetuned" in r for r in rows) == 2
+    speed = {r["model"]: r for r in payload["records"] if r["config"] == "speed"}
+    assert speed["dense"]["speedup"] == 1.0
+    assert speed["structured"]["params"] == speed["structured+three_tier"]["params"] < \
+        speed["dense"]["params"] == speed["three_tier"]["params"]
+    assert speed["structured+three_tier"]["decoder_linear_bytes_fraction"] < \
+        speed["structured"]["decoder_linear_bytes_fraction"] < 1
+    if importlib.util.find_spec("matplotlib"):
+        assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
