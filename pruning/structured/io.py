@@ -7,10 +7,14 @@ describe the model, and plain ``AutoModelForCausalLM.from_pretrained`` loads it;
 by validating that config and building the model from it and comparing every weight's shape
 (``structured_stock_loadable`` in the config). transformers refuses some head counts (LLaMA's
 config wants ``hidden_size`` to be a multiple of ``num_attention_heads`` even with an explicit
-``head_dim``: 4096 and 28 heads fail); the reason is kept as ``structured_stock_refused``. A config holds one size for all layers, so a
-model whose layers differ cannot be built by stock transformers: :func:`load_structured` builds
-it from the config without initialising weights, resizes each layer's projections to the
-recorded sizes and then loads the safetensors weights.
+``head_dim``: 4096 and 28 heads fail); the reason is kept as ``structured_stock_refused``.
+
+A config holds one size for all layers, so a model whose layers differ cannot be built by stock
+transformers (``from_pretrained`` refuses the mis-shaped tensors): :func:`load_structured`
+builds it from the config without initialising weights, resizes each layer's projections to the
+recorded sizes (packed three-tier modules at those sizes, for a checkpoint pruned both ways) and
+then loads the safetensors weights. ``pruning.loading.load_model`` (every ``--model``) does this
+by itself for such a folder.
 """
 from __future__ import annotations
 
