@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .calibration import Source, get_tokens
+from .models import logits_of
 
 __all__ = ["perplexity", "eval_windows", "zero_shot", "format_zero_shot"]
 
@@ -23,14 +24,6 @@ def _model_device(model) -> torch.device:
         return next(model.parameters()).device
     except (StopIteration, AttributeError):
         return torch.device("cpu")
-
-
-def _logits(output) -> torch.Tensor:
-    if hasattr(output, "logits"):
-        return output.logits
-    if isinstance(output, (tuple, list)):
-        return output[0]
-    return output
 
 
 def eval_windows(tokenizer, source: Source = "embedded", seqlen: int = 512,
@@ -83,7 +76,7 @@ def perplexity(model, tokenizer, source: Source = "embedded", seqlen: int = 512,
                               desc=f"perplexity ({windows.shape[0]} x {seqlen} tokens)",
                               unit="batch"):
                 batch = windows[start:start + batch_size].to(device)
-                logits = _logits(model(batch))[:, :-1, :]
+                logits = logits_of(model(batch))[:, :-1, :]
                 targets = batch[:, 1:]
                 nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
                                       targets.reshape(-1), reduction="none")

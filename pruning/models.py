@@ -11,7 +11,10 @@ Embeddings and ``lm_head`` live outside the decoder layers, so they are never pr
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 # Attribute paths of the decoder stack in the architectures we know; anything else is found by
@@ -151,3 +154,42 @@ def move_to(obj, device: torch.device):
     if isinstance(obj, dict):
         return {k: move_to(v, device) for k, v in obj.items()}
     return obj
+
+
+def logits_of(output) -> torch.Tensor:
+    """The logits of a causal LM's output (a ModelOutput, a tuple, or the tensor itself)."""
+    if hasattr(output, "logits"):
+        return output.logits
+    if isinstance(output, (tuple, list)):
+        return output[0]
+    return output
+
+
+def next_token_loss(model: nn.Module, ids: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of predicting every next token of ``ids`` ``[batch, seqlen]`` (fp32 logits,
+    no KV cache): ``mean`` or ``sum`` over the ``batch * (seqlen - 1)`` predictions."""
+    logits = logits_of(model(ids, use_cache=False))[:, :-1].float()
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                           reduction=reduction)
+
+
+@contextmanager
+def statistics_pass(model: nn.Module, handles: list, trainable=()):
+    """A pass over calibration data that only records: the model in eval mode with every
+    parameter frozen but ``trainable``; on exit the hook ``handles`` are removed and every
+    parameter's ``requires_grad`` and the training flag are as they were."""
+    frozen = {p: p.requires_grad for p in model.parameters()}
+    was_training = model.training
+    try:
+        model.eval()
+        for p in frozen:
+            p.requires_grad_(False)
+        for p in trainable:
+            p.requires_grad_(True)
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for p, flag in frozen.items():
+            p.requires_grad_(flag)
+        model.train(was_training)

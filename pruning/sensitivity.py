@@ -21,17 +21,13 @@ byte budget uses it to see every matrix before any is pruned.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .models import decoder_layers, get_weight, module_device, prunable_linears
+from .models import (decoder_layers, get_weight, module_device, next_token_loss,
+                     prunable_linears, statistics_pass)
 from .stats import LinearStats
 
 __all__ = ["unpruned_stats"]
-
-
-def _logits(output) -> torch.Tensor:
-    return output.logits if hasattr(output, "logits") else output[0]
 
 
 def unpruned_stats(model: nn.Module, batches: list[torch.Tensor], *, gradients: bool = True,
@@ -71,16 +67,11 @@ def unpruned_stats(model: nn.Module, batches: list[torch.Tensor], *, gradients: 
     def embedding_output_needs_grad(_module, _args, output):
         return output.requires_grad_(True)
 
-    frozen = {p: p.requires_grad for p in model.parameters()}
-    was_training = model.training
     handles = [m.register_forward_hook(hook_for(name)) for name, m in linears.items()]
     if gradients:
         handles.append(model.get_input_embeddings().register_forward_hook(
             embedding_output_needs_grad))
-    try:
-        model.eval()
-        for p in frozen:
-            p.requires_grad_(False)
+    with statistics_pass(model, handles):
         desc = "gradient pass" if gradients else "statistics pass"
         for ids in tqdm(batches, desc=desc, disable=not progress):
             ids = ids.to(device)
@@ -90,17 +81,8 @@ def unpruned_stats(model: nn.Module, batches: list[torch.Tensor], *, gradients: 
                     model(ids, use_cache=False)
             else:
                 with torch.enable_grad():
-                    logits = _logits(model(ids, use_cache=False))[:, :-1].float()
-                    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                           ids[:, 1:].reshape(-1), reduction="sum")
-                    loss.backward()
+                    next_token_loss(model, ids, reduction="sum").backward()
             tokens["n"] += ids.numel()
-    finally:
-        for h in handles:
-            h.remove()
-        for p, flag in frozen.items():
-            p.requires_grad_(flag)
-        model.train(was_training)
     for name, s in stats.items():
         s.out_sensitivity = grad_sq[name] / max(tokens["n"], 1) if gradients else None
         if not activations:

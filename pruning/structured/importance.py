@@ -20,10 +20,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..models import decoder_layers, module_device
+from ..models import decoder_layers, module_device, next_token_loss, statistics_pass
 from .units import ATTENTION, MLP, LayerUnits
 
 __all__ = ["IMPORTANCES", "UnitStatistics", "unit_statistics", "unit_importance"]
@@ -75,16 +74,10 @@ def unit_statistics(model: nn.Module, units: list[LayerUnits], batches: list[tor
             act_sq[name] += x.reshape(-1, x.shape[-1]).pow(2).sum(0)
         return hook
 
-    frozen = {p: p.requires_grad for p in model.parameters()}
-    was_training = model.training
     handles = [m.register_forward_pre_hook(record_input(n)) for n, m in projections.items()]
     samples = [row[None] for ids in batches for row in ids]
-    try:
-        model.eval()
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for m in projections.values():
-            m.weight.requires_grad_(gradients)
+    weights = [m.weight for m in projections.values()] if gradients else []
+    with statistics_pass(model, handles, trainable=weights):
         for ids in tqdm(samples, desc="unit statistics", disable=not progress):
             ids = ids.to(device)
             if not gradients:
@@ -92,10 +85,7 @@ def unit_statistics(model: nn.Module, units: list[LayerUnits], batches: list[tor
                     model(ids, use_cache=False)
                 continue
             with torch.enable_grad():
-                out = model(ids, use_cache=False)
-                logits = (out.logits if hasattr(out, "logits") else out[0])[:, :-1].float()
-                F.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                ids[:, 1:].reshape(-1)).backward()
+                next_token_loss(model, ids).backward()
             for n, m in projections.items():
                 grad[n] += m.weight.grad.float()
             sample = _unit_sums(model, units, lambda name, w: (w.detach().float()
@@ -104,12 +94,6 @@ def unit_statistics(model: nn.Module, units: list[LayerUnits], batches: list[tor
                 fisher[key] = fisher.get(key, 0) + value
             for m in projections.values():
                 m.weight.grad = None
-    finally:
-        for h in handles:
-            h.remove()
-        for p, flag in frozen.items():
-            p.requires_grad_(flag)
-        model.train(was_training)
     return UnitStatistics(grad, fisher, act_sq, len(samples))
 
 

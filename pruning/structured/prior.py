@@ -15,25 +15,21 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..models import decoder_layers, module_device
+from ..models import decoder_layers, module_device, next_token_loss
 from .units import ATTENTION, MLP, LayerUnits
 
 __all__ = ["skip_losses", "prior_factors"]
 
 
 def _loss(model: nn.Module, batches: list[torch.Tensor]) -> float:
+    """Mean next-token loss over every prediction of ``batches``."""
     device = module_device(model.get_input_embeddings())
     total, count = 0.0, 0
     with torch.no_grad():
         for ids in batches:
-            ids = ids.to(device)
-            out = model(ids, use_cache=False)
-            logits = (out.logits if hasattr(out, "logits") else out[0])[:, :-1].float()
-            total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                     ids[:, 1:].reshape(-1), reduction="sum").item()
+            total += next_token_loss(model, ids.to(device), reduction="sum").item()
             count += ids[:, 1:].numel()
     return total / count
 
