@@ -16,7 +16,7 @@ from .capture import layerwise
 from .methods import get_method
 from .models import decoder_layers, get_weight, is_prunable, prunable_linears, set_weight
 from .patterns import Pattern, block_scores, parse_pattern, rank_blocks_jointly
-from .report import sparsity_report
+from .report import coverage_report, sparsity_report
 from .stats import LinearStats
 from .tier_io import save_tier_maps
 
@@ -201,6 +201,35 @@ def _check_sensitivity(sensitivity, sensitivity_samples) -> None:
                          f"{sensitivity_samples!r}")
 
 
+UNPRUNED_WARNING = 0.10  # of the decoder layers' weights left out before prune() speaks up
+
+
+def _uncovered_message(cover: dict) -> str:
+    largest = cover["largest_skipped"]
+    return (f"{cover['unpruned_weight_fraction']:.1%} of the decoder layers' "
+            f"{cover['decoder_weights']:,} weights are in no module pruning can prune; the "
+            f"largest: {largest['name']} {tuple(largest['shape'])} ({largest['why']}). The "
+            f"sparsity asked for holds over the pruned modules only "
+            f"(report['coverage'] lists every parameter left out)")
+
+
+def _check_coverage(model: nn.Module, strict: bool) -> None:
+    """``strict``: refuse, before any work, a model whose prunable modules miss more than
+    ``UNPRUNED_WARNING`` of its decoder weights."""
+    if not strict:
+        return
+    every = {f"{path}.{i}.{n}": torch.ones(1) for path, layers in [decoder_layers(model)]
+             for i, layer in enumerate(layers) for n in prunable_linears(layer)}
+    cover = coverage_report(model, every)
+    if cover["unpruned_weight_fraction"] > UNPRUNED_WARNING:
+        raise ValueError(_uncovered_message(cover) + "; strict=True refuses it")
+
+
+def _warn_uncovered(cover: dict) -> None:
+    if cover["unpruned_weight_fraction"] > UNPRUNED_WARNING:
+        warnings.warn(_uncovered_message(cover), stacklevel=3)
+
+
 def prune(model: nn.Module, calibration="embedded", method: str = "wanda",
           pattern: str = "unstructured", sparsity: float = 0.5, *,
           tier_ratios=None, topk: int | tuple[int, ...] | None = None, block_size: int = 16,
@@ -210,7 +239,7 @@ def prune(model: nn.Module, calibration="embedded", method: str = "wanda",
           sensitivity_samples: int = 8, tokenizer=None, nsamples: int = 128,
           seqlen: int | None = None, seed: int = 0, batch_size: int = 1, device=None,
           previous_tier_maps: dict[str, torch.Tensor] | None = None,
-          progress: bool = True) -> PruneResult:
+          strict: bool = False, progress: bool = True) -> PruneResult:
     """Prune every Linear of the model's decoder layers in place, one layer at a time.
 
     calibration: a source ``pruning.calibration`` accepts (needs ``tokenizer``) or token ids
@@ -245,7 +274,11 @@ def prune(model: nn.Module, calibration="embedded", method: str = "wanda",
     seqlen defaults to the model's context, at most 2048. device: where each layer runs for its
     turn. Masks are applied (and OBS-updated weights written); the result holds the masks, the
     tier maps of tiered patterns (and of 2:4, every block 2:4), their K per module and a report
-    (sparsity, and where there are tier maps the measured packed bytes).
+    (sparsity, and where there are tier maps the measured packed bytes; ``coverage``: what the
+    pruned modules hold of all decoder-layer weights, and each parameter left out with why). When
+    more than ``UNPRUNED_WARNING`` of the decoder layers' weights (2-D and up) were not pruned
+    (e.g. a mixture-of-experts model's fused experts), a warning names the largest one left
+    out; ``strict=True`` raises instead, before anything is pruned.
     """
     if tier_ratios is not None and budget is not None:
         raise ValueError("give three_tier either a byte budget or tier_ratios, not both")
@@ -273,6 +306,7 @@ def prune(model: nn.Module, calibration="embedded", method: str = "wanda",
             else None
     _check_sensitivity(sensitivity, sensitivity_samples)
     meth = get_method(method)
+    _check_coverage(model, strict)
     if seqlen is None:
         seqlen = min(getattr(model.config, "max_position_embeddings", 2048) or 2048, 2048)
     budgeted = spec.budget is not None
@@ -364,6 +398,8 @@ def prune(model: nn.Module, calibration="embedded", method: str = "wanda",
                     {n: _stats_without_calibration(f"{path}.{i}.{n}", row_weights)
                      for n in linears})
     report = sparsity_report(masks, tier_maps)
+    report["coverage"] = coverage_report(model, masks)
+    _warn_uncovered(report["coverage"])
     if packed:
         report["packed_bytes"] = _packed_summary(packed, spec, report)
     return PruneResult(masks, tier_maps, report, meth.name, spec, topks)

@@ -50,6 +50,34 @@ def gpt2():
                   n_positions=128)
 
 
+def mixtral():
+    from transformers import MixtralConfig, MixtralForCausalLM
+    return _build(MixtralConfig, MixtralForCausalLM, vocab_size=VOCAB, hidden_size=64,
+                  intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                  max_position_embeddings=128)
+
+
+def qwen2_moe():
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+    return _build(Qwen2MoeConfig, Qwen2MoeForCausalLM, vocab_size=VOCAB, hidden_size=64,
+                  intermediate_size=96, moe_intermediate_size=48,
+                  shared_expert_intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, num_experts=4,
+                  num_experts_per_tok=2, max_position_embeddings=128)
+
+
+def qwen3_moe():
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+    return _build(Qwen3MoeConfig, Qwen3MoeForCausalLM, vocab_size=VOCAB, hidden_size=64,
+                  intermediate_size=96, moe_intermediate_size=48, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=4,
+                  num_experts_per_tok=2, max_position_embeddings=128)
+
+
+# Mixture-of-experts models (their experts are fused 3-D parameters in this transformers).
+MOE_ARCHITECTURES = {"mixtral": mixtral, "qwen2_moe": qwen2_moe, "qwen3_moe": qwen3_moe}
+
 ARCHITECTURES = {"llama": llama, "mistral": mistral, "qwen2": qwen2, "opt": opt,
                  "gpt_neox": gpt_neox, "gpt2": gpt2}
 
