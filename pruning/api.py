@@ -201,6 +201,10 @@ def _check_sensitivity(sensitivity, sensitivity_samples) -> None:
                          f"{sensitivity_samples!r}")
 
 
+# Calibration tokens an expert must see for its statistics to be used: a Hessian from n tokens
+# has rank <= n and Wanda's column norms from n tokens scatter by about 1/sqrt(n) (12 % at 64);
+# below that, the weights' magnitude is the better guide.
+MIN_TOKENS = 64
 UNPRUNED_WARNING = 0.10  # of the decoder layers' weights left out before prune() speaks up
 
 
@@ -239,7 +243,8 @@ def prune(model: nn.Module, calibration="embedded", method: str = "wanda",
           sensitivity_samples: int = 8, tokenizer=None, nsamples: int = 128,
           seqlen: int | None = None, seed: int = 0, batch_size: int = 1, device=None,
           previous_tier_maps: dict[str, torch.Tensor] | None = None,
-          strict: bool = False, progress: bool = True) -> PruneResult:
+          min_tokens: int = MIN_TOKENS, strict: bool = False,
+          progress: bool = True) -> PruneResult:
     """Prune every Linear of the model's decoder layers in place, one layer at a time.
 
     calibration: a source ``pruning.calibration`` accepts (needs ``tokenizer``) or token ids
@@ -279,6 +284,13 @@ def prune(model: nn.Module, calibration="embedded", method: str = "wanda",
     more than ``UNPRUNED_WARNING`` of the decoder layers' weights (2-D and up) were not pruned
     (e.g. a mixture-of-experts model's fused experts), a warning names the largest one left
     out; ``strict=True`` raises instead, before anything is pruned.
+
+    Mixture-of-experts layers whose experts are fused 3-D parameters are swapped, in place, for
+    :class:`sparse_kernels.experts.ExpertLinears` (the same computation with one Linear per
+    expert, weights shared, state dict in the fused layout), so every expert is pruned as its
+    own matrix from the calibration tokens the router sends it. A Linear that saw fewer than
+    ``min_tokens`` calibration tokens (a rarely chosen expert) is pruned by magnitude instead,
+    with a warning naming it; ``report["expert_tokens"]`` gives every expert's count.
     """
     if tier_ratios is not None and budget is not None:
         raise ValueError("give three_tier either a byte budget or tier_ratios, not both")
@@ -306,6 +318,12 @@ def prune(model: nn.Module, calibration="embedded", method: str = "wanda",
             else None
     _check_sensitivity(sensitivity, sensitivity_samples)
     meth = get_method(method)
+    from sparse_kernels.experts import ExpertLinears, unfuse_experts
+
+    unfuse_experts(model)
+    expert_names = {f"{name}.{kind}.{e}" for name, m in model.named_modules()
+                    if isinstance(m, ExpertLinears)
+                    for kind in ("gate_up", "down") for e in range(m.num_experts)}
     _check_coverage(model, strict)
     if seqlen is None:
         seqlen = min(getattr(model.config, "max_position_embeddings", 2048) or 2048, 2048)
@@ -352,6 +370,7 @@ def prune(model: nn.Module, calibration="embedded", method: str = "wanda",
                                   for n, m in _named_linears(model).items()}, spec)
 
     masks, tier_maps, topks, packed = {}, {}, {}, {}
+    expert_tokens, too_few = {}, {}
 
     def process(layer_name, _layer, linears, stats):
         given = {}  # {name: (tier map, K)} decided for the whole layer
@@ -375,7 +394,12 @@ def prune(model: nn.Module, calibration="embedded", method: str = "wanda",
             weight = get_weight(module).detach()
             tiers, k = given.get(name, (None, spec.topk))
             own = spec if k == spec.topk else dataclasses.replace(spec, topk=k)
-            result = meth.prune(weight, stats[name], own,
+            used = meth
+            if full in expert_names and calibrated:
+                expert_tokens[full] = stats[name].tokens
+                if stats[name].tokens < min_tokens:  # too few routed tokens to estimate from
+                    used, too_few[full] = get_method("magnitude"), stats[name].tokens
+            result = used.prune(weight, stats[name], own,
                                 tier_map=None if tiers is None else tiers.to(weight.device))
             new = result.pruned_weight(weight)
             set_weight(module, new)
@@ -398,6 +422,15 @@ def prune(model: nn.Module, calibration="embedded", method: str = "wanda",
                     {n: _stats_without_calibration(f"{path}.{i}.{n}", row_weights)
                      for n in linears})
     report = sparsity_report(masks, tier_maps)
+    if expert_tokens:
+        report["expert_tokens"] = expert_tokens
+    if too_few:
+        report["magnitude_fallback"] = too_few
+        shown = ", ".join(f"{n} ({t})" for n, t in list(too_few.items())[:6])
+        warnings.warn(f"{len(too_few)} expert matrices saw fewer than min_tokens={min_tokens} "
+                      f"calibration tokens and were pruned by magnitude: {shown}"
+                      f"{', ...' if len(too_few) > 6 else ''} (more calibration samples route "
+                      f"more tokens to every expert)", stacklevel=2)
     report["coverage"] = coverage_report(model, masks)
     _warn_uncovered(report["coverage"])
     if packed:

@@ -65,6 +65,13 @@ def _collect_stats(layer: nn.Module, linears: dict, inputs: list[tuple], needs_h
     finally:
         for h in handles:
             h.remove()
+    samples = sum(hidden_states_of(args, kwargs).shape[0] for args, kwargs in inputs)
+    for s in own.values():  # a Linear skipped by some calls (an expert no token was routed to)
+        if 0 < s.nsamples < samples:  # averages over every sample: its missing rows are zeros
+            s.act_sq_norm.mul_(s.nsamples / samples)
+            if s.hessian is not None:
+                s.hessian.mul_(s.nsamples / samples)
+            s.nsamples = samples
     stats = {}
     for name, module in linears.items():
         source = own.get(name) or own.get(same_input_as.get(name))

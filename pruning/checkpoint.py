@@ -84,6 +84,11 @@ def load_pruned(folder: str | os.PathLike, *, dtype: torch.dtype | None = None,
     tier_file = Path(folder).expanduser() / "tier_maps.safetensors"
     meta = {}
     if tier_file.is_file():
+        from safetensors import safe_open
+        from sparse_kernels.experts import unfuse_where_named
+
+        with safe_open(str(tier_file), framework="pt") as f:  # experts saved fused: unfuse them
+            unfuse_where_named(model, list(f.keys()))
         saved, meta = load_tier_maps(tier_file, model)
         block_size = meta["block_size"]
         for name, tiers in saved.items():

@@ -64,9 +64,18 @@ def is_prunable(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or _is_conv1d(module)
 
 
+def is_router(name: str, module: nn.Module) -> bool:
+    """A mixture-of-experts router or gate (``mlp.gate``, Qwen-MoE's ``shared_expert_gate``):
+    a few rows that decide where tokens go; it stays dense."""
+    last = name.rsplit(".", 1)[-1].lower()
+    return last.endswith("gate") or last.endswith("router")
+
+
 def prunable_linears(layer: nn.Module) -> dict[str, nn.Module]:
-    """Linear-like modules of one decoder layer, by name relative to the layer."""
-    return {name: m for name, m in layer.named_modules() if is_prunable(m)}
+    """Linear-like modules of one decoder layer, by name relative to the layer (routers
+    excluded: they stay dense)."""
+    return {name: m for name, m in layer.named_modules()
+            if is_prunable(m) and not is_router(name, m)}
 
 
 def get_weight(module: nn.Module) -> torch.Tensor:

@@ -51,12 +51,16 @@ def sparsity_report(masks: dict[str, torch.Tensor],
 EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
 
 
-def _why_skipped(param: torch.Tensor, owner: torch.nn.Module, experts: int | None) -> str:
+def _why_skipped(name: str, param: torch.Tensor, owner: torch.nn.Module,
+                 experts: int | None) -> str:
+    from .models import is_router
+
     if param.dim() < 2:
         return "1-D (a bias or a norm): never pruned"
     if param.dim() == 3:
         return "3-D fused expert weights [experts, out, in]: no method prunes them yet"
-    if "router" in type(owner).__name__.lower() or (experts and param.shape[0] == experts):
+    if "router" in type(owner).__name__.lower() or is_router(name, owner) \
+            or (experts and param.shape[0] == experts):
         return "router (one row per expert): stays dense"
     return f"a {type(owner).__name__} weight, not a Linear: no method prunes it"
 
@@ -96,7 +100,7 @@ def coverage_report(model: torch.nn.Module, masks: dict[str, torch.Tensor]) -> d
                 continue
             owner = layer.get_submodule(pname.rpartition(".")[0]) if "." in pname else layer
             skipped = {"name": f"{name}.{pname}", "shape": list(param.shape), "params": n,
-                       "why": _why_skipped(param, owner, experts)}
+                       "why": _why_skipped(pname.rpartition(".")[0], param, owner, experts)}
             entry["skipped"].append(skipped)
             if param.dim() >= 2 and (largest is None or n > largest["params"]):
                 largest = skipped

@@ -13,6 +13,8 @@ class LinearStats:
     hessian: [in, in] fp32, SparseGPT's ``H = (2 / N) * sum over samples of X^T X`` (X of a sample
         is [tokens, in]), or None when no method needs it.
     nsamples: how many samples went in.
+    tokens: how many input rows (tokens) went in: for an expert of a mixture-of-experts layer,
+        the calibration tokens the router sent to it.
     out_sensitivity: [out] fp32 or None: how much each output feature matters to the model's
         loss, the mean over calibration tokens of ``(dL/dy_i)^2`` in the unpruned model
         (:func:`pruning.sensitivity.gradient_stats`). When present, the methods weight each
@@ -23,6 +25,7 @@ class LinearStats:
     hessian: torch.Tensor | None = None
     nsamples: int = 0
     out_sensitivity: torch.Tensor | None = None
+    tokens: int = 0
 
     @classmethod
     def empty(cls, in_features: int, *, hessian: bool, device=None) -> "LinearStats":
@@ -33,18 +36,20 @@ class LinearStats:
     def add_batch(self, x: torch.Tensor, samples: int | None = None) -> None:
         """Fold in the inputs of one forward call over ``samples`` calibration samples.
 
-        x: ``[samples, tokens, in]``, or ``[samples * tokens, in]`` as some models (OPT's MLP)
-        flatten it; a 2-D input without ``samples`` counts as one sample.
+        x: ``[samples, tokens, in]``, or ``[rows, in]``: the samples' tokens flattened (OPT's
+        MLP), or only some of them (an expert's routed tokens); a 2-D input without ``samples``
+        counts as one sample. The statistics are sums over the rows, averaged over samples, so a
+        Linear that sees fewer tokens has proportionally smaller statistics (its share of the
+        loss) while every row weighs the same.
         """
         x = x.detach().float()
-        if x.dim() == 2:
-            x = x.reshape(samples or 1, -1, x.shape[-1])
-        x = x.reshape(-1, x.shape[-2], x.shape[-1])
-        batch = x.shape[0]
-        total = self.nsamples + batch
+        if samples is None:
+            samples = x.shape[0] if x.dim() == 3 else 1
+        flat = x.reshape(-1, x.shape[-1])
+        total = self.nsamples + samples
         # Running means, as Wanda and SparseGPT keep them, so no sum grows without bound.
-        self.act_sq_norm.mul_(self.nsamples / total).add_(x.pow(2).sum(dim=1).sum(dim=0) / total)
+        self.act_sq_norm.mul_(self.nsamples / total).add_(flat.pow(2).sum(dim=0) / total)
         if self.hessian is not None:
-            flat = x.reshape(-1, x.shape[-1])
             self.hessian.mul_(self.nsamples / total).addmm_(flat.t(), flat, alpha=2.0 / total)
         self.nsamples = total
+        self.tokens += flat.shape[0]

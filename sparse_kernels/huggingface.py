@@ -52,12 +52,39 @@ def _tier_maps_and_k(checkpoint_files) -> dict[str, tuple[torch.Tensor, int, boo
     return found
 
 
+def _checkpoint_renaming(model: nn.Module):
+    """``name -> name``: the renamings transformers applies to this model's checkpoint keys when
+    it loads them (``save_pretrained`` writes some architectures under legacy names, e.g.
+    Mixtral's ``block_sparse_moe`` for ``mlp``), so packed module names found in the files are
+    looked up where the loaded model has them."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming
+    except ImportError:  # a transformers without renamings
+        return lambda name: name
+    renamings = [t for t in get_model_conversion_mapping(model)
+                 if isinstance(t, WeightRenaming)]
+
+    def rename(name: str) -> str:
+        key = name + ".tier_map"
+        for t in renamings:
+            key, _ = t.rename_source_key(key)
+        return key[: -len(".tier_map")]
+    return rename
+
+
 def install_packed_shells(model: nn.Module, checkpoint_files, block_size: int,
                           dtype: torch.dtype | None = None) -> nn.Module:
     """Replace every ``nn.Linear`` the checkpoint files pack by an empty (meta-device)
     ``HybridSparseLinear`` of the Linear's shape and the file's tier map, K, bias and value dtype
-    (``dtype`` overrides the latter); the normal loading then fills their buffers by name."""
-    for name, (tier_map, k, has_bias, file_dtype) in _tier_maps_and_k(checkpoint_files).items():
+    (``dtype`` overrides the latter); the normal loading then fills their buffers by name.
+    Packed experts of a mixture-of-experts layer get their per-expert Linears first."""
+    from .experts import unfuse_where_named
+
+    rename = _checkpoint_renaming(model)
+    packed = {rename(name): found for name, found in _tier_maps_and_k(checkpoint_files).items()}
+    unfuse_where_named(model, packed)
+    for name, (tier_map, k, has_bias, file_dtype) in packed.items():
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         old = getattr(parent, attr)

@@ -7,23 +7,17 @@ import torch
 
 import pruning
 from pruning.report import coverage_report, format_report
-from tiny_models import ARCHITECTURES, MOE_ARCHITECTURES, calibration_ids
+from tiny_models import ARCHITECTURES, calibration_ids
 
 
-@pytest.mark.parametrize("arch", list(MOE_ARCHITECTURES))
-def test_fused_experts_are_named_and_warned_about(arch):
-    model = MOE_ARCHITECTURES[arch]()
-    with pytest.warns(UserWarning, match=r"experts.*3-D fused expert weights"):
+def test_weights_no_method_prunes_are_named_and_warned_about():
+    model = ARCHITECTURES["llama"]()
+    extra = torch.nn.Parameter(torch.randn(4, 96, 64))  # e.g. experts in an unknown layout
+    model.model.layers[0].mlp.register_parameter("unknown_experts", extra)
+    with pytest.warns(UserWarning, match=r"unknown_experts \(4, 96, 64\).*3-D fused expert"):
         result = pruning.prune(model, calibration_ids(), "wanda", "unstructured", 0.5,
                                progress=False)
     cover = result.report["coverage"]
-    layer = cover["per_layer"]["model.layers.0"]
-    skipped = {s["name"].split("model.layers.0.")[1]: s for s in layer["skipped"]}
-    experts = [n for n, s in skipped.items() if len(s["shape"]) == 3]
-    assert experts and all("experts" in n for n in experts)
-    router = [n for n, s in skipped.items() if s["why"].startswith("router")]
-    assert router and all(skipped[n]["shape"][0] == 4 for n in router)  # one row per expert
-    # The figures: 50 % of the pruned modules, far less of all the decoder weights.
     weights = sum(p.numel() for layer in model.model.layers for p in layer.parameters()
                   if p.dim() >= 2)
     zeros = sum(int((p == 0).sum()) for layer in model.model.layers for p in layer.parameters()
@@ -31,11 +25,13 @@ def test_fused_experts_are_named_and_warned_about(arch):
     assert cover["decoder_weights"] == weights and cover["pruned"] == zeros
     assert cover["sparsity_over_pruned_modules"] == pytest.approx(0.5, abs=0.01)
     assert cover["sparsity_over_decoder_weights"] == pytest.approx(zeros / weights)
-    assert cover["unpruned_weight_fraction"] > 0.5
+    assert cover["unpruned_weight_fraction"] == pytest.approx(extra.numel() / weights)
     assert "were not pruned" in format_report(result.report)
+    model = ARCHITECTURES["llama"]()
+    model.model.layers[0].mlp.register_parameter("unknown_experts", extra)
     with pytest.raises(ValueError, match="strict=True refuses"):
-        pruning.prune(MOE_ARCHITECTURES[arch](), calibration_ids(), "wanda", "unstructured",
-                      0.5, strict=True, progress=False)
+        pruning.prune(model, calibration_ids(), "wanda", "unstructured", 0.5, strict=True,
+                      progress=False)
 
 
 @pytest.mark.parametrize("arch", ["llama", "opt", "gpt2"])
