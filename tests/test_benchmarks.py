@@ -260,3 +260,17 @@ def test_bench_structured_compares_importances_speed_and_composition(tmp_path):
         speed["structured"]["decoder_linear_bytes_fraction"] < 1
     if importlib.util.find_spec("matplotlib"):
         assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_moe_reports_tokens_per_expert_and_checks_the_packed_model(tmp_path):
+    import bench_moe
+
+    out = tmp_path / "moe.json"
+    records = bench_moe.main(["--nsamples", "2", "--seqlen", "16", "--experts", "4",
+                              "--min-tokens", "12", "--out", str(out)])
+    assert [r["arch"] for r in records] == ["mixtral", "qwen2_moe", "qwen3_moe"]
+    for r in records:
+        assert sum(r["tokens_per_expert"].values()) == 2 * r["routed_tokens"]  # two layers
+        low = {n for n, t in r["tokens_per_expert"].items() if t < 12}
+        assert low == {n for n in r["magnitude_fallback"] if ".gate_up." in n}
+        assert r["packed_generate_equal"] and r["unpruned_weight_fraction"] < 0.01
