@@ -117,9 +117,14 @@ def sparsify_model(model: nn.Module, tier_maps: dict[str, torch.Tensor],
     is the model plus one packed module. When only the torch reference backend would serve the
     modules (no compiled kernels for their device) this warns once, naming the cost, or with
     ``strict=True`` raises. The model's config (if any) records the packed format, so
-    ``save_pretrained`` writes a checkpoint that ``from_pretrained`` reloads packed.
+    ``save_pretrained`` writes a checkpoint that ``from_pretrained`` reloads packed. Names of
+    experts (``<experts>.gate_up.<e>`` / ``<experts>.down.<e>``) in a model whose experts are
+    still fused get their per-expert Linears first (:mod:`sparse_kernels.experts`).
     Returns ``model``, changed in place.
     """
+    from .experts import unfuse_where_named
+
+    unfuse_where_named(model, tier_maps)
     for name in tier_maps:
         try:
             module = model.get_submodule(name)

@@ -136,3 +136,20 @@ def test_packed_experts_generate_what_the_masked_model_does_and_reload(arch, tmp
         assert torch.equal(reloaded.generate(prompt, **kwargs), masked)
     again = load_pruned(tmp_path / "packed")  # fine-tuning's view: dense Linears and masks
     assert set(again.masks) == set(result.masks)
+
+
+def test_sparsify_model_unfuses_experts_named_in_saved_tier_maps(tmp_path):
+    model = MOE_ARCHITECTURES["qwen3_moe"]()
+    result = pruning.prune(model, calibration_ids(8, 32), "wanda", "2:4", min_tokens=1,
+                           progress=False)
+    result.save_tier_maps(tmp_path / "tiers.safetensors")
+    model.save_pretrained(tmp_path / "dense")  # dense, zero-filled, experts fused on disk
+    fresh = AutoModelForCausalLM.from_pretrained(tmp_path / "dense")
+    assert not isinstance(experts_of(fresh), ExpertLinears)
+    tier_maps, meta = pruning.load_tier_maps(tmp_path / "tiers.safetensors")
+    sk.sparsify_model(fresh, tier_maps, topk=meta["topk"])
+    assert isinstance(experts_of(fresh).gate_up[2], sk.HybridSparseLinear)
+    prompt = calibration_ids(1, 6, seed=5)
+    with torch.no_grad():
+        assert torch.equal(fresh.generate(prompt, max_new_tokens=6, do_sample=False),
+                           model.generate(prompt, max_new_tokens=6, do_sample=False))
