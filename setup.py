@@ -3,7 +3,6 @@
 Environment:
   SPARSE_KERNELS_NO_EXT=1     build no native code at all (the torch reference serves every op)
   TORCH_CUDA_ARCH_LIST        CUDA architectures (default "8.0;9.0a"; targets below 8.0 are dropped)
-  SPARSE_KERNELS_NATIVE_ARCH  "0" to build the CPU kernels without -march=native (portable wheels)
 """
 import glob
 import os
@@ -63,9 +62,10 @@ def _extensions():
     from torch.utils import cpp_extension
 
     # No -std here: torch's build adds the standard its own headers need (C++20 since 2.13).
-    cxx_flags = ["-O3", "-fopenmp"]
-    if os.environ.get("SPARSE_KERNELS_NATIVE_ARCH", "1") == "1":
-        cxx_flags.append("-march=native")
+    # No -march: the build runs on any x86-64 CPU; the matmul kernels are compiled once per ISA
+    # (csrc/cpu/hybrid_isa_*.cpp) and picked at run time. -Wno-psabi: they pass 256-bit vector
+    # types between inline functions, which GCC warns about when the baseline ISA has no AVX.
+    cxx_flags = ["-O3", "-fopenmp", "-Wno-psabi"]
     sources = _sources("cpu", "*.cpp")
     include_dirs = [os.path.join(HERE, "csrc")]
     skip = _cuda_skip_reason(torch)

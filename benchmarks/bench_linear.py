@@ -51,6 +51,9 @@ def parse_args(argv=None):
     p.add_argument("--backends", default=None,
                    help="comma-separated backends (default: the compiled ones that natively serve "
                         "--device)")
+    p.add_argument("--cpu-isas", default=None,
+                   help="comma-separated instruction sets the cpu backend is timed with, side by "
+                        "side (generic, avx2, avx512; default: the best this CPU runs)")
     p.add_argument("--iters", type=int, default=30, help="timed calls per measurement")
     p.add_argument("--warmup", type=int, default=3, help="untimed calls first")
     p.add_argument("--warm-cache", action="store_true",
@@ -129,11 +132,11 @@ class Timer:
 
 
 def record(backend, mix, dtype, shape, batch, ratios, topk, dense, hybrid, error, packed_bytes,
-           ideal_bytes, dense_bytes):
+           ideal_bytes, dense_bytes, isa=None):
     """One measurement; ``dense`` / ``hybrid``: ``Timer`` results (hybrid None: wrong output,
-    not timed)."""
+    not timed); ``isa``: the cpu backend's instruction set."""
     out_f, in_f = shape
-    rec = dict(backend=backend, mix=mix, dtype=str(dtype).removeprefix("torch."),
+    rec = dict(backend=backend if isa is None else f"{backend}/{isa}", mix=mix, dtype=str(dtype).removeprefix("torch."),
                out_features=out_f, in_features=in_f, batch=batch, tier_ratios=list(ratios),
                topk=topk, max_rel_error=significant(error), output_ok=hybrid is not None,
                dense_ms=significant(dense[0]), packed_bytes=packed_bytes,
@@ -149,7 +152,7 @@ def record(backend, mix, dtype, shape, batch, ratios, topk, dense, hybrid, error
 
 def print_row(rec):
     shape = f"{rec['out_features']}x{rec['in_features']}"
-    start = (f"{rec['backend']:9} {rec['dtype']:9} {shape:>11} {rec['mix']:9} {rec['batch']:>5} "
+    start = (f"{rec['backend']:10} {rec['dtype']:9} {shape:>11} {rec['mix']:9} {rec['batch']:>5} "
              f"{rec['dense_ms']:>9.4f}")
     if not rec["output_ok"]:
         print(f"{start}  !! wrong output (max relative error {rec['max_rel_error']:.3g}): "
@@ -169,6 +172,15 @@ def main(argv=None):
     backends = args.backends.split(",") if args.backends else default_backends(device)
     for b in backends:
         sk.backends.resolve_backend(b, device)  # fail now, not after an hour
+    isas = args.cpu_isas.split(",") if args.cpu_isas else [sk.cpu_isa()]
+    if "cpu" in backends:
+        unsupported = [i for i in isas if i not in sk.supported_cpu_isas()]
+        if unsupported:
+            raise SystemExit(f"--cpu-isas: this CPU runs {sk.supported_cpu_isas()}, "
+                             f"not {unsupported}")
+    # (backend, ISA): the cpu backend once per instruction set, side by side.
+    variants = [(b, isa) for b in backends for isa in (isas if b == "cpu" else [None])]
+    active_isa = sk.cpu_isa()
     mixes = args.mixes.split(",")
     unknown = [m for m in mixes if m not in TIER_MIXES]
     if unknown:
@@ -185,7 +197,7 @@ def main(argv=None):
         append_jsonl(args.jsonl, rec)
         print_row(rec)
 
-    header = (f"{'backend':9} {'dtype':9} {'shape':>11} {'mix':9} {'batch':>5} {'dense ms':>9} "
+    header = (f"{'backend':10} {'dtype':9} {'shape':>11} {'mix':9} {'batch':>5} {'dense ms':>9} "
               f"{'ms':>9} {'speedup':>7} {'packed/dense':>12} {'ideal/dense':>11}")
     print(header)
     print("-" * len(header))
@@ -201,13 +213,15 @@ def main(argv=None):
             for batch in batches:
                 x = torch.randn(batch, shape[1], device=device).to(dtype)
                 dense = timer(lambda: F.linear(x, masked))
-                for backend in backends:
+                for backend, isa in variants:
                     def hybrid(v, backend=backend):
                         return sk.hybrid_linear(v, packed, backend=backend)
+                    sk.cpu_isa(isa or active_isa)
                     error = output_error(hybrid, x, masked)
                     timed = timer(lambda: hybrid(x)) if error <= tolerance else None
                     keep(record(backend, mix, dtype, shape, batch, ratios, args.topk, dense,
-                                timed, error, *sizes))
+                                timed, error, *sizes, isa=isa if len(isas) > 1 else None))
+                sk.cpu_isa(active_isa)
                 if baseline_24 is not None:
                     weight_24, call_24 = baseline_24
                     try:
@@ -221,7 +235,7 @@ def main(argv=None):
                                 args.topk, dense, timed, error, half // 2 + half // 16,
                                 half // 2 + half // 16, half))
     path = args.out or results_path(device)
-    write_results(path, device, records, threads=torch.get_num_threads(),
+    write_results(path, device, records, threads=torch.get_num_threads(), cpu_isa=active_isa,
                   cache="warm" if args.warm_cache else "cold",
                   command=" ".join(["bench_linear.py", *(argv if argv else sys.argv[1:])]))
     print(f"\nwrote {path}")

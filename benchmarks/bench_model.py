@@ -28,6 +28,7 @@ from common import TIER_MIXES, append_jsonl, results_path, significant, write_re
 # hidden, intermediate, layers, attention heads, key/value heads, vocabulary
 SHAPES = {
     "tiny": (256, 688, 2, 4, 4, 1000),
+    "smollm2-135m": (576, 1536, 30, 9, 3, 49152),     # the embedded model's shapes
     "llama-1b": (2048, 5632, 22, 32, 4, 32000),       # TinyLlama-1.1B
     "llama2-7b": (4096, 11008, 32, 32, 32, 32000),
     "llama3-8b": (4096, 14336, 32, 32, 8, 128256),

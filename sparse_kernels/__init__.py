@@ -7,9 +7,10 @@ Public API:
   wanda_scores, block_topk_mask, nm_mask, compress_24   pruning-side kernels
   assign_tiers, tier_mask, apply_tier_map    what a tier map means for a weight (tiers.py)
   available_backends      which backends this install can run
+  cpu_isa, supported_cpu_isas   the CPU kernels' instruction set (chosen at run time)
 """
 from ._ops import block_topk_mask, compress_24, nm_mask, wanda_scores
-from .backends import available_backends
+from .backends import available_backends, cpu_isa, supported_cpu_isas
 from .format import DENSE, SPARSE_24, TIER_NAMES, TOPK, HybridWeight
 from .functional import hybrid_linear
 from .modules import HybridSparseLinear, sparsify_model
@@ -18,6 +19,7 @@ from .tiers import apply_tier_map, assign_tiers, tier_mask
 __all__ = [
     "HybridWeight", "HybridSparseLinear", "sparsify_model", "hybrid_linear",
     "wanda_scores", "block_topk_mask", "nm_mask", "compress_24", "available_backends",
+    "cpu_isa", "supported_cpu_isas",
     "DENSE", "SPARSE_24", "TOPK", "TIER_NAMES", "assign_tiers", "tier_mask", "apply_tier_map",
 ]
 

@@ -94,3 +94,34 @@ def resolve_backend(requested: str | None, device: torch.device) -> str:
         raise RuntimeError(f"backend {requested!r} runs on {' or '.join(wanted)} tensors, got "
                            f"tensors on {device}; move them or pick another backend")
     return requested
+
+
+CPU_ISAS = ("generic", "avx2", "avx512")
+
+
+def cpu_isa(name: str | None = None) -> str | None:
+    """The instruction set the ``cpu`` backend's matmul kernels run: ``generic``, ``avx2`` or
+    ``avx512`` (None when the compiled library is not loaded).
+
+    The library is built for baseline x86-64 and carries one variant of its hot kernels per
+    ISA; the best the CPU supports is used unless ``SPARSE_KERNELS_CPU_ISA`` (read when the
+    library loads) or ``name`` here forces another (``auto``: back to the best). Forcing an ISA
+    the CPU lacks raises. Benchmarks use this to time the variants side by side.
+    """
+    if not _loader.native_loaded():
+        if name is not None:
+            raise RuntimeError(f"cannot set the CPU ISA: {_loader.native_load_error}")
+        return None
+    return torch.ops.sparse_kernels.cpu_isa(name)
+
+
+def supported_cpu_isas() -> list[str]:
+    """The ISAs this CPU can run, from ``generic`` up to the best (empty without the library)."""
+    if not _loader.native_loaded():
+        return []
+    active = cpu_isa()
+    try:
+        best = cpu_isa("auto")
+    finally:
+        cpu_isa(active)
+    return list(CPU_ISAS[:CPU_ISAS.index(best) + 1])

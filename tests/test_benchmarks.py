@@ -13,6 +13,9 @@ import sys
 import pytest
 import torch
 
+import sparse_kernels as sk
+from conftest import needs_cpu_backend
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "benchmarks")
 sys.path.insert(0, BENCH)
@@ -39,9 +42,24 @@ def test_bench_linear_writes_side_by_side_records(tmp_path):
     assert [json.loads(line) for line in lines.read_text().splitlines()] == records
 
 
-def test_bench_linear_does_not_time_a_wrong_output(tmp_path, monkeypatch):
-    import sparse_kernels as sk
+@needs_cpu_backend
+def test_bench_linear_times_each_cpu_isa(tmp_path):
+    isas = sk.supported_cpu_isas()
+    active = sk.cpu_isa()
+    out = tmp_path / "linear.json"
+    bench_linear.main(["--shapes", "48x80", "--batches", "1", "--mixes", "hybrid",
+                       "--backends", "cpu", "--cpu-isas", ",".join(isas), "--iters", "1",
+                       "--warmup", "0", "--warm-cache", "--out", str(out)])
+    payload = json.loads(out.read_text())
+    assert payload["cpu_isa"] == active and sk.cpu_isa() == active  # restored afterwards
+    labels = [r["backend"] for r in payload["records"]]
+    assert labels == ([f"cpu/{i}" for i in isas] if len(isas) > 1 else ["cpu"])
+    assert all(r["output_ok"] for r in payload["records"])
+    with pytest.raises(SystemExit, match="not \\['sse9'\\]"):
+        bench_linear.main(["--shapes", "48x80", "--backends", "cpu", "--cpu-isas", "sse9"])
 
+
+def test_bench_linear_does_not_time_a_wrong_output(tmp_path, monkeypatch):
     real = sk.hybrid_linear
     monkeypatch.setattr(sk, "hybrid_linear", lambda x, w, backend=None: real(x, w) * 1.01)
     out = tmp_path / "linear.json"
@@ -205,7 +223,6 @@ def test_gpu_script_dry_run_leaves_every_record_file(tmp_path):
 
 def test_gpu_smoke_names_a_misplaced_2_4_entry(monkeypatch):
     import gpu_smoke
-    import sparse_kernels as sk
 
     real = sk.hybrid_linear
 

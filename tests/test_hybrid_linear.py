@@ -1,4 +1,8 @@
 """The hybrid matmul: every backend against the torch reference, plus the op contract."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -63,6 +67,41 @@ def test_cpu_strided_and_batched_inputs():
     check_backend("cpu", hw, masked, torch.randn(70, 5).t(), None)  # transposed
     check_backend("cpu", hw, masked, torch.randn(2, 3, 70), torch.randn(37))  # leading dims
     check_backend("cpu", hw, masked, torch.randn(2, 20, 70), None)  # GEMM path, leading dims
+
+
+@needs_cpu_backend
+@pytest.mark.parametrize("isa", sk.supported_cpu_isas())
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 2, 3, 7, 20])
+def test_every_cpu_isa_matches_reference(isa, dtype, rows):
+    # Each ISA variant is its own compiled code: all of them, not only the one this CPU picks.
+    hw, masked = random_hybrid(100, 130, dtype=dtype, seed=rows)
+    x = torch.randn(rows, 130).to(dtype)
+    active = sk.cpu_isa()
+    try:
+        assert sk.cpu_isa(isa) == isa
+        check_backend("cpu", hw, masked, x, torch.randn(100).to(dtype))
+    finally:
+        sk.cpu_isa(active)
+
+
+@needs_cpu_backend
+def test_cpu_isa_names_the_choices():
+    assert sk.supported_cpu_isas()[0] == "generic"
+    assert sk.cpu_isa() in sk.supported_cpu_isas()
+    with pytest.raises(RuntimeError, match="unknown CPU ISA 'sse9'; use generic, avx2, avx512"):
+        sk.cpu_isa("sse9")
+    if sk.supported_cpu_isas()[-1] != "avx512":
+        with pytest.raises(RuntimeError, match="does not support avx512"):
+            sk.cpu_isa("avx512")
+
+
+@needs_cpu_backend
+def test_cpu_isa_environment_variable():
+    code = "import sparse_kernels as sk; print(sk.cpu_isa())"
+    env = {**os.environ, "SPARSE_KERNELS_CPU_ISA": "generic"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.stdout.strip() == "generic", out.stderr
 
 
 @pytest.mark.parametrize("backend", sk.available_backends())

@@ -6,22 +6,36 @@
 // 0, possibly pointing into the padding) need no bounds checks.
 //
 // Explicit GCC/Clang vector types (f32x8) fix the vectorisation: left to itself the compiler
-// vectorised the wrong loop of the outer-product kernel and ran 30x slower.
-#pragma once
+// vectorised the wrong loop of the outer-product kernel and ran 30x slower. The header is built
+// without -march flags: the instruction set comes from the includer's target pragma; the generic
+// build converts fp16 through _Float16, the AVX2 / AVX-512 builds with F16C instructions.
+//
+// Included once per instruction set: the includer defines SK_ISA_NS (generic, avx2, avx512) and
+// sets the target (hybrid_isa_*.cpp), so every function here exists once per ISA in its own
+// namespace and nothing compiled for AVX-512 can be linked into a caller built for another ISA.
+// SK_ISA_HAS_AVX2 (0 or 1) says whether AVX2 code may be used: GCC's C++ front end does not
+// define __AVX2__ after `#pragma GCC target`, so the includer says it.
+#ifndef SK_ISA_NS
+#error "define SK_ISA_NS (the instruction set's namespace) before including hybrid_kernels.h"
+#endif
+#ifndef SK_ISA_HAS_AVX2
+#define SK_ISA_HAS_AVX2 0
+#endif
 
 #include <cstdint>
 #include <cstring>
-#if defined(__F16C__)
+
+#include "cpu/packed_view.h"
+
+#if SK_ISA_HAS_AVX2
 #include <immintrin.h>
 #endif
 
 namespace sparse_kernels_cpu {
-
-// Storage types of the 16-bit formats (bit-compatible with c10::BFloat16 / c10::Half).
-struct bf16_t { uint16_t bits; };
-struct fp16_t { uint16_t bits; };
+namespace SK_ISA_NS {
 
 typedef float f32x8 __attribute__((vector_size(32)));
+typedef _Float16 f16x8 __attribute__((vector_size(16)));
 typedef uint16_t u16x8 __attribute__((vector_size(16)));
 typedef uint32_t u32x8 __attribute__((vector_size(32)));
 typedef uint64_t u64x4 __attribute__((vector_size(32)));
@@ -34,27 +48,12 @@ inline float load_f32(const bf16_t* p) {
   return out;
 }
 inline float load_f32(const fp16_t* p) {
-#if defined(__F16C__)
-  return _cvtsh_ss(p->bits);
+#if SK_ISA_HAS_AVX2
+  return _cvtsh_ss(p->bits);  // F16C
 #else
-  // IEEE half -> single, subnormals and inf/nan included.
-  const uint32_t h = p->bits, sign = (h & 0x8000u) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff;
-  uint32_t bits;
-  if (exp == 0x1f) {
-    bits = sign | 0x7f800000u | (man << 13);
-  } else if (exp != 0) {
-    bits = sign | ((exp + 112) << 23) | (man << 13);
-  } else if (man == 0) {
-    bits = sign;
-  } else {  // subnormal: normalise
-    int e = -1;
-    uint32_t m = man;
-    do { m <<= 1; ++e; } while ((m & 0x400) == 0);
-    bits = sign | (static_cast<uint32_t>(112 - e) << 23) | ((m & 0x3ff) << 13);
-  }
-  float out;
-  std::memcpy(&out, &bits, sizeof(out));
-  return out;
+  _Float16 h;
+  std::memcpy(&h, p, sizeof(h));
+  return static_cast<float>(h);
 #endif
 }
 
@@ -74,17 +73,15 @@ inline f32x8 load8(const bf16_t* p) {
   return out;
 }
 inline f32x8 load8(const fp16_t* p) {
-#if defined(__F16C__)
+#if SK_ISA_HAS_AVX2
+  // One vcvtph2ps: GCC lowers the generic _Float16 vector conversion below to per-lane ones.
   __m128i h;
   std::memcpy(&h, p, sizeof(h));
-  const __m256 v = _mm256_cvtph_ps(h);
-  f32x8 out;
-  std::memcpy(&out, &v, sizeof(out));
-  return out;
+  return reinterpret_cast<f32x8>(_mm256_cvtph_ps(h));
 #else
-  f32x8 out;
-  for (int i = 0; i < 8; ++i) out[i] = load_f32(p + i);
-  return out;
+  f16x8 h;
+  std::memcpy(&h, p, sizeof(h));
+  return __builtin_convertvector(h, f32x8);
 #endif
 }
 inline float hsum8(f32x8 v) {
@@ -93,22 +90,6 @@ inline float hsum8(f32x8 v) {
   return s;
 }
 
-// Raw views of one weight's packed tensors; values typed T (float, bf16_t or fp16_t).
-template <typename T>
-struct PackedView {
-  const int32_t* dense_rowptr;
-  const int32_t* dense_cols;
-  const T* dense_vals;
-  const int32_t* s24_rowptr;
-  const int32_t* s24_cols;
-  const T* s24_vals;
-  const int16_t* s24_meta;
-  const int32_t* topk_rowptr;
-  const int32_t* topk_cols;
-  const T* topk_vals;
-  const uint8_t* topk_pos;
-  int64_t topk;
-};
 
 // Column (inside its block) of each kept slot j of one 2:4 row: 4 * (j / 2) + (2-bit position).
 template <int B>
@@ -131,8 +112,26 @@ inline void build_pair_table(const float* x, int64_t in_pad, uint64_t* table) {
   }
 }
 
+#if SK_ISA_HAS_AVX2
+// The 8 x values one 2:4 row's kept slots meet, gathered in registers (no table): slot j sits in
+// column 4 * (j / 2) + (2-bit field j of meta) of the block, so slots 0-3 lie in x_lo (columns
+// 0-7) and slots 4-7 in x_hi (8-15). slot_lanes: the lane each slot reads in its half.
+inline __m256i slot_lanes(uint32_t meta) {
+  const __m256i fields = _mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(meta)),
+                                           _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14));
+  return _mm256_add_epi32(_mm256_and_si256(fields, _mm256_set1_epi32(3)),
+                          _mm256_setr_epi32(0, 0, 4, 4, 0, 0, 4, 4));
+}
+inline f32x8 gather_slots(__m256i lanes, f32x8 x_lo, f32x8 x_hi) {
+  const __m256 lo = _mm256_permutevar8x32_ps(reinterpret_cast<__m256>(x_lo), lanes);
+  const __m256 hi = _mm256_permutevar8x32_ps(reinterpret_cast<__m256>(x_hi), lanes);
+  return reinterpret_cast<f32x8>(_mm256_blend_ps(lo, hi, 0xF0));
+}
+#endif
+
 // Decode, M (1..3, a template parameter so loops over rows of x unroll) rows of x, B = 16.
-// xf: [M][in_pad] fp32; pairs: M pair tables (build_pair_table), pair_stride entries apart.
+// xf: [M][in_pad] fp32; pairs: M pair tables (build_pair_table), pair_stride entries apart; with
+// AVX2 the 2:4 rows permute x in registers instead and pairs is not read (may be null).
 // out: [M][16]. Each weight row meets the block's x as one 8-wide vector (dense: two products
 // folded into one; 2:4: the 8 kept values against their 8 paired x values) added to a per-row
 // accumulator; the horizontal sums happen once per block-row.
@@ -160,6 +159,19 @@ void row_dot_block_row16(const PackedView<T>& p, int64_t br, const float* xf, in
   for (int32_t e = p.s24_rowptr[br]; e < p.s24_rowptr[br + 1]; ++e) {
     const T* blk = p.s24_vals + static_cast<int64_t>(e) * B * (B / 2);
     const int16_t* meta = p.s24_meta + static_cast<int64_t>(e) * B;
+#if SK_ISA_HAS_AVX2
+    const float* xc = xf + static_cast<int64_t>(p.s24_cols[e]) * B;
+    f32x8 x_lo[M], x_hi[M];
+    for (int m = 0; m < M; ++m) {
+      x_lo[m] = load8(xc + m * in_pad);
+      x_hi[m] = load8(xc + m * in_pad + 8);
+    }
+    for (int i = 0; i < B; ++i) {
+      const __m256i lanes = slot_lanes(static_cast<uint16_t>(meta[i]));
+      const f32x8 w = load8(blk + i * (B / 2));
+      for (int m = 0; m < M; ++m) acc[m][i] += w * gather_slots(lanes, x_lo[m], x_hi[m]);
+    }
+#else
     const int64_t group0 = static_cast<int64_t>(p.s24_cols[e]) * (B / 4);
     for (int i = 0; i < B; ++i) {
       const uint32_t code = static_cast<uint16_t>(meta[i]);
@@ -173,6 +185,7 @@ void row_dot_block_row16(const PackedView<T>& p, int64_t br, const float* xf, in
         acc[m][i] += w * xg;
       }
     }
+#endif
   }
 
   for (int32_t e = p.topk_rowptr[br]; e < p.topk_rowptr[br + 1]; ++e) {
@@ -247,6 +260,45 @@ void outer_block_row16(const PackedView<T>& p, int64_t br, const float* xt, floa
 }
 
 // ------------------------------------------------------------------------------------------
+// Entry points over a range [begin, end) of block-rows (one thread's share), B = 16; y is the
+// fp32 output [M][out_features].
+
+// Decode: M (1..3) rows of x, xf [M][in_pad] and their pair tables (see row_dot_block_row16).
+template <typename T, int M>
+inline void row_dot_rows16(const PackedView<T>& p, int64_t begin, int64_t end, const float* xf,
+                           int64_t in_pad, const uint64_t* pairs, int64_t pair_stride, float* y,
+                           int64_t out_features) {
+  constexpr int B = 16;
+  float out[M * B];
+  for (int64_t br = begin; br < end; ++br) {
+    row_dot_block_row16<T, M>(p, br, xf, in_pad, pairs, pair_stride, out);
+    const int64_t rows = out_features - br * B < B ? out_features - br * B : B;
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t i = 0; i < rows; ++i) y[m * out_features + br * B + i] = out[m * B + i];
+  }
+}
+
+// Many rows: M rows of x as chunks of x^T, xt [ceil(M / 16)][in_pad][16] (see outer_block_row16).
+template <typename T>
+inline void outer_rows16(const PackedView<T>& p, int64_t begin, int64_t end, const float* xt,
+                         int64_t in_pad, int64_t M, float* y, int64_t out_features) {
+  constexpr int B = 16, CHUNK = 16;
+  alignas(64) float out[B * CHUNK];
+  for (int64_t br = begin; br < end; ++br) {
+    const int64_t rows = out_features - br * B < B ? out_features - br * B : B;
+    for (int64_t m0 = 0; m0 < M; m0 += CHUNK) {
+      const int64_t width = M - m0 < CHUNK ? M - m0 : CHUNK;
+      const float* chunk = xt + m0 * in_pad;
+      if (width <= 8) outer_block_row16<T, 1>(p, br, chunk, out);
+      else outer_block_row16<T, 2>(p, br, chunk, out);
+      for (int64_t i = 0; i < rows; ++i)
+        for (int64_t m = 0; m < width; ++m)
+          y[(m0 + m) * out_features + br * B + i] = out[i * CHUNK + m];
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------
 // Any block size: writes block-row br as fp32 rows [B][in_pad] into an already zeroed panel.
 template <typename T, int B>
 void decompress_block_row(const PackedView<T>& p, int64_t br, int64_t in_pad, float* panel) {
@@ -276,4 +328,5 @@ void decompress_block_row(const PackedView<T>& p, int64_t br, int64_t in_pad, fl
   }
 }
 
+}  // namespace SK_ISA_NS
 }  // namespace sparse_kernels_cpu

@@ -7,8 +7,12 @@
 //    over it, so the weight is read from memory once and a sparse block costs only its kept values.
 //  * other block sizes: decompress panels of block-rows to fp32 and multiply with at::mm.
 // x is copied once to fp32, zero-padded to whole blocks (transposed for the outer-product path).
+// The B = 16 kernels run the variant of the CPU's instruction set (isa.h, hybrid_isa_*.cpp).
 
 #include "cpu/common.h"
+#include "cpu/hybrid_entries.h"
+#include "cpu/isa.h"
+#define SK_ISA_NS generic  // the decompress path and the pair table: plain portable code
 #include "cpu/hybrid_kernels.h"
 
 #include <ATen/Parallel.h>
@@ -45,7 +49,7 @@ void run_decompress_mm(const PackedView<T>& p, const at::Tensor& x, at::Tensor& 
     float* pp = panel.data_ptr<float>();
     at::parallel_for(br0, br0 + n_br, 1, [&](int64_t begin, int64_t end) {
       for (int64_t br = begin; br < end; ++br)
-        decompress_block_row<T, B>(p, br, in_pad, pp + (br - br0) * B * in_pad);
+        generic::decompress_block_row<T, B>(p, br, in_pad, pp + (br - br0) * B * in_pad);
     });
     const int64_t r0 = br0 * B, rows = std::min(n_br * B, out_features - r0);
     at::Tensor yt_rows = yt.narrow(0, r0, rows);
@@ -62,18 +66,23 @@ void run_row_dot16(const PackedView<T>& p, const at::Tensor& x, at::Tensor& y, i
   at::Tensor xf = at::zeros({M, in_pad}, y.options());
   xf.narrow(1, 0, in).copy_(x);
   const float* xp = xf.data_ptr<float>();
-  at::Tensor pairs = at::empty({M * pair_stride}, y.options().dtype(at::kLong));
-  uint64_t* pp = reinterpret_cast<uint64_t*>(pairs.data_ptr<int64_t>());
-  for (int m = 0; m < M; ++m) build_pair_table(xp + m * in_pad, in_pad, pp + m * pair_stride);
   float* yp = y.data_ptr<float>();
+  auto kernel = &generic::row_dot_task16<T, M>;
+#if SK_HAVE_X86_VARIANTS
+  if (active_isa() == Isa::avx512) kernel = &avx512::row_dot_task16<T, M>;
+  else if (active_isa() == Isa::avx2) kernel = &avx2::row_dot_task16<T, M>;
+#endif
+  // Only the generic kernel reads pair tables; the AVX2 / AVX-512 ones permute in registers.
+  at::Tensor pairs;
+  uint64_t* pp = nullptr;
+  if (kernel == &generic::row_dot_task16<T, M>) {
+    pairs = at::empty({M * pair_stride}, y.options().dtype(at::kLong));
+    pp = reinterpret_cast<uint64_t*>(pairs.data_ptr<int64_t>());
+    for (int m = 0; m < M; ++m)
+      generic::build_pair_table(xp + m * in_pad, in_pad, pp + m * pair_stride);
+  }
   at::parallel_for(0, nbr, 1, [&](int64_t begin, int64_t end) {
-    float out[M * B];
-    for (int64_t br = begin; br < end; ++br) {
-      row_dot_block_row16<T, M>(p, br, xp, in_pad, pp, pair_stride, out);
-      const int64_t rows = std::min<int64_t>(B, out_features - br * B);
-      for (int64_t m = 0; m < M; ++m)
-        for (int64_t i = 0; i < rows; ++i) yp[m * out_features + br * B + i] = out[m * B + i];
-    }
+    kernel(p, begin, end, xp, in_pad, pp, pair_stride, yp, out_features);
   });
 }
 
@@ -88,19 +97,13 @@ void run_outer16(const PackedView<T>& p, const at::Tensor& x, at::Tensor& y, int
   xt = xt.view({chunks, CHUNK, in_pad}).transpose(1, 2).contiguous();
   const float* xp = xt.data_ptr<float>();
   float* yp = y.data_ptr<float>();
+  auto kernel = &generic::outer_task16<T>;
+#if SK_HAVE_X86_VARIANTS
+  if (active_isa() == Isa::avx512) kernel = &avx512::outer_task16<T>;
+  else if (active_isa() == Isa::avx2) kernel = &avx2::outer_task16<T>;
+#endif
   at::parallel_for(0, nbr, 1, [&](int64_t begin, int64_t end) {
-    alignas(64) float out[B * CHUNK];
-    for (int64_t br = begin; br < end; ++br) {
-      const int64_t rows = std::min<int64_t>(B, out_features - br * B);
-      for (int64_t ch = 0; ch < chunks; ++ch) {
-        const int64_t m0 = ch * CHUNK, width = std::min<int64_t>(CHUNK, M - m0);
-        if (width <= 8) outer_block_row16<T, 1>(p, br, xp + ch * in_pad * CHUNK, out);
-        else outer_block_row16<T, 2>(p, br, xp + ch * in_pad * CHUNK, out);
-        for (int64_t i = 0; i < rows; ++i)
-          for (int64_t m = 0; m < width; ++m)
-            yp[(m0 + m) * out_features + br * B + i] = out[i * CHUNK + m];
-      }
-    }
+    kernel(p, begin, end, xp, in_pad, M, yp, out_features);
   });
 }
 
