@@ -17,14 +17,15 @@ against the recipe alone at the same bytes, with bytes, perplexity and decode sp
 import argparse
 import copy
 import os
+import statistics
 import sys
 import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (PruneRun, add_prune_run_args, median_ms, results_path,  # noqa: E402
-                    significant, write_results)
+from common import (PruneRun, add_prune_run_args, results_path, significant,  # noqa: E402
+                    write_results)
 
 IMPORTANCES = ("taylor", "taylor_2nd", "wanda", "magnitude")
 
@@ -73,16 +74,21 @@ def decoder_linear_bytes(model) -> int:
     return total
 
 
-def decode_tokens_per_s(model, new_tokens: int, repeats: int) -> float:
-    """Greedy decode of exactly ``new_tokens`` tokens after a 16-token prompt, batch 1."""
+def decode_tokens_per_s(models: dict, new_tokens: int, repeats: int) -> dict[str, float]:
+    """Greedy decode of exactly ``new_tokens`` tokens after a 16-token prompt, batch 1, for each
+    of ``{name: model}``: the models take turns, ``repeats`` rounds after one warm-up round, so
+    a slow phase of a shared machine hits all of them alike; the median per model."""
     ids = torch.arange(10, 26)[None]
-
-    def generate():
-        model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                       do_sample=False, pad_token_id=0)
+    samples = {name: [] for name in models}
     with torch.no_grad():
-        ms = median_ms(generate, torch.device("cpu"), warmup=1, iters=repeats)
-    return new_tokens / (ms / 1e3)
+        for round_ in range(repeats + 1):
+            for name, model in models.items():
+                t0 = time.perf_counter()
+                model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                               do_sample=False, pad_token_id=0)
+                if round_:
+                    samples[name].append(time.perf_counter() - t0)
+    return {name: new_tokens / statistics.median(t) for name, t in samples.items()}
 
 
 def main(argv=None, model=None, tokenizer=None, calibration=None, eval_text="embedded",
@@ -102,7 +108,7 @@ def main(argv=None, model=None, tokenizer=None, calibration=None, eval_text="emb
     p.add_argument("--train-seqlen", type=int, default=256, help="tokens per training sequence")
     p.add_argument("--budget", type=float, default=0.62, help="three-tier budget")
     p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=9, help="decode timing rounds")
     args = p.parse_args(argv)
 
     from pruning.calibration import get_calibration, get_tokens
@@ -204,9 +210,8 @@ def main(argv=None, model=None, tokenizer=None, calibration=None, eval_text="emb
               "structured+three_tier": (both, both_ppl),
               "three_tier": (alone, alone_ppl)}
     dense_total = weight_bytes(original)
-    speed = {}
-    for name, (model, _) in models.items():
-        speed[name] = decode_tokens_per_s(model, args.new_tokens, args.repeats)
+    speed = decode_tokens_per_s({name: model for name, (model, _) in models.items()},
+                                args.new_tokens, args.repeats)
     print(f"\nthree_tier alone at the combination's decoder bytes: budget {equal_budget:.4f}")
     print(f"\n{'model':<24} {'params':>11} {'linear bytes':>13} {'all bytes':>10} {'ppl':>8} "
           f"{'tok/s':>7} {'speedup':>8}")
