@@ -129,6 +129,11 @@ inline f32x8 gather_slots(__m256i lanes, f32x8 x_lo, f32x8 x_hi) {
 }
 #endif
 
+// Top-K blocks with at least this many entries (of 256) are decoded as a dense tile (see below):
+// measured per block-row, the tile costs about the same for any K and the entry-by-entry loop
+// grows with K; they cross near K = 32 (benchmarks/NOTES-linear.md).
+constexpr int64_t kTopkAsTile = 32;
+
 // Decode, M (1..3, a template parameter so loops over rows of x unroll) rows of x, B = 16.
 // xf: [M][in_pad] fp32; pairs: M pair tables (build_pair_table), pair_stride entries apart; with
 // AVX2 the 2:4 rows permute x in registers instead and pairs is not read (may be null).
@@ -188,10 +193,28 @@ void row_dot_block_row16(const PackedView<T>& p, int64_t br, const float* xf, in
 #endif
   }
 
+  // Top-K: with few entries each is one scalar FMA into its row's sum; with many, those sums
+  // become a chain of dependent adds through memory (entries of one row follow each other), so
+  // the block is spread into a zeroed 16x16 tile and multiplied like a dense block instead.
+  alignas(32) float tile[B * B];
   for (int32_t e = p.topk_rowptr[br]; e < p.topk_rowptr[br + 1]; ++e) {
     const float* xc = xf + static_cast<int64_t>(p.topk_cols[e]) * B;
     const T* vals = p.topk_vals + e * p.topk;
     const uint8_t* pos = p.topk_pos + e * p.topk;
+    if (p.topk >= kTopkAsTile) {
+      std::memset(tile, 0, sizeof(tile));
+      for (int64_t s = 0; s < p.topk; ++s) tile[pos[s]] = load_f32(vals + s);
+      f32x8 x_lo[M], x_hi[M];
+      for (int m = 0; m < M; ++m) {
+        x_lo[m] = load8(xc + m * in_pad);
+        x_hi[m] = load8(xc + m * in_pad + 8);
+      }
+      for (int i = 0; i < B; ++i) {
+        const f32x8 w_lo = load8(tile + i * B), w_hi = load8(tile + i * B + 8);
+        for (int m = 0; m < M; ++m) acc[m][i] += w_lo * x_lo[m] + w_hi * x_hi[m];
+      }
+      continue;
+    }
     for (int64_t s = 0; s < p.topk; ++s) {
       const float w = load_f32(vals + s);
       const int row = pos[s] / B, col = pos[s] % B;
