@@ -134,6 +134,28 @@ inline f32x8 gather_slots(__m256i lanes, f32x8 x_lo, f32x8 x_hi) {
 // grows with K; they cross near K = 32 (benchmarks/NOTES-linear.md).
 constexpr int64_t kTopkAsTile = 32;
 
+// The 16 x values of one block column for each of M rows of x: lo = columns 0-7, hi = 8-15.
+template <int M>
+inline void load_block_x(const float* xc, int64_t in_pad, f32x8 (&lo)[M], f32x8 (&hi)[M]) {
+  for (int m = 0; m < M; ++m) {
+    lo[m] = load8(xc + m * in_pad);
+    hi[m] = load8(xc + m * in_pad + 8);
+  }
+}
+
+// acc[m][i] += row i of a 16x16 block of values U (T, or fp32 for a spread top-K tile) times the
+// block's x, as one 8-wide product per row (the two halves folded into one).
+template <typename U, int M>
+inline void dense_block_rows16(const U* blk, const float* xc, int64_t in_pad,
+                               f32x8 (&acc)[M][16]) {
+  f32x8 x_lo[M], x_hi[M];
+  load_block_x<M>(xc, in_pad, x_lo, x_hi);
+  for (int i = 0; i < 16; ++i) {
+    const f32x8 w_lo = load8(blk + i * 16), w_hi = load8(blk + i * 16 + 8);
+    for (int m = 0; m < M; ++m) acc[m][i] += w_lo * x_lo[m] + w_hi * x_hi[m];
+  }
+}
+
 // Decode, M (1..3, a template parameter so loops over rows of x unroll) rows of x, B = 16.
 // xf: [M][in_pad] fp32; pairs: M pair tables (build_pair_table), pair_stride entries apart; with
 // AVX2 the 2:4 rows permute x in registers instead and pairs is not read (may be null).
@@ -148,29 +170,16 @@ void row_dot_block_row16(const PackedView<T>& p, int64_t br, const float* xf, in
   float acc_topk[M][B] = {};
 
   for (int32_t e = p.dense_rowptr[br]; e < p.dense_rowptr[br + 1]; ++e) {
-    const T* blk = p.dense_vals + static_cast<int64_t>(e) * B * B;
-    const float* xc = xf + static_cast<int64_t>(p.dense_cols[e]) * B;
-    f32x8 x_lo[M], x_hi[M];
-    for (int m = 0; m < M; ++m) {
-      x_lo[m] = load8(xc + m * in_pad);
-      x_hi[m] = load8(xc + m * in_pad + 8);
-    }
-    for (int i = 0; i < B; ++i) {
-      const f32x8 w_lo = load8(blk + i * B), w_hi = load8(blk + i * B + 8);
-      for (int m = 0; m < M; ++m) acc[m][i] += w_lo * x_lo[m] + w_hi * x_hi[m];
-    }
+    dense_block_rows16<T, M>(p.dense_vals + static_cast<int64_t>(e) * B * B,
+                             xf + static_cast<int64_t>(p.dense_cols[e]) * B, in_pad, acc);
   }
 
   for (int32_t e = p.s24_rowptr[br]; e < p.s24_rowptr[br + 1]; ++e) {
     const T* blk = p.s24_vals + static_cast<int64_t>(e) * B * (B / 2);
     const int16_t* meta = p.s24_meta + static_cast<int64_t>(e) * B;
 #if SK_ISA_HAS_AVX2
-    const float* xc = xf + static_cast<int64_t>(p.s24_cols[e]) * B;
     f32x8 x_lo[M], x_hi[M];
-    for (int m = 0; m < M; ++m) {
-      x_lo[m] = load8(xc + m * in_pad);
-      x_hi[m] = load8(xc + m * in_pad + 8);
-    }
+    load_block_x<M>(xf + static_cast<int64_t>(p.s24_cols[e]) * B, in_pad, x_lo, x_hi);
     for (int i = 0; i < B; ++i) {
       const __m256i lanes = slot_lanes(static_cast<uint16_t>(meta[i]));
       const f32x8 w = load8(blk + i * (B / 2));
@@ -204,15 +213,7 @@ void row_dot_block_row16(const PackedView<T>& p, int64_t br, const float* xf, in
     if (p.topk >= kTopkAsTile) {
       std::memset(tile, 0, sizeof(tile));
       for (int64_t s = 0; s < p.topk; ++s) tile[pos[s]] = load_f32(vals + s);
-      f32x8 x_lo[M], x_hi[M];
-      for (int m = 0; m < M; ++m) {
-        x_lo[m] = load8(xc + m * in_pad);
-        x_hi[m] = load8(xc + m * in_pad + 8);
-      }
-      for (int i = 0; i < B; ++i) {
-        const f32x8 w_lo = load8(tile + i * B), w_hi = load8(tile + i * B + 8);
-        for (int m = 0; m < M; ++m) acc[m][i] += w_lo * x_lo[m] + w_hi * x_hi[m];
-      }
+      dense_block_rows16<float, M>(tile, xc, in_pad, acc);
       continue;
     }
     for (int64_t s = 0; s < p.topk; ++s) {
