@@ -9,13 +9,14 @@ from pruning.models import decoder_layers
 from pruning.structured import (Plan, discover_units, is_structured, load_structured,
                                 save_structured, select_units, structured_prune,
                                 unit_importance, unit_statistics)
-from pruning.structured.prior import prior_factors
+from pruning.models import next_token_loss
+from pruning.structured.prior import prior_factors, skip_losses
 from pruning.structured.slicing import apply_plan
 from pruning.structured.units import ATTENTION, MLP
 from tiny_models import ARCHITECTURES, VOCAB, calibration_ids, word_tokenizer
 
 
-def gqa_model(heads, kv_heads, family="llama"):
+def gqa_model(heads, kv_heads, family="llama", layers=2):
     """A tiny model with the given query / KV head counts (head_dim 8)."""
     from transformers import (LlamaConfig, LlamaForCausalLM, Qwen2Config,
                               Qwen2ForCausalLM)
@@ -23,7 +24,7 @@ def gqa_model(heads, kv_heads, family="llama"):
     cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM),
                       "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[family]
     return model_cls(cls(vocab_size=VOCAB, hidden_size=8 * heads, head_dim=8,
-                         intermediate_size=40, num_hidden_layers=2, num_attention_heads=heads,
+                         intermediate_size=40, num_hidden_layers=layers, num_attention_heads=heads,
                          num_key_value_heads=kv_heads, max_position_embeddings=64)).eval()
 
 
@@ -299,6 +300,39 @@ def test_the_prior_measures_skipping_and_changes_the_choice():
     assert all(v >= 0 for k in ("layer", ATTENTION, MLP) for v in losses[k])
     priors = {(r["layer"], r["type"]): r["prior"] for r in result.units}
     assert priors[(0, MLP)] == pytest.approx(torch.log1p(torch.tensor(losses[MLP][0])).item())
+
+
+@pytest.mark.parametrize("make", [lambda: gqa_model(6, 2, "llama", layers=4),
+                                  lambda: gqa_model(7, 1, "qwen2", layers=3),
+                                  ARCHITECTURES["opt"]], ids=["llama", "qwen2", "opt"])
+def test_skip_losses_replaying_earlier_layers_equal_full_forwards(make):
+    model = make()
+    units = discover_units(model)
+    batches = list(calibration_ids(4, 24).split(2))
+
+    def loss(zeroed=()):  # every batch through the whole model, the given outputs zeroed
+        handles = [m.register_forward_hook(lambda _m, _a, out: torch.zeros_like(out))
+                   for m in zeroed]
+        try:
+            with torch.no_grad():
+                total = sum(next_token_loss(model, b, reduction="sum").item() for b in batches)
+        finally:
+            for h in handles:
+                h.remove()
+        return total / sum(b[:, 1:].numel() for b in batches)
+
+    got = skip_losses(model, units, batches, progress=False)
+    base = loss()
+    assert got["base"] == pytest.approx(base, rel=1e-5)
+    layers = decoder_layers(model)[1]
+    for u in units:
+        attention, mlp = layers[u.index].get_submodule(u.o), layers[u.index].get_submodule(u.contract)
+        for key, zeroed in ((ATTENTION, [attention]), (MLP, [mlp]), ("layer", [attention, mlp])):
+            want = max(loss(zeroed) - base, 0.0)
+            assert got[key][u.index] == pytest.approx(want, rel=1e-4, abs=1e-6), (key, u.index)
+    # The layers compute again afterwards (nothing left replaying).
+    assert loss() == pytest.approx(base, rel=1e-6)
+    assert all("forward" not in vars(layer) for layer in layers)
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ a whole) and the unit's block's otherwise. ``temperature = 0`` turns the prior o
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -23,12 +24,15 @@ from .units import ATTENTION, MLP, LayerUnits
 __all__ = ["skip_losses", "prior_factors"]
 
 
-def _loss(model: nn.Module, batches: list[torch.Tensor]) -> float:
-    """Mean next-token loss over every prediction of ``batches``."""
+def _loss(model: nn.Module, batches: list[torch.Tensor], cursor: list[int] | None = None) -> float:
+    """Mean next-token loss over every prediction of ``batches``; ``cursor[0]`` is set to each
+    batch's index before its forward (the replayed layers read it)."""
     device = module_device(model.get_input_embeddings())
     total, count = 0.0, 0
     with torch.no_grad():
-        for ids in batches:
+        for index, ids in enumerate(batches):
+            if cursor is not None:
+                cursor[0] = index
             total += next_token_loss(model, ids.to(device), reduction="sum").item()
             count += ids[:, 1:].numel()
     return total / count
@@ -38,23 +42,59 @@ def _zero_output(_module, _args, output):
     return torch.zeros_like(output)
 
 
+def _record_outputs(layers: nn.ModuleList, outputs: list[list]):
+    """Forward hooks that append each layer's output (whatever it returns) to ``outputs[j]``."""
+    def hook(j):
+        return lambda _module, _args, output: outputs[j].append(output)
+    return [layer.register_forward_hook(hook(j)) for j, layer in enumerate(layers)]
+
+
+@contextmanager
+def _replayed(layers: nn.ModuleList, upto: int, outputs: list[list], cursor: list[int]):
+    """Layers ``0 .. upto - 1`` return their recorded outputs for the current batch without
+    computing: a skip pass then costs only the layers from the skipped one on. The instance's
+    ``forward`` is replaced (not the module), so the model still sees each layer's attributes."""
+    def replay(j):
+        return lambda *_args, **_kwargs: outputs[j][cursor[0]]
+    for j in range(upto):
+        layers[j].forward = replay(j)
+    try:
+        yield
+    finally:
+        for j in range(upto):
+            del layers[j].forward
+
+
 def skip_losses(model: nn.Module, units: list[LayerUnits], batches: list[torch.Tensor], *,
                 progress: bool = True) -> dict:
     """``{"base": loss, "layer": [dL per layer], "attention": [...], "mlp": [...]}``: the
-    increase of the mean calibration token loss when each layer / block is skipped (>= 0)."""
+    increase of the mean calibration token loss when each layer / block is skipped (>= 0).
+
+    The unpruned pass records every decoder layer's output per batch (memory: the layers'
+    hidden states for ``batches``); each skip pass of layer i replays layers before i from
+    those records, so the 3L skips cost about 1.5 L full forwards instead of 3 L.
+    """
     from tqdm.auto import tqdm
 
     _, layers = decoder_layers(model)
-    base = _loss(model, batches)
+    outputs: list[list] = [[] for _ in layers]
+    handles = _record_outputs(layers, outputs)
+    try:
+        base = _loss(model, batches)
+    finally:
+        for h in handles:
+            h.remove()
+    cursor = [0]
     out = {"base": base, "layer": [], ATTENTION: [], MLP: []}
     for u in tqdm(units, desc="H-GSP skip losses", disable=not progress):
         layer = layers[u.index]
-        outputs = {ATTENTION: [layer.get_submodule(u.o)], MLP: [layer.get_submodule(u.contract)]}
-        outputs["layer"] = outputs[ATTENTION] + outputs[MLP]
-        for key, modules in outputs.items():
+        blocks = {ATTENTION: [layer.get_submodule(u.o)], MLP: [layer.get_submodule(u.contract)]}
+        blocks["layer"] = blocks[ATTENTION] + blocks[MLP]
+        for key, modules in blocks.items():
             handles = [m.register_forward_hook(_zero_output) for m in modules]
             try:
-                out[key].append(max(_loss(model, batches) - base, 0.0))
+                with _replayed(layers, u.index, outputs, cursor):
+                    out[key].append(max(_loss(model, batches, cursor) - base, 0.0))
             finally:
                 for h in handles:
                     h.remove()
