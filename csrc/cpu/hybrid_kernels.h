@@ -90,7 +90,6 @@ inline float hsum8(f32x8 v) {
   return s;
 }
 
-
 // Column (inside its block) of each kept slot j of one 2:4 row: 4 * (j / 2) + (2-bit position).
 template <int B>
 inline void slot_columns(int16_t meta, int (&col)[B / 2]) {
