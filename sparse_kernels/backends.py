@@ -119,9 +119,5 @@ def supported_cpu_isas() -> list[str]:
     """The ISAs this CPU can run, from ``generic`` up to the best (empty without the library)."""
     if not _loader.native_loaded():
         return []
-    active = cpu_isa()
-    try:
-        best = cpu_isa("auto")
-    finally:
-        cpu_isa(active)
+    best = torch.ops.sparse_kernels.cpu_isa_detected()
     return list(CPU_ISAS[:CPU_ISAS.index(best) + 1])

@@ -95,6 +95,13 @@ def test_cpu_isa_names_the_choices():
     if sk.supported_cpu_isas()[-1] != "avx512":
         with pytest.raises(RuntimeError, match="does not support avx512"):
             sk.cpu_isa("avx512")
+    supported, active = sk.supported_cpu_isas(), sk.cpu_isa()
+    try:  # what the CPU supports does not depend on what is forced
+        sk.cpu_isa("generic")
+        assert sk.supported_cpu_isas() == supported
+        assert sk.cpu_isa("auto") == supported[-1]
+    finally:
+        sk.cpu_isa(active)
 
 
 @needs_cpu_backend

@@ -46,6 +46,9 @@ std::string cpu_isa(const std::optional<std::string>& name) {
   return isa_name(active_isa());
 }
 
+// cpu_isa_detected(): the best ISA this CPU supports, whatever is active.
+std::string cpu_isa_detected() { return isa_name(detected_isa()); }
+
 }  // namespace
 
 Isa detected_isa() {
@@ -78,6 +81,9 @@ const char* isa_name(Isa isa) {
   }
 }
 
-TORCH_LIBRARY_FRAGMENT(sparse_kernels, m) { m.def("cpu_isa(str? name=None) -> str", &cpu_isa); }
+TORCH_LIBRARY_FRAGMENT(sparse_kernels, m) {
+  m.def("cpu_isa(str? name=None) -> str", &cpu_isa);
+  m.def("cpu_isa_detected() -> str", &cpu_isa_detected);
+}
 
 }  // namespace sparse_kernels_cpu
