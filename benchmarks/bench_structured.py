@@ -102,6 +102,8 @@ def main(argv=None, model=None, tokenizer=None, calibration=None, eval_text="emb
     p.add_argument("--ratio", type=float, default=0.2, help="fraction of parameters removed")
     p.add_argument("--temperature", type=float, default=1.0, help="the prior's temperature")
     p.add_argument("--tau", type=float, default=0.0, help="the prior's layer threshold")
+    p.add_argument("--importances", default=",".join(IMPORTANCES),
+                   help=f"comma-separated, among {', '.join(IMPORTANCES)} (default all)")
     p.add_argument("--finetune-steps", type=int, default=24,
                    help="masked fine-tune steps of 4 x 256 tokens (0: none)")
     p.add_argument("--lr", type=float, default=3e-4)
@@ -110,6 +112,10 @@ def main(argv=None, model=None, tokenizer=None, calibration=None, eval_text="emb
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=9, help="decode timing rounds")
     args = p.parse_args(argv)
+    importances = args.importances.split(",")
+    unknown = [i for i in importances if i not in IMPORTANCES]
+    if unknown:
+        raise SystemExit(f"--importances: unknown {unknown}; choose from {list(IMPORTANCES)}")
 
     from pruning.calibration import get_calibration, get_tokens
     from pruning.finetune import FinetuneConfig, finetune
@@ -154,7 +160,7 @@ def main(argv=None, model=None, tokenizer=None, calibration=None, eval_text="emb
             run.model = keep
 
     print(f"{'importance':<11} {'prior':>6} {'uniform':>8} {'removed':>8} {'ppl':>9}")
-    for importance in IMPORTANCES:
+    for importance in importances:
         for temperature in (0.0, args.temperature):
             for uniform in ((False, True) if importance == "taylor" and not temperature
                             else (False,)):

@@ -277,6 +277,8 @@ def test_bench_structured_compares_importances_speed_and_composition(tmp_path):
         speed["structured"]["decoder_linear_bytes_fraction"] < 1
     if importlib.util.find_spec("matplotlib"):
         assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(SystemExit, match=r"--importances: unknown \['fisher'\]"):
+        bench_structured.main(["--importances", "taylor,fisher"])
 
 
 def test_bench_moe_reports_tokens_per_expert_and_checks_the_packed_model(tmp_path):
