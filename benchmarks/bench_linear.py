@@ -136,7 +136,8 @@ def record(backend, mix, dtype, shape, batch, ratios, topk, dense, hybrid, error
     """One measurement; ``dense`` / ``hybrid``: ``Timer`` results (hybrid None: wrong output,
     not timed); ``isa``: the cpu backend's instruction set."""
     out_f, in_f = shape
-    rec = dict(backend=backend if isa is None else f"{backend}/{isa}", mix=mix, dtype=str(dtype).removeprefix("torch."),
+    rec = dict(backend=backend if isa is None else f"{backend}/{isa}", mix=mix,
+               dtype=str(dtype).removeprefix("torch."),
                out_features=out_f, in_features=in_f, batch=batch, tier_ratios=list(ratios),
                topk=topk, max_rel_error=significant(error), output_ok=hybrid is not None,
                dense_ms=significant(dense[0]), packed_bytes=packed_bytes,

@@ -326,7 +326,8 @@ def test_skip_losses_replaying_earlier_layers_equal_full_forwards(make):
     assert got["base"] == pytest.approx(base, rel=1e-5)
     layers = decoder_layers(model)[1]
     for u in units:
-        attention, mlp = layers[u.index].get_submodule(u.o), layers[u.index].get_submodule(u.contract)
+        layer = layers[u.index]
+        attention, mlp = layer.get_submodule(u.o), layer.get_submodule(u.contract)
         for key, zeroed in ((ATTENTION, [attention]), (MLP, [mlp]), ("layer", [attention, mlp])):
             want = max(loss(zeroed) - base, 0.0)
             assert got[key][u.index] == pytest.approx(want, rel=1e-4, abs=1e-6), (key, u.index)

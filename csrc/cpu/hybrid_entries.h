@@ -2,7 +2,8 @@
 // runs one thread's range [begin, end) of block-rows into y, the fp32 output [M][out_features]:
 //  * row_dot_task16<T, M>: decode, M = 1..3 rows of x (xf [M][in_pad] and their pair tables);
 //  * outer_task16<T>: M >= 4 rows of x as chunks of x^T, xt [ceil(M / 16)][in_pad][16].
-// T: float, bf16_t or fp16_t (packed_view.h).
+// T: float, bf16_t or fp16_t (packed_view.h). All three sets exist in every build; off x86-64 the
+// avx2 / avx512 ones are plain copies that are never picked.
 #pragma once
 
 #include <cstdint>
@@ -22,8 +23,21 @@
   }
 
 SK_DECLARE_HYBRID_ENTRIES(generic)
-#if SK_HAVE_X86_VARIANTS
 SK_DECLARE_HYBRID_ENTRIES(avx2)
 SK_DECLARE_HYBRID_ENTRIES(avx512)
-#endif
 #undef SK_DECLARE_HYBRID_ENTRIES
+
+namespace sparse_kernels_cpu {
+
+// The one of an entry point's three builds that active_isa() names (never avx2 / avx512 where
+// the CPU lacks them, so on other architectures always the generic one).
+template <typename Fn>
+Fn for_active_isa(Fn generic_build, Fn avx2_build, Fn avx512_build) {
+  switch (active_isa()) {
+    case Isa::avx512: return avx512_build;
+    case Isa::avx2: return avx2_build;
+    default: return generic_build;
+  }
+}
+
+}  // namespace sparse_kernels_cpu

@@ -283,45 +283,6 @@ void outer_block_row16(const PackedView<T>& p, int64_t br, const float* xt, floa
 }
 
 // ------------------------------------------------------------------------------------------
-// Entry points over a range [begin, end) of block-rows (one thread's share), B = 16; y is the
-// fp32 output [M][out_features].
-
-// Decode: M (1..3) rows of x, xf [M][in_pad] and their pair tables (see row_dot_block_row16).
-template <typename T, int M>
-inline void row_dot_rows16(const PackedView<T>& p, int64_t begin, int64_t end, const float* xf,
-                           int64_t in_pad, const uint64_t* pairs, int64_t pair_stride, float* y,
-                           int64_t out_features) {
-  constexpr int B = 16;
-  float out[M * B];
-  for (int64_t br = begin; br < end; ++br) {
-    row_dot_block_row16<T, M>(p, br, xf, in_pad, pairs, pair_stride, out);
-    const int64_t rows = out_features - br * B < B ? out_features - br * B : B;
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t i = 0; i < rows; ++i) y[m * out_features + br * B + i] = out[m * B + i];
-  }
-}
-
-// Many rows: M rows of x as chunks of x^T, xt [ceil(M / 16)][in_pad][16] (see outer_block_row16).
-template <typename T>
-inline void outer_rows16(const PackedView<T>& p, int64_t begin, int64_t end, const float* xt,
-                         int64_t in_pad, int64_t M, float* y, int64_t out_features) {
-  constexpr int B = 16, CHUNK = 16;
-  alignas(64) float out[B * CHUNK];
-  for (int64_t br = begin; br < end; ++br) {
-    const int64_t rows = out_features - br * B < B ? out_features - br * B : B;
-    for (int64_t m0 = 0; m0 < M; m0 += CHUNK) {
-      const int64_t width = M - m0 < CHUNK ? M - m0 : CHUNK;
-      const float* chunk = xt + m0 * in_pad;
-      if (width <= 8) outer_block_row16<T, 1>(p, br, chunk, out);
-      else outer_block_row16<T, 2>(p, br, chunk, out);
-      for (int64_t i = 0; i < rows; ++i)
-        for (int64_t m = 0; m < width; ++m)
-          y[(m0 + m) * out_features + br * B + i] = out[i * CHUNK + m];
-    }
-  }
-}
-
-// ------------------------------------------------------------------------------------------
 // Any block size: writes block-row br as fp32 rows [B][in_pad] into an already zeroed panel.
 template <typename T, int B>
 void decompress_block_row(const PackedView<T>& p, int64_t br, int64_t in_pad, float* panel) {

@@ -67,11 +67,8 @@ void run_row_dot16(const PackedView<T>& p, const at::Tensor& x, at::Tensor& y, i
   xf.narrow(1, 0, in).copy_(x);
   const float* xp = xf.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  auto kernel = &generic::row_dot_task16<T, M>;
-#if SK_HAVE_X86_VARIANTS
-  if (active_isa() == Isa::avx512) kernel = &avx512::row_dot_task16<T, M>;
-  else if (active_isa() == Isa::avx2) kernel = &avx2::row_dot_task16<T, M>;
-#endif
+  const auto kernel = for_active_isa(&generic::row_dot_task16<T, M>,
+                                     &avx2::row_dot_task16<T, M>, &avx512::row_dot_task16<T, M>);
   // Only the generic kernel reads pair tables; the AVX2 / AVX-512 ones permute in registers.
   at::Tensor pairs;
   uint64_t* pp = nullptr;
@@ -97,11 +94,8 @@ void run_outer16(const PackedView<T>& p, const at::Tensor& x, at::Tensor& y, int
   xt = xt.view({chunks, CHUNK, in_pad}).transpose(1, 2).contiguous();
   const float* xp = xt.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  auto kernel = &generic::outer_task16<T>;
-#if SK_HAVE_X86_VARIANTS
-  if (active_isa() == Isa::avx512) kernel = &avx512::outer_task16<T>;
-  else if (active_isa() == Isa::avx2) kernel = &avx2::outer_task16<T>;
-#endif
+  const auto kernel = for_active_isa(&generic::outer_task16<T>, &avx2::outer_task16<T>,
+                                     &avx512::outer_task16<T>);
   at::parallel_for(0, nbr, 1, [&](int64_t begin, int64_t end) {
     kernel(p, begin, end, xp, in_pad, M, yp, out_features);
   });

@@ -18,7 +18,8 @@ Isa detected_isa();
 // at load time, or the last set_active_isa().
 Isa active_isa();
 
-// Forces `name` (generic | avx2 | avx512, or auto for detected_isa()); raises when the CPU lacks it.
+// Forces `name` (generic | avx2 | avx512, or auto for detected_isa()); raises when the CPU lacks
+// it.
 void set_active_isa(const std::string& name);
 
 const char* isa_name(Isa isa);
