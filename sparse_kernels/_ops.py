@@ -14,7 +14,7 @@ reference directly, ``"triton"`` the Triton op, any other name the dispatched op
 """
 import torch
 
-from . import reference
+from . import decode_layout, reference
 from . import triton as triton_backend
 from ._loader import native_loaded  # noqa: F401  (loads the library before the first call)
 from .backends import resolve_backend
@@ -31,11 +31,19 @@ _SCHEMAS = {
         "Tensor s24_rowptr, Tensor s24_cols, Tensor s24_vals, Tensor s24_meta, "
         "Tensor topk_rowptr, Tensor topk_cols, Tensor topk_vals, Tensor topk_pos, "
         "int out_features, Tensor? bias=None) -> Tensor"),
+    # The CUDA decode kernel on a prepared layout (decode_layout.py); counters are its scratch,
+    # back to zero when it returns.
+    "hybrid_linear_decode": (
+        "(Tensor x, Tensor stream, Tensor tasks, Tensor codes, Tensor counters, "
+        "int out_features, int topk, Tensor? bias=None) -> Tensor"),
 }
+_REFERENCES = {**{name: getattr(reference, name) for name in _SCHEMAS
+                  if name != "hybrid_linear_decode"},
+               "hybrid_linear_decode": decode_layout.hybrid_linear_decode}
 
 for _name, _schema in _SCHEMAS.items():
     _LIB.define(_name + _schema)
-    _LIB.impl(_name, getattr(reference, _name), "CompositeExplicitAutograd")
+    _LIB.impl(_name, _REFERENCES[_name], "CompositeExplicitAutograd")
 
 # The dispatched overloads, looked up once: every op call goes through _call.
 _DISPATCHED = {name: getattr(torch.ops.sparse_kernels, name).default for name in _SCHEMAS}
@@ -71,6 +79,11 @@ def _(x, dense_rowptr, dense_cols, dense_vals, s24_rowptr, s24_cols, s24_vals, s
     return x.new_empty((x.shape[0], out_features))
 
 
+@torch.library.register_fake("sparse_kernels::hybrid_linear_decode")
+def _(x, stream, tasks, codes, counters, out_features, topk, bias=None):
+    return x.new_empty((x.shape[0], out_features))
+
+
 if torch.cuda.is_available():
     triton_backend.register_for_cuda(_LIB)
 
@@ -78,7 +91,7 @@ if torch.cuda.is_available():
 def _call(name: str, backend: str | None, device: torch.device, *args):
     chosen = resolve_backend(backend, device)
     if chosen == "torch":
-        return getattr(reference, name)(*args)
+        return _REFERENCES[name](*args)
     if chosen == "triton":
         return triton_backend.OPS[name](*args)
     return _DISPATCHED[name](*args)

@@ -290,6 +290,85 @@ at::Tensor hybrid_linear(const at::Tensor& x_in, const at::Tensor& dense_rowptr,
   return y;
 }
 
+// ------------------------------------------------------------------------ hybrid_linear_decode
+
+// The decode kernel on a layout from sparse_kernels/decode_layout.py (its contract: the binding
+// checks shapes, dtypes, devices and alignment; the contents come from prepare_decode_layout).
+at::Tensor hybrid_linear_decode(const at::Tensor& x_in, const at::Tensor& stream,
+                                const at::Tensor& tasks, const at::Tensor& codes,
+                                const at::Tensor& counters, int64_t out_features, int64_t topk,
+                                const std::optional<at::Tensor>& bias_in) {
+  check_cuda(x_in, "hybrid_linear_decode: x");
+  TORCH_CHECK(x_in.dim() == 2 && x_in.size(0) <= 16,
+              "hybrid_linear_decode: x must be 2-D [M, in_features] with M <= 16, got ",
+              x_in.sizes());
+  const DType dtype = float_dtype(x_in, "hybrid_linear_decode: x");
+  TORCH_CHECK(dtype != DType::kFloat32,
+              "hybrid_linear_decode: x must be float16 or bfloat16 (tensor cores), got float32");
+  TORCH_CHECK(x_in.size(1) % 4 == 0, "hybrid_linear_decode: in_features must be a multiple of "
+              "4, got ", x_in.size(1));
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"stream", &stream},
+                                {"tasks", &tasks}, {"codes", &codes}, {"counters", &counters}}) {
+    check_same_device(*t, name, x_in, "x");
+    TORCH_CHECK(t->is_contiguous(), "hybrid_linear_decode: ", name, " must be contiguous");
+  }
+  TORCH_CHECK(stream.scalar_type() == at::kByte && stream.dim() == 1 &&
+                  reinterpret_cast<uintptr_t>(stream.data_ptr()) % 16 == 0,
+              "hybrid_linear_decode: stream must be a 16-byte aligned uint8 [bytes] tensor, got ",
+              stream.scalar_type(), " ", stream.sizes());
+  TORCH_CHECK(tasks.scalar_type() == at::kInt && tasks.dim() == 2 && tasks.size(1) == 8 &&
+                  tasks.size(0) >= 1 && tasks.size(0) <= INT_MAX &&
+                  reinterpret_cast<uintptr_t>(tasks.data_ptr()) % 16 == 0,
+              "hybrid_linear_decode: tasks must be int32 [n_tasks >= 1, 8], got ",
+              tasks.scalar_type(), " ", tasks.sizes());
+  TORCH_CHECK(codes.scalar_type() == at::kInt && codes.dim() == 1,
+              "hybrid_linear_decode: codes must be int32 [words], got ", codes.scalar_type(),
+              " ", codes.sizes());
+  const int64_t nbr = ceil_div(out_features, 16);
+  TORCH_CHECK(counters.scalar_type() == at::kInt && counters.dim() == 1 &&
+                  counters.size(0) == nbr,
+              "hybrid_linear_decode: counters must be int32 [ceil(out/16)] = [", nbr, "], got ",
+              counters.scalar_type(), " ", counters.sizes());
+  TORCH_CHECK(topk >= 1 && topk <= 256, "hybrid_linear_decode: topk must be in 1..256, got ",
+              topk);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  at::Tensor bias;
+  if (bias_in) {
+    check_same_device(*bias_in, "hybrid_linear_decode: bias", x_in, "x");
+    TORCH_CHECK(bias_in->dim() == 1 && bias_in->size(0) == out_features &&
+                    bias_in->scalar_type() == x_in.scalar_type(),
+                "hybrid_linear_decode: bias must be [", out_features, "] ", x_in.scalar_type(),
+                ", got ", bias_in->sizes(), " ", bias_in->scalar_type());
+    bias = bias_in->contiguous();
+  }
+  at::Tensor x = x_in.contiguous();
+  if (reinterpret_cast<uintptr_t>(x.data_ptr()) % 8 != 0) x = x.clone();  // 8-byte x loads
+  const int64_t rows = x.size(0);
+  at::Tensor y = at::empty({rows, out_features}, x.options());
+  if (rows == 0 || out_features == 0) return y;
+  DecodeLayout layout;
+  layout.out_features = out_features;
+  layout.in_features = x.size(1);
+  layout.topk = static_cast<int>(topk);
+  layout.n_tasks = static_cast<int>(tasks.size(0));
+  layout.n_block_rows = static_cast<int>(nbr);
+  layout.stream = static_cast<const uint8_t*>(stream.data_ptr());
+  layout.tasks = tasks.data_ptr<int32_t>();
+  layout.codes = reinterpret_cast<const uint32_t*>(codes.data_ptr<int32_t>());
+  layout.counters = reinterpret_cast<unsigned int*>(counters.data_ptr<int32_t>());
+  const size_t workspace_bytes = hybrid_decode_workspace_bytes(layout, rows);
+  at::Tensor workspace;
+  if (workspace_bytes > 0) {
+    workspace = at::empty({static_cast<int64_t>(workspace_bytes)}, x.options().dtype(at::kByte));
+  }
+  check_launch(launch_hybrid_decode(x.data_ptr(), rows, layout,
+                                    bias.defined() ? bias.data_ptr() : nullptr, y.data_ptr(),
+                                    dtype, workspace.defined() ? workspace.data_ptr() : nullptr,
+                                    current_stream()),
+               "hybrid_linear_decode");
+  return y;
+}
+
 }  // namespace
 }  // namespace sparse_kernels_cuda
 
@@ -299,4 +378,5 @@ TORCH_LIBRARY_IMPL(sparse_kernels, CUDA, m) {
   m.impl("nm_mask", &sparse_kernels_cuda::nm_mask);
   m.impl("compress_24", &sparse_kernels_cuda::compress_24);
   m.impl("hybrid_linear", &sparse_kernels_cuda::hybrid_linear);
+  m.impl("hybrid_linear_decode", &sparse_kernels_cuda::hybrid_linear_decode);
 }

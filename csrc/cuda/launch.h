@@ -41,6 +41,28 @@ cudaError_t launch_hybrid_linear(const void* x, int64_t rows, const PackedWeight
                                  const void* bias, void* y, DType dtype, void* workspace,
                                  cudaStream_t stream);
 
+// The decode kernel (at most sk_decode::kMaxTokens rows of x, fp16 / bf16) on the execution layout
+// prepared from a packed weight (csrc/cuda/decode_layout.cuh, sparse_kernels/decode_layout.py).
+struct DecodeLayout {
+  int64_t out_features;
+  int64_t in_features;
+  int topk;                       // K: values per top-K block
+  int n_tasks;
+  int n_block_rows;
+  const uint8_t* stream;          // every task's block images back to back, 16-byte aligned
+  const int32_t* tasks;           // [n_tasks, 8]: sk_decode::Task
+  const uint32_t* codes;          // 2-bit tier codes, 16 per word
+  unsigned int* counters;         // [n_block_rows], zero between calls (each call restores them)
+};
+
+// y[rows, out] = x[rows, in] @ W^T (+ bias[out]); rows <= 16, in % 4 == 0, x 8-byte aligned.
+// `workspace` must hold hybrid_decode_workspace_bytes(layout, rows) bytes (null when 0). Calls
+// that share one layout must not run concurrently (they share its counters).
+size_t hybrid_decode_workspace_bytes(const DecodeLayout& layout, int64_t rows);
+cudaError_t launch_hybrid_decode(const void* x, int64_t rows, const DecodeLayout& layout,
+                                 const void* bias, void* y, DType dtype, void* workspace,
+                                 cudaStream_t stream);
+
 // scores[out, in] = |W| * sqrt(act_sq_norm[in]) in fp32, and block_scores
 // [ceil(out/B), ceil(in/B)] = mean of scores over each block's real entries.
 cudaError_t launch_wanda_scores(const void* weight, DType weight_dtype, const void* act_sq_norm,

@@ -1,0 +1,181 @@
+// Replays the decode kernel's walk (sk_decode::walk_task, the code the GPU runs) on the host over a
+// prepared layout, with a model of the warp's cp.async ring that refuses every read the GPU could
+// get wrong: a byte of a chunk whose copy has not been waited for, a slot whose copy is still in
+// flight or already holds a later chunk, a byte past the task's stream. Every lane's registers are
+// built with the kernel's own functions (csrc/cuda/decode_layout.cuh) from the modelled ring.
+//
+// usage: decode_replay STREAM TASKS CODES TOPK   (raw files: uint8 stream, int32 [n, 8] tasks,
+//        int32 codes). stdout, per multiplied block: "block <task> <index> <tier> <offset>", then
+//        32 lines "<lane> <r0> <r1> <r2> <r3>" (2:4: a0 a1 meta 0); once at the end, 32 lines
+//        "s24_b <lane> <source lane reg 0> <source lane reg 1> <source word>".
+// Exit status 1 with a message on stderr at the first illegal read or unfinished task.
+#include "cuda/decode_layout.cuh"
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <iterator>
+#include <string>
+#include <vector>
+
+using namespace sk_decode;
+
+namespace {
+
+constexpr int kLanes = 32;
+constexpr int kInFlight = -2;  // slot state: a copy into it has been issued, not waited for
+
+[[noreturn]] void fail(const std::string& message) {
+  std::fprintf(stderr, "decode_replay: %s\n", message.c_str());
+  std::exit(1);
+}
+
+std::vector<uint8_t> read_file(const char* path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) fail(std::string("cannot read ") + path);
+  return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
+}
+
+template <typename T> std::vector<T> as_words(const std::vector<uint8_t>& bytes) {
+  std::vector<T> words(bytes.size() / sizeof(T));
+  std::memcpy(words.data(), bytes.data(), words.size() * sizeof(T));
+  return words;
+}
+
+// A warp's ring as the GPU sees it: slot s holds chunk slot_chunk[s] once that chunk's group has
+// been waited for. Reads take stream offsets, as in the kernel.
+struct ModelRing {
+  const uint8_t* stream = nullptr;  // the task's first byte
+  int length = 0;
+  std::vector<uint8_t> bytes = std::vector<uint8_t>(kRingBytes);
+  int slot_chunk[kRingChunks];
+
+  void check(int off, int size) const {
+    if (off < 0 || off + size > length)
+      fail("read of bytes " + std::to_string(off) + ".." + std::to_string(off + size) +
+           " past the task's stream of " + std::to_string(length));
+    const int chunk = off / kChunkBytes, held = slot_chunk[chunk % kRingChunks];
+    if ((off + size - 1) / kChunkBytes != chunk) fail("a read straddles two chunks");
+    if (held != chunk)
+      fail("read of chunk " + std::to_string(chunk) + " from a slot " +
+           (held == kInFlight ? std::string("whose copy is in flight")
+                              : "holding chunk " + std::to_string(held)));
+  }
+  template <typename W> W load(int off) const {
+    check(off, sizeof(W));
+    W w;
+    std::memcpy(&w, bytes.data() + ring_offset(off), sizeof(W));
+    return w;
+  }
+  Words4 load16(int off) const { return load<Words4>(off); }
+  Words2 load8(int off) const { return load<Words2>(off); }
+  uint32_t load4(int off) const { return load<uint32_t>(off); }
+  uint32_t load2(int off) const { return load<uint16_t>(off); }
+  uint32_t load1(int off) const { return load<uint8_t>(off); }
+};
+
+// The Warp of sk_decode::walk_task: cp.async groups complete, in order, only at wait_oldest().
+struct ReplayWarp {
+  const Task& task;
+  const std::vector<uint32_t>& codes;
+  int topk, task_id;
+  ModelRing ring;
+  std::vector<std::vector<int>> groups;  // committed groups not yet waited for
+  std::vector<int> open;                 // copies issued since the last commit
+  uint32_t window_words[kLanes] = {};
+  int code_window = -1;
+  int multiplied = 0;
+
+  ReplayWarp(const Task& t, const std::vector<uint8_t>& stream,
+             const std::vector<uint32_t>& c, int k, int id)
+      : task(t), codes(c), topk(k), task_id(id) {
+    const size_t first = size_t(t.stream16) * 16, length = size_t(t.length16) * 16;
+    if (first + length > stream.size()) fail("task " + std::to_string(id) + " runs past the stream");
+    ring.stream = stream.data() + first;
+    ring.length = static_cast<int>(length);
+    for (int& s : ring.slot_chunk) s = -1;
+  }
+
+  void copy_chunk(int c) {
+    int& slot = ring.slot_chunk[c % kRingChunks];
+    if (slot == kInFlight) fail("chunk " + std::to_string(c) + " copied into a busy slot");
+    slot = kInFlight;  // from now on the slot's old bytes may be overwritten at any moment
+    open.push_back(c);
+  }
+  void commit() {
+    groups.push_back(open);
+    open.clear();
+  }
+  void wait_oldest() {  // cp.async.wait_group kRingChunks - 2
+    while (groups.size() > size_t(kRingChunks - 2)) {
+      for (int c : groups.front()) {
+        const int begin = c * kChunkBytes, end = std::min(begin + kChunkBytes, ring.length);
+        std::memcpy(ring.bytes.data() + ring_offset(begin), ring.stream + begin, end - begin);
+        ring.slot_chunk[c % kRingChunks] = c;
+      }
+      groups.erase(groups.begin());
+    }
+  }
+  void release() {}
+
+  int tier(int block) {  // the kernel's window of 32 code words, one per lane, then a shuffle
+    const int window = block / kCodeWindow;
+    if (window != code_window) {
+      code_window = window;
+      for (int lane = 0; lane < kLanes; ++lane) {
+        const int word = window * 32 + lane;
+        const bool inside = word * kCodesPerWord < task.n_blocks;
+        if (inside && size_t(task.code_word + word) >= codes.size()) fail("code word out of range");
+        window_words[lane] = inside ? codes[task.code_word + word] : 0u;
+      }
+    }
+    return tier_of(window_words[(block / kCodesPerWord) % 32], block);
+  }
+
+  void multiply(int tier, int block, int offset) {
+    if (block != multiplied) fail("blocks multiplied out of order");
+    ++multiplied;
+    std::printf("block %d %d %d %d\n", task_id, block, tier, offset);
+    for (int lane = 0; lane < kLanes; ++lane) {
+      uint32_t r[4] = {0, 0, 0, 0};
+      if (tier == kTierS24) {
+        uint32_t a[2];
+        s24_registers(ring, offset, lane, a, r[2]);
+        r[0] = a[0];
+        r[1] = a[1];
+      } else if (tier == kTierDense) {
+        dense_registers(ring, offset, lane, r);
+      } else {
+        topk_registers(ring, offset, topk, lane, r);
+      }
+      std::printf("%d %u %u %u %u\n", lane, r[0], r[1], r[2], r[3]);
+    }
+  }
+};
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc != 5) fail("usage: decode_replay STREAM TASKS CODES TOPK");
+  const std::vector<uint8_t> stream = read_file(argv[1]);
+  const std::vector<int32_t> task_words = as_words<int32_t>(read_file(argv[2]));
+  const std::vector<uint32_t> codes = as_words<uint32_t>(read_file(argv[3]));
+  const int topk = std::atoi(argv[4]);
+  if (task_words.size() % 8) fail("tasks must be [n, 8] int32");
+  for (size_t id = 0; id < task_words.size() / 8; ++id) {
+    Task task;
+    std::memcpy(&task, task_words.data() + 8 * id, sizeof(Task));
+    ReplayWarp warp(task, stream, codes, topk, static_cast<int>(id));
+    walk_task(warp, task, topk);
+    if (warp.multiplied != task.n_blocks)
+      fail("task " + std::to_string(id) + " multiplied " + std::to_string(warp.multiplied) +
+           " of its " + std::to_string(task.n_blocks) + " blocks");
+    if (!warp.open.empty()) fail("copies issued after the last commit");
+  }
+  for (int lane = 0; lane < kLanes; ++lane)
+    std::printf("s24_b %d %d %d %d\n", lane, s24_b_source_lane(lane, 0),
+                s24_b_source_lane(lane, 1), s24_b_source_word(lane));
+  return 0;
+}
