@@ -17,6 +17,7 @@ is 50 % sparse, not the hybrid mix), where torch supports the shape.
   python benchmarks/bench_linear.py --device cuda --dtype float16
 """
 import argparse
+import contextlib
 import os
 import sys
 
@@ -27,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import sparse_kernels as sk  # noqa: E402
 from common import (TIER_MIXES, CacheFlusher, append_jsonl, default_backends,  # noqa: E402
                     kernel_ms, median_ms, results_path, significant, write_results)
-from sparse_kernels import apply_tier_map, assign_tiers  # noqa: E402
+from sparse_kernels import apply_tier_map, assign_tiers, decode_layout  # noqa: E402
 
 DEFAULT_SHAPES = "4096x4096,11008x4096,4096x11008,1024x1024"
 QUICK_SHAPES = "1024x1024"
@@ -54,6 +55,9 @@ def parse_args(argv=None):
     p.add_argument("--cpu-isas", default=None,
                    help="comma-separated instruction sets the cpu backend is timed with, side by "
                         "side (generic, avx2, avx512; default: the best this CPU runs)")
+    p.add_argument("--cuda-decode", default=",".join(decode_layout.VERSIONS),
+                   help="comma-separated CUDA decode kernels timed side by side at batch <= 16: "
+                        "v1 (canonical format), v2 (prepared layout); default both")
     p.add_argument("--iters", type=int, default=30, help="timed calls per measurement")
     p.add_argument("--warmup", type=int, default=3, help="untimed calls first")
     p.add_argument("--warm-cache", action="store_true",
@@ -132,11 +136,11 @@ class Timer:
 
 
 def record(backend, mix, dtype, shape, batch, ratios, topk, dense, hybrid, error, packed_bytes,
-           ideal_bytes, dense_bytes, isa=None):
+           ideal_bytes, dense_bytes, variant=None):
     """One measurement; ``dense`` / ``hybrid``: ``Timer`` results (hybrid None: wrong output,
-    not timed); ``isa``: the cpu backend's instruction set."""
+    not timed); ``variant``: the cpu backend's instruction set or the CUDA decode kernel."""
     out_f, in_f = shape
-    rec = dict(backend=backend if isa is None else f"{backend}/{isa}", mix=mix,
+    rec = dict(backend=backend if variant is None else f"{backend}/{variant}", mix=mix,
                dtype=str(dtype).removeprefix("torch."),
                out_features=out_f, in_features=in_f, batch=batch, tier_ratios=list(ratios),
                topk=topk, max_rel_error=significant(error), output_ok=hybrid is not None,
@@ -149,6 +153,24 @@ def record(backend, mix, dtype, shape, batch, ratios, topk, dense, hybrid, error
         if hybrid is not None:
             rec["hybrid_call_ms"] = significant(hybrid[1])
     return rec
+
+
+@contextlib.contextmanager
+def kernel_variant(backend, variant, active_isa):
+    """Run the block with the cpu backend's ISA or the CUDA decode kernel ``variant``."""
+    if backend == "cpu":
+        sk.cpu_isa(variant)
+    saved = os.environ.get(decode_layout.ENV_VAR)
+    if backend == "cuda":
+        os.environ[decode_layout.ENV_VAR] = variant
+    try:
+        yield
+    finally:
+        sk.cpu_isa(active_isa)
+        if saved is None:
+            os.environ.pop(decode_layout.ENV_VAR, None)
+        else:
+            os.environ[decode_layout.ENV_VAR] = saved
 
 
 def print_row(rec):
@@ -179,8 +201,14 @@ def main(argv=None):
         if unsupported:
             raise SystemExit(f"--cpu-isas: this CPU runs {sk.supported_cpu_isas()}, "
                              f"not {unsupported}")
-    # (backend, ISA): the cpu backend once per instruction set, side by side.
-    variants = [(b, isa) for b in backends for isa in (isas if b == "cpu" else [None])]
+    decodes = args.cuda_decode.split(",")
+    if any(d not in decode_layout.VERSIONS for d in decodes):
+        raise SystemExit(f"--cuda-decode: choose from {', '.join(decode_layout.VERSIONS)}, got "
+                         f"{args.cuda_decode}")
+    # (backend, variant): the cpu backend once per instruction set, the cuda backend once per
+    # decode kernel, side by side.
+    choices = {"cpu": isas, "cuda": decodes}
+    variants = [(b, v) for b in backends for v in choices.get(b, [None])]
     active_isa = sk.cpu_isa()
     mixes = args.mixes.split(",")
     unknown = [m for m in mixes if m not in TIER_MIXES]
@@ -214,15 +242,17 @@ def main(argv=None):
             for batch in batches:
                 x = torch.randn(batch, shape[1], device=device).to(dtype)
                 dense = timer(lambda: F.linear(x, masked))
-                for backend, isa in variants:
+                for backend, variant in variants:
+                    if backend == "cuda" and variant == "v2" and batch > decode_layout.MAX_TOKENS:
+                        continue  # v2 serves decode only; larger batches take v1 anyway
                     def hybrid(v, backend=backend):
                         return sk.hybrid_linear(v, packed, backend=backend)
-                    sk.cpu_isa(isa or active_isa)
-                    error = output_error(hybrid, x, masked)
-                    timed = timer(lambda: hybrid(x)) if error <= tolerance else None
+                    with kernel_variant(backend, variant, active_isa):
+                        error = output_error(hybrid, x, masked)
+                        timed = timer(lambda: hybrid(x)) if error <= tolerance else None
+                    label = variant if len(choices.get(backend, ())) > 1 else None
                     keep(record(backend, mix, dtype, shape, batch, ratios, args.topk, dense,
-                                timed, error, *sizes, isa=isa if len(isas) > 1 else None))
-                sk.cpu_isa(active_isa)
+                                timed, error, *sizes, variant=label))
                 if baseline_24 is not None:
                     weight_24, call_24 = baseline_24
                     try:

@@ -5,7 +5,9 @@
 #   1. environment; nvcc's CUDA major must equal torch's
 #   2. build the CUDA kernels for this GPU's capability only, MAX_JOBS = cores
 #   3. smoke: 2:4 metadata position by position, large shapes against F.linear (gpu_smoke.py)
-#   4. decode: cuda backend, default mix, LLaMA-2-7B shapes, batch 1 / 4 / 16 vs cuBLAS, torch 2:4
+#   4. decode: cuda backend, default mix, LLaMA-2-7B shapes, batch 1 / 4 / 16 vs cuBLAS, torch 2:4:
+#      the v2 kernel (prepared layout) first, then v1 (canonical format), one process each so a
+#      fault in one cannot take the other's numbers with it
 #   5. prefill 2048 / 256 / 64; then the triton backend; then the all-dense control
 #   6. whole-model tokens/s, dense vs hybrid, on a LLaMA-2-7B-shaped model (bench_model.py)
 #   7. kernel tests on the GPU: CUDA, then Triton with one config per kernel (no autotuning,
@@ -98,8 +100,10 @@ step backends 30 "$PY" -c "import sparse_kernels as sk; print('backends:', sk.av
 step smoke 90 "$PY" benchmarks/gpu_smoke.py --device "$DEV" --dtype "$DTYPE" \
   --shapes "$BIG" --batches "$SMOKE_BATCHES" --jsonl "$OUT/smoke.jsonl"
 MIX=(--mixes hybrid --shapes "$SHAPES")
-step "decode ($NATIVE)" 120 "${LINEAR[@]}" --backends "$NATIVE" "${MIX[@]}" --batches "$DECODE" \
-  --out "$OUT/linear-decode-$NATIVE.json"
+for V in v2 v1; do
+  step "decode ($NATIVE, $V)" 120 "${LINEAR[@]}" --backends "$NATIVE" --cuda-decode "$V" \
+    "${MIX[@]}" --batches "$DECODE" --out "$OUT/linear-decode-$NATIVE-$V.json"
+done
 step "prefill ($NATIVE)" 120 "${LINEAR[@]}" --backends "$NATIVE" "${MIX[@]}" \
   --batches "$PREFILL" --out "$OUT/linear-prefill-$NATIVE.json"
 step "decode + prefill (triton)" 150 "${LINEAR[@]}" --backends triton "${MIX[@]}" \
@@ -123,7 +127,7 @@ step "pruning kernels" 90 "$PY" benchmarks/bench_prune_kernels.py --device "$DEV
   --backends "$NATIVE,triton" --shape "$KERNEL_SHAPE" --iters "$ITERS" \
   --jsonl "$OUT/prune-kernels.jsonl" --out "$OUT/prune-kernels.json"
 if "$PY" -c "import matplotlib" 2>/dev/null; then
-  step plot 60 "$PY" benchmarks/plot_linear.py "$OUT/linear-decode-$NATIVE.json"
+  step plot 60 "$PY" benchmarks/plot_linear.py "$OUT/linear-decode-$NATIVE-v2.json"
 else
   echo "matplotlib is not installed: no PNG (plot later with benchmarks/plot_linear.py)"
 fi

@@ -24,9 +24,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import sparse_kernels as sk  # noqa: E402
-from bench_linear import (DTYPES, TOLERANCE, make_weight, output_error,  # noqa: E402
-                          parse_shapes)
+from bench_linear import (DTYPES, TOLERANCE, kernel_variant, make_weight,  # noqa: E402
+                          output_error, parse_shapes)
 from common import TIER_MIXES, append_jsonl, default_backends, significant  # noqa: E402
+from sparse_kernels import decode_layout  # noqa: E402
 
 # The six ways to keep 2 of 4 columns.
 PAIRS = list(itertools.combinations(range(4), 2))
@@ -85,16 +86,26 @@ def main(argv=None) -> int:
     backends = args.backends.split(",") if args.backends else default_backends(device)
     for b in backends:
         sk.backends.resolve_backend(b, device)
+    # The cuda backend once per decode kernel, v1 first: a v2 fault that spoils the CUDA context
+    # then costs only v2's own checks. Batches above 16 run v1 whatever is asked.
+    variants = [(b, v) for b in backends
+                for v in (decode_layout.VERSIONS if b == "cuda" else [None])]
+    active_isa = sk.cpu_isa()
     failed = 0
-    results = [lambda b=b: check_metadata(b, device, dtype) for b in backends]
-    results += [lambda b=b, s=s, n=n: check_shape(b, s, n, device, dtype)
-                for s in parse_shapes(args.shapes) for n in map(int, args.batches.split(","))
-                for b in backends]
-    for make in results:
+    results = [(b, v, lambda b=b: check_metadata(b, device, dtype)) for b, v in variants]
+    results += [(b, v, lambda b=b, s=s, n=n: check_shape(b, s, n, device, dtype))
+                for b, v in variants for s in parse_shapes(args.shapes)
+                for n in map(int, args.batches.split(","))
+                if v != "v2" or n <= decode_layout.MAX_TOKENS]
+    for backend, variant, make in results:
         try:
-            result = make()
+            with kernel_variant(backend, variant, active_isa):
+                result = make()
         except Exception as exc:  # a crash is a result too; the next check still runs
-            result = dict(check="error", ok=False, error=f"{type(exc).__name__}: {exc}")
+            result = dict(check="error", backend=backend, ok=False,
+                          error=f"{type(exc).__name__}: {exc}")
+        if variant is not None:
+            result["backend"] = f"{backend}/{variant}"
         append_jsonl(args.jsonl, result)
         failed += not result["ok"]
         shown = {k: v for k, v in result.items() if k not in ("check", "ok")}

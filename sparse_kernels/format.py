@@ -33,11 +33,12 @@ from __future__ import annotations
 import json
 import os
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from . import _ops, reference
+from .decode_layout import DecodeLayoutCache
 from .atomic import atomic_file
 
 DENSE, SPARSE_24, TOPK = 0, 1, 2
@@ -314,6 +315,9 @@ class HybridWeight:
     topk_cols: torch.Tensor
     topk_vals: torch.Tensor
     topk_pos: torch.Tensor
+    # The CUDA decode kernel's execution layout, prepared on first use (decode_layout.py).
+    decode_cache: DecodeLayoutCache = field(default_factory=DecodeLayoutCache, init=False,
+                                            repr=False, compare=False)
 
     @classmethod
     def from_dense(cls, weight: torch.Tensor, tier_map: torch.Tensor, topk: int = 15,

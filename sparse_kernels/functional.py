@@ -1,7 +1,9 @@
 """``hybrid_linear``: ``y = x @ W^T + bias`` straight from a ``HybridWeight``."""
 import torch
 
+from . import decode_layout
 from ._ops import _call
+from .backends import resolve_backend
 from .format import HybridWeight
 
 
@@ -21,12 +23,31 @@ def check_linear_inputs(x: torch.Tensor, in_features: int, out_features: int,
                          f"{tuple(bias.shape)} {bias.dtype}")
 
 
+def _takes_decode_kernel(x: torch.Tensor, values: torch.Tensor, backend: str | None) -> bool:
+    """Whether the CUDA decode kernel (v2, on a prepared layout) serves this call."""
+    return (x.is_cuda and 0 < x.shape[0] <= decode_layout.MAX_TOKENS
+            and not torch.compiler.is_compiling()
+            and resolve_backend(backend, x.device) == "cuda"
+            and decode_layout.decode_version() == "v2"
+            and decode_layout.unsupported_reason(values.dtype, values.shape[1],
+                                                 x.shape[1]) is None)
+
+
 def apply_packed(x: torch.Tensor, packed: tuple[torch.Tensor, ...], out_features: int,
-                 bias: torch.Tensor | None, backend: str | None) -> torch.Tensor:
-    """Run the ``hybrid_linear`` op on already-checked inputs of any leading shape."""
+                 bias: torch.Tensor | None, backend: str | None,
+                 decode_cache: decode_layout.DecodeLayoutCache | None = None) -> torch.Tensor:
+    """Run the ``hybrid_linear`` op on already-checked inputs of any leading shape; with a
+    ``decode_cache``, 1-16 rows on CUDA run the decode kernel on the cached prepared layout
+    (``SPARSE_KERNELS_CUDA_DECODE=v1`` keeps them on the canonical kernel)."""
     lead = x.shape[:-1]
-    y = _call("hybrid_linear", backend, x.device, x.reshape(-1, x.shape[-1]), *packed,
-              out_features, bias)
+    x2 = x.reshape(-1, x.shape[-1])
+    if decode_cache is not None and _takes_decode_kernel(x2, packed[2], backend):
+        topk = packed[9].shape[1]
+        layout = decode_cache.get(packed, out_features, x2.shape[1], topk)
+        y = _call("hybrid_linear_decode", backend, x2.device, x2, *layout.tensors(),
+                  out_features, topk, bias)
+    else:
+        y = _call("hybrid_linear", backend, x.device, x2, *packed, out_features, bias)
     return y.reshape(*lead, out_features)
 
 
@@ -39,4 +60,5 @@ def hybrid_linear(x: torch.Tensor, weight: HybridWeight, bias: torch.Tensor | No
     """
     check_linear_inputs(x, weight.in_features, weight.out_features, weight.dtype, weight.device,
                         bias)
-    return apply_packed(x, weight.packed_tensors(), weight.out_features, bias, backend)
+    return apply_packed(x, weight.packed_tensors(), weight.out_features, bias, backend,
+                        weight.decode_cache)

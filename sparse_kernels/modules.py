@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from . import backends
+from .decode_layout import DecodeLayoutCache
 from .format import (FORMAT_VERSION, PACKED_FIELDS, HybridWeight, check_packable,
                      validate_packed)
 from .functional import apply_packed, check_linear_inputs
@@ -31,6 +32,9 @@ class HybridSparseLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.block_size, self.topk, self.backend = block_size, topk, backend
+        # The CUDA decode kernel's prepared layout of the buffers below, built on the first
+        # decode-sized call on a GPU and kept beside them (not saved; rebuilt when they change).
+        self._decode_cache = DecodeLayoutCache()
         dtype = dtype or torch.get_default_dtype()
         empty = HybridWeight.empty(out_features, in_features, tier_map, topk, block_size,
                                    dtype=dtype, device=device)
@@ -85,7 +89,8 @@ class HybridSparseLinear(nn.Module):
         values = buffers["dense_vals"]
         check_linear_inputs(x, self.in_features, self.out_features, values.dtype, values.device,
                             bias)
-        return apply_packed(x, packed, self.out_features, bias, self.backend)
+        return apply_packed(x, packed, self.out_features, bias, self.backend,
+                            self._decode_cache)
 
     def extra_repr(self) -> str:
         counts = self.hybrid_weight.tier_counts()

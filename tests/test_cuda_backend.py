@@ -8,11 +8,13 @@ import pytest
 import torch
 
 import sparse_kernels as sk
+from sparse_kernels import decode_layout
 from conftest import DTYPES, TOLERANCE, expected_linear, random_hybrid
 from sparse_kernels import apply_tier_map
 from test_pruning_ops import NM, SHAPES, _bits, _random_24_blocks, _score_inputs
 
-OPS = ("wanda_scores", "block_topk_mask", "nm_mask", "compress_24", "hybrid_linear")
+OPS = ("wanda_scores", "block_topk_mask", "nm_mask", "compress_24", "hybrid_linear",
+       "hybrid_linear_decode")
 
 
 def _cuda_skip_reason(op: str) -> str | None:
@@ -260,6 +262,89 @@ def test_compress_24_non_contiguous_and_bit_15():
 
 
 # --------------------------------------------------------------------------------------------
+# the decode kernels: v1 (canonical format) and v2 (prepared layout) for 1-16 rows
+
+DECODE_SHAPES = [(37, 72), (100, 36), (16, 4), (129, 1000), (300, 4100)]
+HALF_DTYPES = [torch.float16, torch.bfloat16]
+
+
+def _layout(hw, target_tasks):
+    return decode_layout.prepare_decode_layout(hw.packed_tensors(), hw.out_features,
+                                               hw.in_features, hw.topk, target_tasks)
+
+
+@needs_cuda("hybrid_linear", "hybrid_linear_decode")
+@pytest.mark.parametrize("version", decode_layout.VERSIONS)
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("shape", DECODE_SHAPES)
+@pytest.mark.parametrize("rows", [1, 5, 8, 9, 16])
+def test_decode_kernels_match_reference(monkeypatch, version, dtype, shape, rows):
+    monkeypatch.setenv(decode_layout.ENV_VAR, version)
+    hw, masked = random_hybrid(*shape, dtype, seed=rows)
+    hw = hw.to("cuda")
+    bias = torch.randn(shape[0]).to(dtype).cuda()
+    _check_linear(hw, masked, _random_x(rows, shape[1], dtype), bias)
+    assert (hw.decode_cache._layout is not None) == (version == "v2")
+
+
+@needs_cuda("hybrid_linear_decode")
+@pytest.mark.parametrize("mix", [(1, 0, 0), (0, 1, 0), (0, 0, 1), (0.35, 0.45, 0.20)])
+@pytest.mark.parametrize("topk", [1, 15, 64])
+def test_decode_kernel_tier_mixes_and_k(mix, topk):
+    hw, masked = random_hybrid(64, 2048, torch.float16, topk=topk, ratios=mix)
+    _check_linear(hw.to("cuda"), masked, _random_x(3, 2048, torch.float16))
+
+
+@needs_cuda("hybrid_linear_decode")
+@pytest.mark.parametrize("target_tasks", [1, 7, 64, 10_000])
+def test_decode_split_k_is_deterministic_and_resets_its_counters(target_tasks):
+    """Many segments per block-row (the last task of a row sums the partials) and one task per
+    row (direct store): same bits on every call, counters back to zero."""
+    hw, masked = random_hybrid(100, 4096, torch.float16, seed=5)
+    layout = _layout(hw.to("cuda"), target_tasks)
+    x = _random_x(7, 4096, torch.float16)
+    op = torch.ops.sparse_kernels.hybrid_linear_decode
+    first = op(x, *layout.tensors(), 100, 15, None)
+    for _ in range(3):
+        assert torch.equal(op(x, *layout.tensors(), 100, 15, None), first)
+    assert int(layout.counters.abs().sum()) == 0
+    torch.testing.assert_close(first.cpu(), _expected(x, masked, None),
+                               **TOLERANCE[torch.float16])
+
+
+@needs_cuda("hybrid_linear_decode")
+def test_module_keeps_its_layout_until_the_weight_changes():
+    hw, masked = random_hybrid(48, 256, torch.float16)
+    module = sk.HybridSparseLinear.from_weight(hw, torch.zeros(48).half()).cuda()
+    x = _random_x(2, 256, torch.float16)
+    module(x)
+    layout = module._decode_cache._layout
+    assert layout is not None and layout.stream.is_cuda
+    module(x)
+    assert module._decode_cache._layout is layout
+    module.dense_vals.mul_(2)
+    got = module(x)
+    assert module._decode_cache._layout is not layout
+    want = sk.hybrid_linear(x, module.hybrid_weight, module.bias, backend="torch")
+    torch.testing.assert_close(got, want, **TOLERANCE[torch.float16])
+
+
+@needs_cuda("hybrid_linear_decode")
+def test_decode_kernel_in_a_cuda_graph():
+    hw, masked = random_hybrid(256, 1024, torch.float16)
+    module = sk.HybridSparseLinear.from_weight(hw).cuda()
+    x = _random_x(1, 1024, torch.float16)
+    eager = module(x)  # prepares the layout outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = module(x)
+    for _ in range(3):
+        graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, eager)
+
+
+# --------------------------------------------------------------------------------------------
 # opcheck and the binding's argument checks
 
 
@@ -274,6 +359,11 @@ def _opcheck_args(op: str):
         return (w, 2, 4)
     if op == "compress_24":
         return (_random_24_blocks(3, 8, torch.float32, seed=9).cuda(),)
+    if op == "hybrid_linear_decode":
+        hw, _ = random_hybrid(37, 72, torch.float16)
+        layout = _layout(hw.to("cuda"), 9)
+        return (torch.randn(5, 72, generator=g).half().cuda(), *layout.tensors(), 37, 15,
+                torch.randn(37, generator=g).half().cuda())
     hw, _ = random_hybrid(37, 70)
     return (torch.randn(17, 70, generator=g).cuda(), *hw.to("cuda").packed_tensors(), 37,
             torch.randn(37, generator=g).cuda())
@@ -311,3 +401,16 @@ def test_binding_rejects_bad_arguments():
         ops.hybrid_linear(x, *packed, 40, None)
     with pytest.raises(RuntimeError, match=r"bias must be \[20\]"):
         ops.hybrid_linear(x, *packed, 20, torch.randn(20).cuda().half())
+    hw, _ = random_hybrid(20, 32, torch.float16)
+    layout = list(_layout(hw.to("cuda"), 4).tensors())
+    xh = torch.randn(2, 32).half().cuda()
+    with pytest.raises(RuntimeError, match="M <= 16"):
+        ops.hybrid_linear_decode(torch.randn(17, 32).half().cuda(), *layout, 20, 15, None)
+    with pytest.raises(RuntimeError, match="float16 or bfloat16"):
+        ops.hybrid_linear_decode(xh.float(), *layout, 20, 15, None)
+    with pytest.raises(RuntimeError, match="tasks must be int32"):
+        ops.hybrid_linear_decode(xh, layout[0], layout[1].long(), *layout[2:], 20, 15, None)
+    with pytest.raises(RuntimeError, match=r"counters must be int32 \[ceil\(out/16\)\] = \[3\]"):
+        ops.hybrid_linear_decode(xh, *layout, 40, 15, None)
+    with pytest.raises(RuntimeError, match="counters is on cpu"):
+        ops.hybrid_linear_decode(xh, *layout[:3], layout[3].cpu(), 20, 15, None)
