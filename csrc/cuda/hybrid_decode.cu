@@ -21,6 +21,8 @@
 #include "cuda/mma_layout.cuh"
 #include "cuda/mma_ops.cuh"
 
+#include <algorithm>
+#include <atomic>
 #include <type_traits>
 
 namespace sparse_kernels_cuda {
@@ -232,15 +234,43 @@ hybrid_decode_kernel(const DecodeArgs<T> p) {
   finish_task<T, NT>(p, task, task_id, lane, walker.acc);
 }
 
+constexpr size_t kSharedPerCta = size_t{kWarpsPerCta} * kRingBytes;
+
+// Ask once per kernel and device for the shared-memory carveout of kCtasPerSm CTAs (plus the 1 KB
+// per CTA the system keeps) and no more: the rest of the SM's 256 KB stays L1, which serves the
+// x loads.
+template <typename T, int NT>
+cudaError_t prefer_carveout() {
+  static std::atomic<uint64_t> configured{0};  // one bit per device index
+  int dev = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err != cudaSuccess) return err;
+  const uint64_t bit = dev < 64 ? uint64_t{1} << dev : 0;
+  if (bit && (configured.load() & bit)) return cudaSuccess;
+  int max_shared = 0;
+  err = cudaDeviceGetAttribute(&max_shared, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev);
+  if (err != cudaSuccess || max_shared <= 0) return err;
+  const size_t needed = sk_decode::kCtasPerSm * (kSharedPerCta + 1024);
+  const int percent = static_cast<int>(std::min<size_t>(100, (needed * 100 + max_shared - 1) /
+                                                                 static_cast<size_t>(max_shared)));
+  err = cudaFuncSetAttribute(hybrid_decode_kernel<T, NT>,
+                             cudaFuncAttributePreferredSharedMemoryCarveout, percent);
+  if (err == cudaSuccess) configured.fetch_or(bit);
+  return err;
+}
+
+template <typename T, int NT>
+cudaError_t launch_tile(const DecodeArgs<T>& args, cudaStream_t stream) {
+  if (const cudaError_t err = prefer_carveout<T, NT>(); err != cudaSuccess) return err;
+  const unsigned ctas = static_cast<unsigned>((args.n_tasks + kWarpsPerCta - 1) / kWarpsPerCta);
+  hybrid_decode_kernel<T, NT><<<ctas, kWarpsPerCta * 32, kSharedPerCta, stream>>>(args);
+  return cudaGetLastError();
+}
+
 template <typename T>
 cudaError_t launch_typed(const DecodeArgs<T>& args, cudaStream_t stream) {
-  const unsigned ctas = static_cast<unsigned>((args.n_tasks + kWarpsPerCta - 1) / kWarpsPerCta);
-  const size_t shared = size_t{kWarpsPerCta} * kRingBytes;
-  if (args.rows <= kTokensPerTile)
-    hybrid_decode_kernel<T, 1><<<ctas, kWarpsPerCta * 32, shared, stream>>>(args);
-  else
-    hybrid_decode_kernel<T, 2><<<ctas, kWarpsPerCta * 32, shared, stream>>>(args);
-  return cudaGetLastError();
+  return args.rows <= kTokensPerTile ? launch_tile<T, 1>(args, stream)
+                                     : launch_tile<T, 2>(args, stream);
 }
 
 }  // namespace
