@@ -8,12 +8,20 @@ prompt are compared (relative tolerance by dtype). Timed: prefill of ``--prompt`
 ``generate`` (greedy, KV cache, exactly ``--new-tokens`` tokens) at each batch size; tokens/s =
 batch x new tokens / seconds (median of ``--repeats``), the ratio measured side by side.
 
+Eager ``generate`` on a GPU is bound by the host (Python and kernel launches take longer than a
+7B model's kernels at batch 1), so on CUDA each batch also gets a ``decode-step`` record: one
+greedy step with a static KV cache captured in a CUDA graph (the same for both sides), its
+logits checked against the eager step, then ``--graph-steps`` replays timed with CUDA events:
+the models' own time per token. (``--graph-steps`` on the CPU times the eager step instead:
+plumbing only.)
+
   python benchmarks/bench_model.py                         # ~1B shape on the CPU (fp32)
   python benchmarks/bench_model.py --shape llama2-7b --device cuda --batches 1,8,32
   python benchmarks/bench_model.py --shape tiny --batches 1 --new-tokens 4   # seconds
 """
 import argparse
 import copy
+import inspect
 import os
 import statistics
 import sys
@@ -83,11 +91,81 @@ def timed(fn, device, repeats: int) -> float:
     return statistics.median(samples)
 
 
+def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    got, expected = got.float(), expected.float()
+    return float((got - expected).abs().max() / expected.abs().max().clamp_min(1e-30))
+
+
+@torch.no_grad()
+def decode_step_ms(model, ids: torch.Tensor, steps: int) -> tuple[float, float, str]:
+    """Milliseconds of one greedy decode step after the prompt ``ids`` [batch, tokens] with a
+    static KV cache: replayed from a CUDA graph on a GPU, eager on the CPU. Returns (ms, relative
+    error of the step's logits - eager, and replayed from the graph - against the last logits of
+    a full forward of the prompt and the step's token, mode)."""
+    from transformers import StaticCache
+
+    device = ids.device
+    prompt_len = ids.shape[1]
+    cache = StaticCache(config=model.config, max_cache_len=prompt_len + 8)
+    # transformers renamed past_key_values to cache; older versions place the step by
+    # cache_position, newer ones by a counter on the device that each step advances.
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    model(ids, use_cache=True, cache_position=torch.arange(prompt_len, device=device),
+          **{name: cache})
+    counters = [layer.cumulative_length for layer in getattr(cache, "layers", ())
+                if isinstance(getattr(layer, "cumulative_length", None), torch.Tensor)]
+    step_ids = ids[:, -1:].clone()
+    position = torch.tensor([prompt_len], device=device)
+
+    def step():  # always the token after the prompt: a replayed graph stays in the cache
+        for counter in counters:
+            counter.fill_(prompt_len)
+        return model(step_ids, use_cache=True, cache_position=position, **{name: cache}).logits
+
+    expected = model(torch.cat([ids, step_ids], dim=1)).logits[:, -1:]
+    error = relative_error(step(), expected)
+    if device.type != "cuda":
+        return 1e3 * timed(step, device, steps), error, "eager"
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):  # warm-up off the capture stream, as torch's docs ask
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    graph.replay()
+    error = max(error, relative_error(captured, expected))
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    graph.replay()
+    start.record()
+    for _ in range(steps):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize(device)
+    return start.elapsed_time(end) / steps, error, "cuda-graph"
+
+
 def logits_error(dense, hybrid, ids) -> float:
     with torch.no_grad():
-        expected = dense(ids).logits.float()
-        got = hybrid(ids).logits.float()
-    return float((got - expected).abs().max() / expected.abs().max().clamp_min(1e-30))
+        return relative_error(hybrid(ids).logits, dense(ids).logits)
+
+
+def step_record(dense, hybrid, ids, batch: int, steps: int) -> dict:
+    """The ``decode-step`` record of one batch size: both models' step times, side by side."""
+    rec = dict(phase="decode-step", batch=batch, tokens=1)
+    try:
+        d_ms, d_err, mode = decode_step_ms(dense, ids, steps)
+        h_ms, h_err, _ = decode_step_ms(hybrid, ids, steps)
+    except Exception as exc:  # e.g. a model whose step cannot be captured: say so, go on
+        return dict(rec, error=f"{type(exc).__name__}: {exc}", dense_tokens_per_s=0.0,
+                    hybrid_tokens_per_s=0.0, speedup=0.0)
+    return dict(rec, mode=mode, dense_ms=significant(d_ms), hybrid_ms=significant(h_ms),
+                step_logits_error=significant(max(d_err, h_err)),
+                dense_tokens_per_s=significant(1e3 * batch / d_ms),
+                hybrid_tokens_per_s=significant(1e3 * batch / h_ms),
+                speedup=significant(d_ms / h_ms))
 
 
 def main(argv=None):
@@ -103,12 +181,17 @@ def main(argv=None):
     p.add_argument("--prompt", type=int, default=128, help="prompt tokens (prefill)")
     p.add_argument("--new-tokens", type=int, default=32, help="greedy tokens generated")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--graph-steps", type=int, default=None,
+                   help="decode steps replayed from a CUDA graph per batch (default 100 on cuda, "
+                        "0 = none on cpu)")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/...)")
     p.add_argument("--jsonl", default=None, help="also append each record as it is measured")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
     batches = [int(b) for b in args.batches.split(",")]
+    graph_steps = args.graph_steps if args.graph_steps is not None else (
+        100 if device.type == "cuda" else 0)
 
     dense = build_model(args.shape, dtype, device)
     maps = prune_randomly(dense, TIER_MIXES[args.mix], args.topk)
@@ -153,6 +236,8 @@ def main(argv=None):
                                           pad_token_id=0)
             keep(dict(phase="decode", batch=batch, tokens=args.new_tokens,
                       **rates(generate, batch * args.new_tokens)))
+            if graph_steps:
+                keep(step_record(dense, hybrid, ids, batch, graph_steps))
     path = args.out or results_path(device, prefix=f"model-{args.shape}-")
     write_results(path, device, records, shape=args.shape, dims=SHAPES[args.shape],
                   dtype=str(dtype).removeprefix("torch."), mix=args.mix,

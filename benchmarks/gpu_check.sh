@@ -34,7 +34,7 @@ status=0
 if [ "$DRY" = 1 ]; then
   DEV=cpu; NATIVE=cpu; DTYPE=float32; SHAPES=64x48,40x200; BIG=96x64
   DECODE=1,4; PREFILL=64,16; SMOKE_BATCHES=1,3; ITERS=2; KERNEL_SHAPE=64x96
-  MODEL=(--shape tiny --batches 1,2 --new-tokens 4 --prompt 32 --repeats 1)
+  MODEL=(--shape tiny --batches 1,2 --new-tokens 4 --prompt 32 --repeats 1 --graph-steps 2)
   export TRITON_INTERPRET=1   # Triton steps run interpreted: plumbing, not speed
 else
   DEV=cuda; NATIVE=cuda; DTYPE=float16; SHAPES=4096x4096,11008x4096,4096x11008

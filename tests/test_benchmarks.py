@@ -215,8 +215,9 @@ def test_gpu_script_dry_run_leaves_every_record_file(tmp_path):
     assert {r["mix"] for r in linear} == {"hybrid", "all-dense"}
     assert all(r["output_ok"] and r["speedup"] > 0 for r in linear)
     model = [json.loads(line) for line in (out / "model.jsonl").read_text().splitlines()]
-    assert [(r["phase"], r["batch"]) for r in model] == [("prefill", 1), ("decode", 1),
-                                                         ("decode", 2)]
+    assert [(r["phase"], r["batch"]) for r in model] == [
+        ("prefill", 1), ("decode", 1), ("decode-step", 1), ("decode", 2), ("decode-step", 2)]
+    assert all("error" not in r and r["speedup"] > 0 for r in model)
     kernels = [json.loads(line) for line in (out / "prune-kernels.jsonl").read_text().splitlines()]
     assert {r["backend"] for r in kernels} == {"cpu", "triton"}
 
@@ -250,6 +251,16 @@ def test_bench_model_checks_logits_then_times_both_sides(tmp_path):
     for r in payload["records"]:
         assert r["speedup"] == pytest.approx(r["hybrid_tokens_per_s"] / r["dense_tokens_per_s"],
                                              rel=1e-2)
+
+
+def test_decode_step_with_a_static_cache_is_the_next_token_of_the_prompt():
+    import bench_model
+
+    model = bench_model.build_model("tiny", torch.float32, torch.device("cpu"))
+    ids = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
+    ms, error, mode = bench_model.decode_step_ms(model, ids, steps=2)
+    assert mode == "eager" and ms > 0
+    assert error < 1e-5  # the step's logits = the full forward's last logits
 
 
 def test_bench_structured_compares_importances_speed_and_composition(tmp_path):
