@@ -36,7 +36,9 @@ from .reference import block_ids, decompress_24
 BLOCK = 16
 CHUNK_BYTES = 512
 MAX_TOKENS = 16           # rows of x the decode kernel takes (sk_decode::kMaxTokens)
-WARPS_PER_SM = 4 * 8      # kWarpsPerCta * kCtasPerSm of decode_layout.cuh: one wave of tasks
+WARPS_PER_CTA, CTAS_PER_SM = 4, 8     # what the kernel is built for (decode_layout.cuh)
+SHARED_PER_CTA = WARPS_PER_CTA * (8 * 512 + 512) + 1024  # rings + top-K tiles + system reserve
+MAX_TOPK = 170            # K whose top-K image fits in one 512-byte chunk (sk_decode::kMaxTopk)
 CODES_PER_WORD = 16
 DENSE_BYTES, S24_BYTES = 512, 288
 TASK_FIELDS = ("stream16", "length16", "first_col", "n_blocks", "block_row", "code_word",
@@ -89,7 +91,8 @@ def decode_version() -> str:
     return version
 
 
-def unsupported_reason(dtype: torch.dtype, block_size: int, in_features: int) -> str | None:
+def unsupported_reason(dtype: torch.dtype, block_size: int, in_features: int,
+                       topk: int) -> str | None:
     """Why a weight cannot have a decode layout, or None when it can."""
     if dtype not in (torch.float16, torch.bfloat16):
         return f"the decode kernel runs fp16 / bf16 on tensor cores, got {dtype}"
@@ -97,12 +100,20 @@ def unsupported_reason(dtype: torch.dtype, block_size: int, in_features: int) ->
         return f"the decode kernel needs block_size {BLOCK}, got {block_size}"
     if in_features % 4:
         return f"the decode kernel loads x 4 columns at a time: in_features {in_features} % 4 != 0"
+    if topk > MAX_TOPK:
+        return (f"the decode kernel streams blocks of at most 512 bytes: top-K images need "
+                f"K <= {MAX_TOPK}, got {topk}")
     return None
 
 
 def default_target_tasks(device: torch.device) -> int:
-    """Tasks for one wave of the decode kernel on ``device`` (a CUDA device)."""
-    return torch.cuda.get_device_properties(device).multi_processor_count * WARPS_PER_SM
+    """Tasks for one wave of the decode kernel on ``device`` (a CUDA device): its SMs times the
+    warps that fit on one (8 CTAs of 4 warps, fewer where shared memory is smaller than
+    8 x ``SHARED_PER_CTA``, as on sm_86 / sm_89)."""
+    props = torch.cuda.get_device_properties(device)
+    shared = getattr(props, "shared_memory_per_multiprocessor", 0) or 8 * SHARED_PER_CTA
+    ctas = max(1, min(CTAS_PER_SM, shared // SHARED_PER_CTA))
+    return props.multi_processor_count * ctas * WARPS_PER_CTA
 
 
 @dataclass
@@ -138,7 +149,7 @@ def prepare_decode_layout(packed: tuple[torch.Tensor, ...], out_features: int,
     device, with about ``target_tasks`` byte-balanced tasks (at least one per block-row)."""
     (dense_rowptr, dense_cols, dense_vals, s24_rowptr, s24_cols, s24_vals, s24_meta,
      topk_rowptr, topk_cols, topk_vals, topk_pos) = packed
-    reason = unsupported_reason(dense_vals.dtype, dense_vals.shape[1], in_features)
+    reason = unsupported_reason(dense_vals.dtype, dense_vals.shape[1], in_features, topk)
     if reason is not None:
         raise ValueError(reason)
     if target_tasks < 1:
@@ -174,8 +185,7 @@ def prepare_decode_layout(packed: tuple[torch.Tensor, ...], out_features: int,
     # Byte-balanced segments of each block-row: segment = share of the row's bytes before it.
     row_sizes = sizes.view(nbr, nbc)
     row_bytes = row_sizes.sum(1)
-    per_task = float(sizes.sum()) / target_tasks
-    splits = (row_bytes.double() / per_task).floor().long().clamp(1, nbc)
+    splits = _segments_per_row(row_bytes, nbc, target_tasks)
     before = torch.cumsum(row_sizes, 1) - row_sizes
     segment = before * splits[:, None] // row_bytes[:, None]
     key = (torch.arange(nbr, device=device)[:, None] * (nbc + 1) + segment).reshape(-1)
@@ -201,6 +211,24 @@ def prepare_decode_layout(packed: tuple[torch.Tensor, ...], out_features: int,
         tiers << (2 * (index % CODES_PER_WORD)))
     return DecodeLayout(out_features, in_features, topk, stream, tasks.contiguous(),
                         _as_int32(codes), torch.zeros(nbr, dtype=torch.int32, device=device))
+
+
+def _segments_per_row(row_bytes: torch.Tensor, nbc: int, target_tasks: int) -> torch.Tensor:
+    """Segments of each row, ``ceil(row bytes / cap)`` (at most one per block), for the smallest
+    byte cap that keeps the tasks within ``target_tasks`` (at least one per row): every task
+    carries at most ``cap`` bytes plus one block."""
+    rows = row_bytes.double()
+
+    def count(cap):
+        return (rows / cap).ceil().clamp(1, nbc)
+
+    lo, hi = float(rows.sum()) / target_tasks, float(rows.max())
+    if count(lo).sum() <= target_tasks:
+        return count(lo).long()
+    for _ in range(40):  # bisection on the cap: the task count only falls as the cap grows
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if count(mid).sum() <= target_tasks else (mid, hi)
+    return count(hi).long()
 
 
 def layout_to_dense(stream: torch.Tensor, tasks: torch.Tensor, codes: torch.Tensor,

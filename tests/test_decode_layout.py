@@ -60,6 +60,7 @@ CASES = [  # out, in, mix, K, dtype, target tasks
     (24, 1024, "top-K", 5, torch.float16, 4),
     (16, 300, "random", 64, torch.float16, 2),
     (18, 96, "random", 1, torch.bfloat16, 1000),
+    (20, 320, "random", 170, torch.float16, 6),
 ]
 
 
@@ -96,6 +97,23 @@ def test_tasks_tile_every_block_row(out_f, in_f, mix, k, dtype, target):
     words = (t["n_blocks"] + 15) // 16
     assert torch.equal(t["code_word"], torch.cumsum(words, 0) - words)
     assert len(t["block_row"]) <= max(target, nbr)  # never more than one wave (or one per row)
+    # Within a row, cut at equal shares of its bytes: at most one block's bytes off the share.
+    row_bytes = torch.zeros(nbr, dtype=torch.long).index_add_(0, t["block_row"],
+                                                               t["length16"] * 16)
+    share = row_bytes[t["block_row"]] / t["n_segments"]
+    assert ((t["length16"] * 16 - share).abs() <= dl.DENSE_BYTES).all()
+
+
+def test_rows_with_more_bytes_get_more_segments():
+    """Segments follow bytes across rows too: a dense row is cut into more tasks than a top-K
+    row, so no task carries much more than total / target."""
+    tiers = torch.stack([torch.zeros(64), torch.full((64,), 2)]).to(torch.int8)
+    masked = apply_tier_map(torch.randn(32, 64 * B), tiers, 15).half()
+    layout = prepare(sk.HybridWeight.from_dense(masked, tiers, 15), 12)
+    t = dict(zip(dl.TASK_FIELDS, layout.tasks.long().T))
+    dense_row, topk_row = (t["n_segments"][t["block_row"] == r][0] for r in (0, 1))
+    assert dense_row >= 8 * topk_row and len(t["n_segments"]) <= 12
+    assert int(t["length16"].max()) * 16 <= 1.5 * layout.stream.numel() / 12 + dl.DENSE_BYTES
 
 
 def test_segments_are_balanced_by_bytes_not_blocks():
@@ -129,6 +147,9 @@ def test_unsupported_weights_name_the_reason():
     masked, packed = make_weight(16, 62, "default", 15, torch.float16)
     with pytest.raises(ValueError, match="in_features 62 % 4"):
         prepare(packed, 4)
+    _, packed = make_weight(16, 64, "top-K", 171, torch.float16)
+    with pytest.raises(ValueError, match="K <= 170, got 171"):
+        prepare(packed, 4)
     _, packed = make_weight(16, 64, "default", 15, torch.float16)
     with pytest.raises(ValueError, match="target_tasks"):
         prepare(packed, 0)
@@ -148,7 +169,11 @@ def test_constants_match_the_kernel_header():
     text = open(os.path.join(ROOT, "csrc", "cuda", "decode_layout.cuh")).read()
     const = {m.group(1): int(m.group(2))
              for m in re.finditer(r"constexpr int (k\w+) = (\d+);", text)}
-    assert const["kWarpsPerCta"] * const["kCtasPerSm"] == dl.WARPS_PER_SM
+    assert (const["kWarpsPerCta"], const["kCtasPerSm"]) == (dl.WARPS_PER_CTA, dl.CTAS_PER_SM)
+    ring = const["kChunkBytes"] * const["kRingChunks"]
+    assert dl.SHARED_PER_CTA == const["kWarpsPerCta"] * (ring + const["kTileBytes"]) + 1024
+    assert const["kMaxTopk"] == dl.MAX_TOPK and dl.topk_nbytes(dl.MAX_TOPK) <= dl.CHUNK_BYTES
+    assert dl.topk_nbytes(dl.MAX_TOPK + 1) > dl.CHUNK_BYTES
     assert const["kChunkBytes"] == dl.CHUNK_BYTES and const["kMaxTokens"] == dl.MAX_TOKENS
     assert const["kDenseBytes"] == dl.DENSE_BYTES and const["kCodesPerWord"] == dl.CODES_PER_WORD
 
@@ -251,6 +276,8 @@ REPLAY_CASES = [  # out, in, mix, K, dtype, target tasks, tokens
     (24, 1024, "top-K", 64, torch.float16, 4, 9),
     (33, 260, "dense", 15, torch.bfloat16, 9, 2),
     (20, 500, "2:4", 15, torch.float16, 30, 8),
+    (40, 2000, "random", 170, torch.bfloat16, 11, 5),  # 512-byte top-K images
+    (32, 1600, "top-K", 100, torch.float16, 5, 1),
 ]
 
 

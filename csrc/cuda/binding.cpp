@@ -329,8 +329,8 @@ at::Tensor hybrid_linear_decode(const at::Tensor& x_in, const at::Tensor& stream
                   counters.size(0) == nbr,
               "hybrid_linear_decode: counters must be int32 [ceil(out/16)] = [", nbr, "], got ",
               counters.scalar_type(), " ", counters.sizes());
-  TORCH_CHECK(topk >= 1 && topk <= 256, "hybrid_linear_decode: topk must be in 1..256, got ",
-              topk);
+  TORCH_CHECK(topk >= 1 && topk <= 170, "hybrid_linear_decode: topk must be in 1..170 (a "
+              "top-K image fits in one 512-byte chunk), got ", topk);
   const c10::cuda::CUDAGuard guard(x_in.device());
   at::Tensor bias;
   if (bias_in) {

@@ -17,7 +17,10 @@
 //          element order of s24_element), then 8 ready metadata registers (meta[g] | meta[g+8]
 //          << 16) at 256 + 4*g.
 //   top-K  round_up(3K, 16) B: K values, then K slot bytes, slot = 8 * lane + element, element e
-//          = half e%2 of A register e/2 of that lane (the dense A order); padding after.
+//          = half e%2 of A register e/2 of that lane (the dense A order); padding after. The
+//          lanes scatter the values into a zeroed 512-byte tile per warp at 2 * slot and then
+//          load it as a dense image (a few instructions per lane, where picking them out of the K
+//          pairs with selects costs about 20 per pair per lane).
 //
 // The walk. Each warp streams its task through its own ring of kRingChunks chunks of 512 bytes in
 // shared memory (one 16-byte cp.async per lane per chunk, kRingChunks - 1 chunks in flight). At
@@ -51,10 +54,16 @@ constexpr int kTierDense = 0, kTierS24 = 1, kTierTopk = 2;
 constexpr int kDenseBytes = 512;
 constexpr int kS24ValueBytes = 256;
 constexpr int kS24Bytes = kS24ValueBytes + 8 * 4;
+constexpr int kMaxTopk = 170;                        // K whose image fits in one chunk
+constexpr int kTileBytes = 512;                      // per warp, for top-K blocks
+
+SK_HD constexpr int topk_bytes(int k) { return (3 * k + 15) / 16 * 16; }
 
 static_assert((kRingChunks & (kRingChunks - 1)) == 0, "ring offsets are masked");
-static_assert(kDenseBytes <= kChunkBytes && kS24Bytes <= kChunkBytes,
-              "a block must span at most two chunks");
+static_assert(kDenseBytes <= kChunkBytes && kS24Bytes <= kChunkBytes &&
+                  topk_bytes(kMaxTopk) <= kChunkBytes,
+              "a block must span at most two chunks: the walk refills a chunk's slot once the "
+              "blocks that end in the next chunk are done");
 
 // One task: 8 int32 (the tasks tensor is [n_tasks, 8] in this order).
 struct Task {
@@ -69,7 +78,6 @@ struct Task {
 };
 static_assert(sizeof(Task) == 32, "tasks are read as two 16-byte words");
 
-SK_HD int topk_bytes(int k) { return (3 * k + 15) / 16 * 16; }
 SK_HD int tier_bytes(int tier, int k) {
   return tier == kTierDense ? kDenseBytes : tier == kTierS24 ? kS24Bytes : topk_bytes(k);
 }
@@ -97,10 +105,6 @@ SK_HD int dense_element(int lane, int e) {
 SK_HD int s24_element(int lane, int e) {
   return sk_mma::s24_a_offset(lane, e >> 1) + (e & 1);
 }
-SK_HD int slot_lane(uint32_t slot) { return static_cast<int>(slot >> 3); }
-SK_HD int slot_register(uint32_t slot) { return static_cast<int>((slot >> 1) & 3u); }
-SK_HD int slot_shift(uint32_t slot) { return 16 * static_cast<int>(slot & 1u); }
-
 // ---- x: every lane loads, per block and n-tile, the run of 4 block columns of its token that a
 // dense B register pair needs (mma_layout.cuh: token g, columns 4t..4t+3). A 2:4 block's B
 // register r is word s24_b_source_word of the run of lane s24_b_source_lane(lane, r): columns
@@ -129,21 +133,23 @@ SK_HD void s24_registers(const Ring& ring, int offset, int lane, uint32_t (&a)[2
   meta = ring.load4(offset + s24_meta_offset(lane));
 }
 
-// Every lane reads all K slots (a broadcast) and keeps the values addressed to it, with selects
-// (no dynamic register index, no shared tile, no warp barrier).
-template <class Ring>
-SK_HD void topk_registers(const Ring& ring, int offset, int k, int lane, uint32_t (&a)[4]) {
-  a[0] = a[1] = a[2] = a[3] = 0u;
-  for (int s = 0; s < k; ++s) {
-    const uint32_t slot = ring.load1(offset + topk_slot_offset(k, s));
-    if (slot_lane(slot) != lane) continue;
-    const uint32_t v = ring.load2(offset + topk_value_offset(s)) << slot_shift(slot);
-    const int r = slot_register(slot);
-    a[0] |= r == 0 ? v : 0u;
-    a[1] |= r == 1 ? v : 0u;
-    a[2] |= r == 2 ? v : 0u;
-    a[3] |= r == 3 ? v : 0u;
-  }
+// Top-K in three phases with a warp barrier between them (the host replay runs each phase for
+// all 32 lanes before the next): zero the warp's tile, scatter the K values to their slots, load
+// the lane's 16 bytes as a dense block's. Tile provides store16 / store2 / load16 at byte offsets.
+template <class Tile>
+SK_HD void topk_zero(Tile& tile, int lane) {
+  tile.store16(dense_lane_offset(lane), Words4{0u, 0u, 0u, 0u});
+}
+template <class Ring, class Tile>
+SK_HD void topk_scatter(const Ring& ring, Tile& tile, int offset, int k, int lane) {
+  for (int s = lane; s < k; s += 32)
+    tile.store2(2 * static_cast<int>(ring.load1(offset + topk_slot_offset(k, s))),
+                ring.load2(offset + topk_value_offset(s)));
+}
+template <class Tile>
+SK_HD void topk_load(const Tile& tile, int lane, uint32_t (&a)[4]) {
+  const Words4 v = tile.load16(dense_lane_offset(lane));
+  a[0] = v.x; a[1] = v.y; a[2] = v.z; a[3] = v.w;
 }
 
 // ---- the walk over one task (see the top of this file). Warp provides copy_chunk(c), commit(),
@@ -176,6 +182,40 @@ SK_HD void walk_task(Warp& warp, const Task& task, int topk) {
     if (c + kRingChunks - 1 < chunks) warp.copy_chunk(c + kRingChunks - 1);
     warp.commit();
   }
+}
+
+// ---- the split-K reduction: a block-row's last task sums the fp32 partials [task][rows][16] of
+// the row's n_segments tasks, 4 floats per load. With few tokens `spread` lanes share one float4
+// of outputs (each takes every spread-th segment) and a butterfly of shuffles over those lanes
+// adds their sums; the lane with lane % spread == 0 stores. A fixed order: the same bits on
+// every call.
+constexpr int kReduceInFlight = 4;  // loads in flight per lane
+struct alignas(16) Floats4 { float x, y, z, w; };
+
+SK_HD int reduce_spread(int groups) {  // groups: float4s of one task's partials (4 * rows)
+  int spread = 1;
+  while (2 * spread * groups <= 32) spread *= 2;
+  return spread;
+}
+// The float4 this lane sums in the pass starting at float4 q0 (passes step by 32 / spread).
+SK_HD int reduce_group(int q0, int lane, int spread) { return q0 + lane / spread; }
+SK_HD bool reduce_stores(int lane, int spread) { return lane % spread == 0; }
+
+// Sum of float4 q over this lane's segments; Load(segment, q) returns a Floats4.
+template <class Load>
+SK_HD Floats4 lane_partial_sum(const Load& load, int q, int lane, int spread, int n_segments) {
+  Floats4 sum{0.f, 0.f, 0.f, 0.f};
+  for (int s0 = lane % spread; s0 < n_segments; s0 += spread * kReduceInFlight) {
+    Floats4 part[kReduceInFlight];
+    for (int j = 0; j < kReduceInFlight; ++j) {  // independent loads first, then the adds
+      const int seg = s0 + j * spread;
+      part[j] = seg < n_segments ? load(seg, q) : Floats4{0.f, 0.f, 0.f, 0.f};
+    }
+    for (int j = 0; j < kReduceInFlight; ++j) {
+      sum.x += part[j].x; sum.y += part[j].y; sum.z += part[j].z; sum.w += part[j].w;
+    }
+  }
+  return sum;
 }
 
 }  // namespace sk_decode

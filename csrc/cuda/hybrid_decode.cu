@@ -8,14 +8,15 @@
 //  * The walk (sk_decode::walk_task, shared with the host replay in tests/) copies the task's
 //    stream chunk by chunk with cp.async and multiplies each block as soon as its last byte has
 //    landed: dense -> one 16-byte shared load per lane + mma.sync; 2:4 -> one 8-byte load and the
-//    ready metadata word + mma.sp; top-K -> the lanes pick their values out of the K (value,
-//    slot) pairs with selects + mma.sync.
+//    ready metadata word + mma.sp; top-K -> the K values scattered into the warp's zeroed
+//    512-byte tile at their slots, then loaded as a dense block + mma.sync.
 //  * x: each lane loads, two blocks ahead, the 4-column run of its token a dense B register pair
 //    needs (through L1: x is read by every task of its columns); a 2:4 block's B registers are
 //    shuffled out of the same runs.
 //  * Split K in the same launch: a block-row with one task stores y directly; otherwise each
 //    task stores fp32 partials, and the row's last task (counted by an atomic per block-row)
-//    sums them in segment order (deterministic), adds bias, stores y and resets the counter.
+//    sums them in segment order (deterministic), adds bias and stores y; atomicInc wraps the
+//    counter back to zero for the next call.
 #include "cuda/decode_layout.cuh"
 #include "cuda/launch.h"
 #include "cuda/mma_layout.cuh"
@@ -73,6 +74,20 @@ struct SharedRing {
   __device__ uint32_t load1(int off) const { return base[sk_decode::ring_offset(off)]; }
 };
 
+// The warp's top-K tile seen by sk_decode's top-K phases.
+struct SharedTile {
+  uint8_t* base;
+  __device__ void store16(int off, sk_decode::Words4 v) {
+    *reinterpret_cast<sk_decode::Words4*>(base + off) = v;
+  }
+  __device__ void store2(int off, uint32_t v) {
+    *reinterpret_cast<uint16_t*>(base + off) = static_cast<uint16_t>(v);
+  }
+  __device__ sk_decode::Words4 load16(int off) const {
+    return *reinterpret_cast<const sk_decode::Words4*>(base + off);
+  }
+};
+
 // One warp working on one task: what sk_decode::walk_task calls.
 template <typename T, int NT>
 struct DecodeWarp {
@@ -81,6 +96,7 @@ struct DecodeWarp {
   const DecodeArgs<T>& p;
   const Task& task;
   uint8_t* ring;
+  uint8_t* tile;          // kTileBytes for top-K blocks
   const uint8_t* stream;  // the task's first byte
   int lane;
   int length;             // bytes of the task's stream
@@ -89,9 +105,11 @@ struct DecodeWarp {
   uint2 x_runs[kAhead][NT];
   float acc[NT][4] = {};
 
-  __device__ DecodeWarp(const DecodeArgs<T>& args, const Task& t, uint8_t* warp_ring, int l)
-      : p(args), task(t), ring(warp_ring),
+  __device__ DecodeWarp(const DecodeArgs<T>& args, const Task& t, uint8_t* warp_ring,
+                        uint8_t* warp_tile, int l)
+      : p(args), task(t), ring(warp_ring), tile(warp_tile),
         stream(args.stream + int64_t{t.stream16} * 16), lane(l), length(t.length16 * 16) {
+    load_codes(0);  // with the first x runs, before the first chunk is waited for
 #pragma unroll
     for (int a = 0; a < kAhead; ++a)
 #pragma unroll
@@ -103,23 +121,27 @@ struct DecodeWarp {
     if (off >= length) return;
     const unsigned dst = static_cast<unsigned>(
         __cvta_generic_to_shared(ring + sk_decode::ring_offset(off)));
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(stream + off));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(stream + off)
+                 : "memory");
   }
-  __device__ void commit() { asm volatile("cp.async.commit_group;\n" ::); }
+  __device__ void commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
   __device__ void wait_oldest() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(kRingChunks - 2));
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(kRingChunks - 2) : "memory");
     __syncwarp();  // the other lanes' copies are visible too
   }
   __device__ void release() { __syncwarp(); }
 
+  // The lanes load the window's 32 code words, one each (warp-uniform).
+  __device__ void load_codes(int window) {
+    code_window = window;
+    const int word = window * 32 + lane;
+    codes = word * sk_decode::kCodesPerWord < task.n_blocks ? __ldg(p.codes + task.code_word + word)
+                                                             : 0u;
+  }
+
   __device__ int tier(int block) {
     const int window = block / sk_decode::kCodeWindow;
-    if (window != code_window) {  // warp-uniform: the lanes load the window's 32 words
-      code_window = window;
-      const int word = window * 32 + lane;
-      codes = word * sk_decode::kCodesPerWord < task.n_blocks ? p.codes[task.code_word + word]
-                                                               : 0u;
-    }
+    if (window != code_window) load_codes(window);
     const int word = (block / sk_decode::kCodesPerWord) % 32;
     return sk_decode::tier_of(__shfl_sync(kFullMask, codes, word), block);
   }
@@ -153,10 +175,17 @@ struct DecodeWarp {
       }
     } else {
       uint32_t a[4];
-      if (tier == sk_decode::kTierDense)
+      if (tier == sk_decode::kTierDense) {
         sk_decode::dense_registers(r, offset, lane, a);
-      else
-        sk_decode::topk_registers(r, offset, p.topk, lane, a);
+      } else {
+        SharedTile t{tile};
+        __syncwarp();  // every lane has loaded the previous top-K block from the tile
+        sk_decode::topk_zero(t, lane);
+        __syncwarp();
+        sk_decode::topk_scatter(r, t, offset, p.topk, lane);
+        __syncwarp();
+        sk_decode::topk_load(t, lane, a);
+      }
 #pragma unroll
       for (int n = 0; n < NT; ++n) mma_dense<T>(acc[n], a, x_runs[0][n]);
     }
@@ -200,28 +229,53 @@ __device__ void finish_task(const DecodeArgs<T>& p, const Task& task, int task_i
       const int64_t t = n * kTokensPerTile + sk_mma::acc_token(lane, i);
       if (t < p.rows) mine[t * kBlock + sk_mma::acc_row(lane, i)] = acc[n][i];
     }
-  __threadfence();  // the partials are visible before the count says so
+  // The "last task reduces" handshake: the warp's stores before lane 0's release fence and
+  // count; the last task's acquire fence before any lane reads the row's partials.
   __syncwarp();
   unsigned last = 0;
-  if (lane == 0)
-    last = atomicAdd(p.counters + task.block_row, 1u) == static_cast<unsigned>(task.n_segments - 1);
-  if (!__shfl_sync(kFullMask, last, 0)) return;
-  __threadfence();
-  const float* first = p.partials + int64_t{task_id - task.segment} * p.rows * kBlock;
-  for (int e = lane; e < p.rows * kBlock; e += 32) {
-    const int64_t o = row0 + e % kBlock;
-    if (o >= p.out) continue;
-    float sum = 0.f;
-    for (int s = 0; s < task.n_segments; ++s) sum += __ldcg(first + s * p.rows * kBlock + e);
-    store_y(p, e / kBlock, o, sum);
+  if (lane == 0) {
+    __threadfence();
+    const unsigned n = static_cast<unsigned>(task.n_segments);
+    last = atomicInc(p.counters + task.block_row, n - 1) == n - 1;  // wraps to 0 when last
+    if (last) __threadfence();
   }
-  if (lane == 0) atomicExch(p.counters + task.block_row, 0u);  // ready for the next call
+  if (!__shfl_sync(kFullMask, last, 0)) return;
+  __syncwarp();
+  // Sum the row's partials (the plan and its order: decode_layout.cuh, lane_partial_sum).
+  const int groups = static_cast<int>(p.rows) * kBlock / 4;
+  const int spread = sk_decode::reduce_spread(groups);
+  const int64_t stride = p.rows * kBlock;  // floats per task
+  const float4* first =
+      reinterpret_cast<const float4*>(p.partials + int64_t{task_id - task.segment} * stride);
+  const auto load = [&](int seg, int q) {
+    const float4 v = __ldcg(first + seg * stride / 4 + q);
+    return sk_decode::Floats4{v.x, v.y, v.z, v.w};
+  };
+  for (int q0 = 0; q0 < groups; q0 += 32 / spread) {  // warp-uniform
+    const int q = sk_decode::reduce_group(q0, lane, spread);
+    sk_decode::Floats4 sum{0.f, 0.f, 0.f, 0.f};
+    if (q < groups) sum = sk_decode::lane_partial_sum(load, q, lane, spread, task.n_segments);
+    for (int off = spread / 2; off > 0; off /= 2) {
+      sum.x += __shfl_xor_sync(kFullMask, sum.x, off);
+      sum.y += __shfl_xor_sync(kFullMask, sum.y, off);
+      sum.z += __shfl_xor_sync(kFullMask, sum.z, off);
+      sum.w += __shfl_xor_sync(kFullMask, sum.w, off);
+    }
+    if (q >= groups || !sk_decode::reduce_stores(lane, spread)) continue;
+    const int e = 4 * q;  // token e / 16, rows e % 16 .. + 3 of the block-row
+    const float sums[4] = {sum.x, sum.y, sum.z, sum.w};
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int64_t o = row0 + (e + j) % kBlock;
+      if (o < p.out) store_y(p, (e + j) / kBlock, o, sums[j]);
+    }
+  }
 }
 
 template <typename T, int NT>
 __global__ void __launch_bounds__(kWarpsPerCta * 32, sk_decode::kCtasPerSm)
 hybrid_decode_kernel(const DecodeArgs<T> p) {
-  extern __shared__ uint4 rings[];  // kWarpsPerCta rings of kRingBytes
+  extern __shared__ uint4 rings[];  // kWarpsPerCta rings of kRingBytes, then their top-K tiles
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int task_id = blockIdx.x * kWarpsPerCta + warp;
   if (task_id >= p.n_tasks) return;  // the warps of a CTA never wait for each other
@@ -229,12 +283,14 @@ hybrid_decode_kernel(const DecodeArgs<T> p) {
   const int4 w0 = __ldg(words), w1 = __ldg(words + 1);
   const Task task{w0.x, w0.y, w0.z, w0.w, w1.x, w1.y, w1.z, w1.w};
 
-  DecodeWarp<T, NT> walker(p, task, reinterpret_cast<uint8_t*>(rings) + warp * kRingBytes, lane);
+  uint8_t* shared = reinterpret_cast<uint8_t*>(rings);
+  DecodeWarp<T, NT> walker(p, task, shared + warp * kRingBytes,
+                           shared + kWarpsPerCta * kRingBytes + warp * sk_decode::kTileBytes, lane);
   sk_decode::walk_task(walker, task, p.topk);
   finish_task<T, NT>(p, task, task_id, lane, walker.acc);
 }
 
-constexpr size_t kSharedPerCta = size_t{kWarpsPerCta} * kRingBytes;
+constexpr size_t kSharedPerCta = size_t{kWarpsPerCta} * (kRingBytes + sk_decode::kTileBytes);
 
 // Ask once per kernel and device for the shared-memory carveout of kCtasPerSm CTAs (plus the 1 KB
 // per CTA the system keeps) and no more: the rest of the SM's 256 KB stays L1, which serves the

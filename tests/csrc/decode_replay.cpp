@@ -4,6 +4,13 @@
 // flight or already holds a later chunk, a byte past the task's stream. Every lane's registers are
 // built with the kernel's own functions (csrc/cuda/decode_layout.cuh) from the modelled ring.
 //
+// Top-K blocks go through the kernel's three phases (zero the warp's tile, scatter, load), each
+// run for all 32 lanes before the next, as the warp barriers between them order them on the GPU;
+// two lanes storing to one tile address is an error. Before the tasks, the split-K reduction's
+// plan (decode_layout.cuh) is checked for every token count and up to 64 segments: each float4
+// of every segment read exactly once, by a lane of the butterfly group that stores it, one store
+// per float4.
+//
 // usage: decode_replay STREAM TASKS CODES TOPK   (raw files: uint8 stream, int32 [n, 8] tasks,
 //        int32 codes). stdout, per multiplied block: "block <task> <index> <tier> <offset>", then
 //        32 lines "<lane> <r0> <r1> <r2> <r3>" (2:4: a0 a1 meta 0); once at the end, 32 lines
@@ -76,12 +83,42 @@ struct ModelRing {
   uint32_t load1(int off) const { return load<uint8_t>(off); }
 };
 
+// The warp's top-K tile: every store and load checked against the tile's bounds, and a scatter
+// that writes one address twice is refused.
+struct ModelTile {
+  std::vector<uint8_t> bytes = std::vector<uint8_t>(kTileBytes);
+  std::vector<int> writer = std::vector<int>(kTileBytes, -1);  // lane that stored a byte this block
+
+  void check(int off, int size) const {
+    if (off < 0 || off + size > kTileBytes || off % size)
+      fail("tile access at byte " + std::to_string(off) + " of size " + std::to_string(size));
+  }
+  void store16(int off, Words4 v) {
+    check(off, 16);
+    std::memcpy(bytes.data() + off, &v, 16);
+  }
+  void store2(int off, uint32_t v) {
+    check(off, 2);
+    if (writer[off] >= 0) fail("two top-K values stored to tile byte " + std::to_string(off));
+    writer[off] = 1;
+    const uint16_t h = static_cast<uint16_t>(v);
+    std::memcpy(bytes.data() + off, &h, 2);
+  }
+  Words4 load16(int off) const {
+    check(off, 16);
+    Words4 v;
+    std::memcpy(&v, bytes.data() + off, 16);
+    return v;
+  }
+};
+
 // The Warp of sk_decode::walk_task: cp.async groups complete, in order, only at wait_oldest().
 struct ReplayWarp {
   const Task& task;
   const std::vector<uint32_t>& codes;
   int topk, task_id;
   ModelRing ring;
+  ModelTile tile;
   std::vector<std::vector<int>> groups;  // committed groups not yet waited for
   std::vector<int> open;                 // copies issued since the last commit
   uint32_t window_words[kLanes] = {};
@@ -138,27 +175,61 @@ struct ReplayWarp {
     if (block != multiplied) fail("blocks multiplied out of order");
     ++multiplied;
     std::printf("block %d %d %d %d\n", task_id, block, tier, offset);
+    uint32_t r[kLanes][4] = {};
+    if (tier == kTierTopk) {  // phase by phase, every lane, as the warp barriers order them
+      std::fill(tile.writer.begin(), tile.writer.end(), -1);
+      for (int lane = 0; lane < kLanes; ++lane) topk_zero(tile, lane);
+      for (int lane = 0; lane < kLanes; ++lane) topk_scatter(ring, tile, offset, topk, lane);
+      for (int lane = 0; lane < kLanes; ++lane) topk_load(tile, lane, r[lane]);
+    }
     for (int lane = 0; lane < kLanes; ++lane) {
-      uint32_t r[4] = {0, 0, 0, 0};
       if (tier == kTierS24) {
         uint32_t a[2];
-        s24_registers(ring, offset, lane, a, r[2]);
-        r[0] = a[0];
-        r[1] = a[1];
+        s24_registers(ring, offset, lane, a, r[lane][2]);
+        r[lane][0] = a[0];
+        r[lane][1] = a[1];
       } else if (tier == kTierDense) {
-        dense_registers(ring, offset, lane, r);
-      } else {
-        topk_registers(ring, offset, topk, lane, r);
+        dense_registers(ring, offset, lane, r[lane]);
       }
-      std::printf("%d %u %u %u %u\n", lane, r[0], r[1], r[2], r[3]);
+      std::printf("%d %u %u %u %u\n", lane, r[lane][0], r[lane][1], r[lane][2], r[lane][3]);
     }
   }
 };
 
 }  // namespace
 
+// The reduction plan for `rows` tokens and `segments` tasks in a row: which lane reads what.
+void check_reduction(int rows, int segments) {
+  const int groups = rows * 16 / 4, spread = reduce_spread(groups);
+  if (spread < 1 || 32 % spread || (spread > 1 && spread * groups > 32))
+    fail("reduce_spread(" + std::to_string(groups) + ") = " + std::to_string(spread));
+  std::vector<int> reads(size_t(groups) * segments, 0), stores(groups, 0);
+  for (int q0 = 0; q0 < groups; q0 += 32 / spread)
+    for (int lane = 0; lane < kLanes; ++lane) {
+      const int q = reduce_group(q0, lane, spread);
+      if (q >= groups) continue;
+      for (int peer = 0; peer < spread; ++peer)  // the butterfly's partners share q
+        if (reduce_group(q0, lane ^ peer, spread) != q) fail("a butterfly mixes two float4s");
+      const auto load = [&](int seg, int group) {
+        if (group != q || seg < 0 || seg >= segments) fail("reduction reads outside its float4");
+        ++reads[size_t(group) * segments + seg];
+        return Floats4{1.f, 1.f, 1.f, 1.f};
+      };
+      lane_partial_sum(load, q, lane, spread, segments);
+      stores[q] += reduce_stores(lane, spread);
+    }
+  for (int r : reads)
+    if (r != 1) fail("reduction of " + std::to_string(rows) + " rows, " +
+                     std::to_string(segments) + " segments reads a partial " +
+                     std::to_string(r) + " times");
+  for (int st : stores)
+    if (st != 1) fail("reduction stores a float4 " + std::to_string(st) + " times");
+}
+
 int main(int argc, char** argv) {
   if (argc != 5) fail("usage: decode_replay STREAM TASKS CODES TOPK");
+  for (int rows = 1; rows <= kMaxTokens; ++rows)
+    for (int segments = 1; segments <= 64; ++segments) check_reduction(rows, segments);
   const std::vector<uint8_t> stream = read_file(argv[1]);
   const std::vector<int32_t> task_words = as_words<int32_t>(read_file(argv[2]));
   const std::vector<uint32_t> codes = as_words<uint32_t>(read_file(argv[3]));
