@@ -39,6 +39,9 @@ MAX_TOKENS = 16           # rows of x the decode kernel takes (sk_decode::kMaxTo
 WARPS_PER_CTA, CTAS_PER_SM = 4, 8     # what the kernel is built for (decode_layout.cuh)
 SHARED_PER_CTA = WARPS_PER_CTA * (8 * 512 + 512) + 1024  # rings + top-K tiles + system reserve
 MAX_TOPK = 170            # K whose top-K image fits in one 512-byte chunk (sk_decode::kMaxTopk)
+# Smallest task worth its partials, atomic and share of the row's reduction: one ring of
+# chunks, so even a small layer's tasks stream a full pipeline.
+MIN_TASK_BYTES = 8 * CHUNK_BYTES
 CODES_PER_WORD = 16
 DENSE_BYTES, S24_BYTES = 512, 288
 TASK_FIELDS = ("stream16", "length16", "first_col", "n_blocks", "block_row", "code_word",
@@ -91,9 +94,11 @@ def decode_version() -> str:
     return version
 
 
-def unsupported_reason(dtype: torch.dtype, block_size: int, in_features: int,
-                       topk: int) -> str | None:
+def unsupported_reason(dtype: torch.dtype, block_size: int, out_features: int,
+                       in_features: int, topk: int) -> str | None:
     """Why a weight cannot have a decode layout, or None when it can."""
+    if out_features == 0 or in_features == 0:
+        return f"an empty weight [{out_features}, {in_features}] has nothing to stream"
     if dtype not in (torch.float16, torch.bfloat16):
         return f"the decode kernel runs fp16 / bf16 on tensor cores, got {dtype}"
     if block_size != BLOCK:
@@ -144,12 +149,15 @@ def _as_int32(words: torch.Tensor) -> torch.Tensor:
 
 
 def prepare_decode_layout(packed: tuple[torch.Tensor, ...], out_features: int,
-                          in_features: int, topk: int, target_tasks: int) -> DecodeLayout:
+                          in_features: int, topk: int, target_tasks: int,
+                          min_task_bytes: int = MIN_TASK_BYTES) -> DecodeLayout:
     """The decode layout of a packed weight (``HybridWeight.packed_tensors()`` order), on its
-    device, with about ``target_tasks`` byte-balanced tasks (at least one per block-row)."""
+    device, with at most ``target_tasks`` byte-balanced tasks (at least one per block-row) of
+    about ``min_task_bytes`` or more where the rows allow."""
     (dense_rowptr, dense_cols, dense_vals, s24_rowptr, s24_cols, s24_vals, s24_meta,
      topk_rowptr, topk_cols, topk_vals, topk_pos) = packed
-    reason = unsupported_reason(dense_vals.dtype, dense_vals.shape[1], in_features, topk)
+    reason = unsupported_reason(dense_vals.dtype, dense_vals.shape[1], out_features,
+                                in_features, topk)
     if reason is not None:
         raise ValueError(reason)
     if target_tasks < 1:
@@ -185,7 +193,7 @@ def prepare_decode_layout(packed: tuple[torch.Tensor, ...], out_features: int,
     # Byte-balanced segments of each block-row: segment = share of the row's bytes before it.
     row_sizes = sizes.view(nbr, nbc)
     row_bytes = row_sizes.sum(1)
-    splits = _segments_per_row(row_bytes, nbc, target_tasks)
+    splits = _segments_per_row(row_bytes, nbc, target_tasks, min_task_bytes)
     before = torch.cumsum(row_sizes, 1) - row_sizes
     segment = before * splits[:, None] // row_bytes[:, None]
     key = (torch.arange(nbr, device=device)[:, None] * (nbc + 1) + segment).reshape(-1)
@@ -213,16 +221,18 @@ def prepare_decode_layout(packed: tuple[torch.Tensor, ...], out_features: int,
                         _as_int32(codes), torch.zeros(nbr, dtype=torch.int32, device=device))
 
 
-def _segments_per_row(row_bytes: torch.Tensor, nbc: int, target_tasks: int) -> torch.Tensor:
+def _segments_per_row(row_bytes: torch.Tensor, nbc: int, target_tasks: int,
+                      min_task_bytes: int) -> torch.Tensor:
     """Segments of each row, ``ceil(row bytes / cap)`` (at most one per block), for the smallest
-    byte cap that keeps the tasks within ``target_tasks`` (at least one per row): every task
-    carries at most ``cap`` bytes plus one block."""
+    byte cap of at least ``min_task_bytes`` that keeps the tasks within ``target_tasks`` (at least
+    one per row): every task carries at most ``cap`` bytes plus one block."""
     rows = row_bytes.double()
 
     def count(cap):
         return (rows / cap).ceil().clamp(1, nbc)
 
-    lo, hi = float(rows.sum()) / target_tasks, float(rows.max())
+    lo = max(float(rows.sum()) / target_tasks, min_task_bytes)
+    hi = max(float(rows.max()), lo)
     if count(lo).sum() <= target_tasks:
         return count(lo).long()
     for _ in range(40):  # bisection on the cap: the task count only falls as the cap grows

@@ -23,15 +23,15 @@ def check_linear_inputs(x: torch.Tensor, in_features: int, out_features: int,
                          f"{tuple(bias.shape)} {bias.dtype}")
 
 
-def _takes_decode_kernel(x: torch.Tensor, values: torch.Tensor, topk: int,
+def _takes_decode_kernel(x: torch.Tensor, values: torch.Tensor, out_features: int, topk: int,
                          backend: str | None) -> bool:
     """Whether the CUDA decode kernel (v2, on a prepared layout) serves this call."""
     return (x.is_cuda and 0 < x.shape[0] <= decode_layout.MAX_TOKENS
             and not torch.compiler.is_compiling()
             and resolve_backend(backend, x.device) == "cuda"
             and decode_layout.decode_version() == "v2"
-            and decode_layout.unsupported_reason(values.dtype, values.shape[1], x.shape[1],
-                                                 topk) is None)
+            and decode_layout.unsupported_reason(values.dtype, values.shape[1], out_features,
+                                                 x.shape[1], topk) is None)
 
 
 def apply_packed(x: torch.Tensor, packed: tuple[torch.Tensor, ...], out_features: int,
@@ -43,7 +43,8 @@ def apply_packed(x: torch.Tensor, packed: tuple[torch.Tensor, ...], out_features
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     topk = packed[9].shape[1]
-    if decode_cache is not None and _takes_decode_kernel(x2, packed[2], topk, backend):
+    if decode_cache is not None and _takes_decode_kernel(x2, packed[2], out_features, topk,
+                                                            backend):
         layout = decode_cache.get(packed, out_features, x2.shape[1], topk)
         y = _call("hybrid_linear_decode", backend, x2.device, x2, *layout.tensors(),
                   out_features, topk, bias)

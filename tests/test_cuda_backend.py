@@ -269,8 +269,10 @@ HALF_DTYPES = [torch.float16, torch.bfloat16]
 
 
 def _layout(hw, target_tasks):
+    """Up to ``target_tasks`` tasks of any size (no floor): the most segments per row."""
     return decode_layout.prepare_decode_layout(hw.packed_tensors(), hw.out_features,
-                                               hw.in_features, hw.topk, target_tasks)
+                                               hw.in_features, hw.topk, target_tasks,
+                                               min_task_bytes=16)
 
 
 @needs_cuda("hybrid_linear", "hybrid_linear_decode")

@@ -46,9 +46,11 @@ def make_weight(out_f, in_f, mix, k, dtype, seed=0):
     return masked, sk.HybridWeight.from_dense(masked, tiers, k)
 
 
-def prepare(packed, target):
+def prepare(packed, target, min_task_bytes=16):
+    """The layout with ``target`` tasks at most; no floor on their size by default, so small
+    weights get the many segments per row that large ones get on a GPU."""
     return dl.prepare_decode_layout(packed.packed_tensors(), packed.out_features,
-                                    packed.in_features, packed.topk, target)
+                                    packed.in_features, packed.topk, target, min_task_bytes)
 
 
 CASES = [  # out, in, mix, K, dtype, target tasks
@@ -102,6 +104,17 @@ def test_tasks_tile_every_block_row(out_f, in_f, mix, k, dtype, target):
                                                                t["length16"] * 16)
     share = row_bytes[t["block_row"]] / t["n_segments"]
     assert ((t["length16"] * 16 - share).abs() <= dl.DENSE_BYTES).all()
+
+
+def test_small_layers_keep_tasks_of_a_full_ring():
+    """A layer too small to fill one wave is not cut below MIN_TASK_BYTES per task (each extra
+    task costs partials, an atomic and a share of the row's reduction)."""
+    _, packed = make_weight(1024, 1024, "dense", 15, torch.float16)
+    layout = prepare(packed, 4224, dl.MIN_TASK_BYTES)
+    t = dict(zip(dl.TASK_FIELDS, layout.tasks.long().T))
+    assert len(t["n_blocks"]) == 1024 * 1024 * 2 // dl.MIN_TASK_BYTES
+    assert (t["length16"] * 16 == dl.MIN_TASK_BYTES).all()
+    assert "empty weight" in dl.unsupported_reason(torch.float16, 16, 0, 64, 15)
 
 
 def test_rows_with_more_bytes_get_more_segments():
