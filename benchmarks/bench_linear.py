@@ -28,7 +28,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import sparse_kernels as sk  # noqa: E402
 from common import (TIER_MIXES, CacheFlusher, append_jsonl, default_backends,  # noqa: E402
                     kernel_ms, median_ms, results_path, significant, write_results)
-from sparse_kernels import apply_tier_map, assign_tiers, decode_layout  # noqa: E402
+from sparse_kernels import apply_tier_map, assign_tiers  # noqa: E402
+from sparse_kernels.backends import (CUDA_KERNELS, DECODE_ENV, DECODE_MAX_ROWS,  # noqa: E402
+                                     PREFILL_ENV)
 
 DEFAULT_SHAPES = "4096x4096,11008x4096,4096x11008,1024x1024"
 QUICK_SHAPES = "1024x1024"
@@ -55,9 +57,10 @@ def parse_args(argv=None):
     p.add_argument("--cpu-isas", default=None,
                    help="comma-separated instruction sets the cpu backend is timed with, side by "
                         "side (generic, avx2, avx512; default: the best this CPU runs)")
-    p.add_argument("--cuda-decode", default=",".join(decode_layout.VERSIONS),
-                   help="comma-separated CUDA decode kernels timed side by side at batch <= 16: "
-                        "v1 (canonical format), v2 (prepared layout); default both")
+    p.add_argument("--cuda-kernels", default=",".join(CUDA_KERNELS),
+                   help="comma-separated CUDA kernels timed side by side where they apply: v1 "
+                        "(canonical format, any batch), v2 (prepared layout, batch <= 16), unpack "
+                        "(dense matrix + cuBLAS, batch > 16); default all three")
     p.add_argument("--iters", type=int, default=30, help="timed calls per measurement")
     p.add_argument("--warmup", type=int, default=3, help="untimed calls first")
     p.add_argument("--warm-cache", action="store_true",
@@ -155,22 +158,32 @@ def record(backend, mix, dtype, shape, batch, ratios, topk, dense, hybrid, error
     return rec
 
 
+def applies(backend, variant, batch) -> bool:
+    """Whether a CUDA kernel serves ``batch`` rows (v2 decode only, unpack prefill only)."""
+    if backend != "cuda" or variant in (None, "v1"):
+        return True
+    return (variant == "v2") == (batch <= DECODE_MAX_ROWS)
+
+
 @contextlib.contextmanager
 def kernel_variant(backend, variant, active_isa):
-    """Run the block with the cpu backend's ISA or the CUDA decode kernel ``variant``."""
+    """Run the block with the cpu backend's ISA or the CUDA kernel ``variant`` (both the decode
+    and the prefill choice set to it where it is one)."""
     if backend == "cpu":
         sk.cpu_isa(variant)
-    saved = os.environ.get(decode_layout.ENV_VAR)
-    if backend == "cuda":
-        os.environ[decode_layout.ENV_VAR] = variant
+    saved = {name: os.environ.get(name) for name in (DECODE_ENV, PREFILL_ENV)}
+    if backend == "cuda" and variant is not None:
+        os.environ[DECODE_ENV] = "v2" if variant == "v2" else "v1"
+        os.environ[PREFILL_ENV] = "unpack" if variant == "unpack" else "v1"
     try:
         yield
     finally:
         sk.cpu_isa(active_isa)
-        if saved is None:
-            os.environ.pop(decode_layout.ENV_VAR, None)
-        else:
-            os.environ[decode_layout.ENV_VAR] = saved
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def print_row(rec):
@@ -201,13 +214,13 @@ def main(argv=None):
         if unsupported:
             raise SystemExit(f"--cpu-isas: this CPU runs {sk.supported_cpu_isas()}, "
                              f"not {unsupported}")
-    decodes = args.cuda_decode.split(",")
-    if any(d not in decode_layout.VERSIONS for d in decodes):
-        raise SystemExit(f"--cuda-decode: choose from {', '.join(decode_layout.VERSIONS)}, got "
-                         f"{args.cuda_decode}")
+    kernels = args.cuda_kernels.split(",")
+    if any(k not in CUDA_KERNELS for k in kernels):
+        raise SystemExit(f"--cuda-kernels: choose from {', '.join(CUDA_KERNELS)}, got "
+                         f"{args.cuda_kernels}")
     # (backend, variant): the cpu backend once per instruction set, the cuda backend once per
-    # decode kernel, side by side.
-    choices = {"cpu": isas, "cuda": decodes}
+    # kernel, side by side.
+    choices = {"cpu": isas, "cuda": kernels}
     variants = [(b, v) for b in backends for v in choices.get(b, [None])]
     active_isa = sk.cpu_isa()
     mixes = args.mixes.split(",")
@@ -243,8 +256,8 @@ def main(argv=None):
                 x = torch.randn(batch, shape[1], device=device).to(dtype)
                 dense = timer(lambda: F.linear(x, masked))
                 for backend, variant in variants:
-                    if backend == "cuda" and variant == "v2" and batch > decode_layout.MAX_TOKENS:
-                        continue  # v2 serves decode only; larger batches take v1 anyway
+                    if not applies(backend, variant, batch):
+                        continue
                     def hybrid(v, backend=backend):
                         return sk.hybrid_linear(v, packed, backend=backend)
                     with kernel_variant(backend, variant, active_isa):

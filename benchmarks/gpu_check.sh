@@ -8,7 +8,8 @@
 #   4. decode: cuda backend, default mix, LLaMA-2-7B shapes, batch 1 / 4 / 16 vs cuBLAS, torch 2:4:
 #      the v2 kernel (prepared layout) first, then v1 (canonical format), one process each so a
 #      fault in one cannot take the other's numbers with it
-#   5. prefill 2048 / 256 / 64; then the triton backend; then the all-dense control
+#   5. prefill 2048 / 256 / 64 (v1, then the weight unpacked for cuBLAS); then the triton backend;
+#      then the all-dense control
 #   6. whole-model tokens/s, dense vs hybrid, on a LLaMA-2-7B-shaped model (bench_model.py)
 #   7. kernel tests on the GPU: CUDA, then Triton with one config per kernel (no autotuning,
 #      no torch.compile tests)
@@ -101,10 +102,10 @@ step smoke 90 "$PY" benchmarks/gpu_smoke.py --device "$DEV" --dtype "$DTYPE" \
   --shapes "$BIG" --batches "$SMOKE_BATCHES" --jsonl "$OUT/smoke.jsonl"
 MIX=(--mixes hybrid --shapes "$SHAPES")
 for V in v2 v1; do
-  step "decode ($NATIVE, $V)" 120 "${LINEAR[@]}" --backends "$NATIVE" --cuda-decode "$V" \
+  step "decode ($NATIVE, $V)" 120 "${LINEAR[@]}" --backends "$NATIVE" --cuda-kernels "$V" \
     "${MIX[@]}" --batches "$DECODE" --out "$OUT/linear-decode-$NATIVE-$V.json"
 done
-step "prefill ($NATIVE)" 120 "${LINEAR[@]}" --backends "$NATIVE" "${MIX[@]}" \
+step "prefill ($NATIVE)" 150 "${LINEAR[@]}" --backends "$NATIVE" --cuda-kernels v1,unpack "${MIX[@]}" \
   --batches "$PREFILL" --out "$OUT/linear-prefill-$NATIVE.json"
 step "decode + prefill (triton)" 150 "${LINEAR[@]}" --backends triton "${MIX[@]}" \
   --batches "$DECODE,$PREFILL" --out "$OUT/linear-triton.json"

@@ -24,10 +24,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import sparse_kernels as sk  # noqa: E402
-from bench_linear import (DTYPES, TOLERANCE, kernel_variant, make_weight,  # noqa: E402
-                          output_error, parse_shapes)
+from bench_linear import (DTYPES, TOLERANCE, applies, kernel_variant,  # noqa: E402
+                          make_weight, output_error, parse_shapes)
 from common import TIER_MIXES, append_jsonl, default_backends, significant  # noqa: E402
-from sparse_kernels import decode_layout  # noqa: E402
+from sparse_kernels.backends import CUDA_KERNELS  # noqa: E402
 
 # The six ways to keep 2 of 4 columns.
 PAIRS = list(itertools.combinations(range(4), 2))
@@ -86,17 +86,17 @@ def main(argv=None) -> int:
     backends = args.backends.split(",") if args.backends else default_backends(device)
     for b in backends:
         sk.backends.resolve_backend(b, device)
-    # The cuda backend once per decode kernel, v1 first: a v2 fault that spoils the CUDA context
-    # then costs only v2's own checks. Batches above 16 run v1 whatever is asked.
-    variants = [(b, v) for b in backends
-                for v in (decode_layout.VERSIONS if b == "cuda" else [None])]
+    # The cuda backend once per kernel (v1, v2, unpack), v1 first: a newer kernel's fault that
+    # spoils the CUDA context then costs only the checks after it.
+    variants = [(b, v) for b in backends for v in (CUDA_KERNELS if b == "cuda" else [None])]
     active_isa = sk.cpu_isa()
     failed = 0
-    results = [(b, v, lambda b=b: check_metadata(b, device, dtype)) for b, v in variants]
+    # The metadata check multiplies 16 one-hot tokens: v1 and v2 (unpack has no 2:4 metadata).
+    results = [(b, v, lambda b=b: check_metadata(b, device, dtype)) for b, v in variants
+               if applies(b, v, 16)]
     results += [(b, v, lambda b=b, s=s, n=n: check_shape(b, s, n, device, dtype))
                 for b, v in variants for s in parse_shapes(args.shapes)
-                for n in map(int, args.batches.split(","))
-                if v != "v2" or n <= decode_layout.MAX_TOKENS]
+                for n in map(int, args.batches.split(",")) if applies(b, v, n)]
     for backend, variant, make in results:
         try:
             with kernel_variant(backend, variant, active_isa):

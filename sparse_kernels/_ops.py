@@ -31,6 +31,12 @@ _SCHEMAS = {
         "Tensor s24_rowptr, Tensor s24_cols, Tensor s24_vals, Tensor s24_meta, "
         "Tensor topk_rowptr, Tensor topk_cols, Tensor topk_vals, Tensor topk_pos, "
         "int out_features, Tensor? bias=None) -> Tensor"),
+    # The dense [out, in] matrix a packed weight stands for (format.py), bit for bit.
+    "unpack_hybrid": (
+        "(Tensor dense_rowptr, Tensor dense_cols, Tensor dense_vals, "
+        "Tensor s24_rowptr, Tensor s24_cols, Tensor s24_vals, Tensor s24_meta, "
+        "Tensor topk_rowptr, Tensor topk_cols, Tensor topk_vals, Tensor topk_pos, "
+        "int out_features, int in_features) -> Tensor"),
     # The CUDA decode kernel on a prepared layout (decode_layout.py); counters are its scratch,
     # back to zero when it returns.
     "hybrid_linear_decode": (
@@ -38,7 +44,8 @@ _SCHEMAS = {
         "int out_features, int topk, Tensor? bias=None) -> Tensor"),
 }
 _REFERENCES = {**{name: getattr(reference, name) for name in _SCHEMAS
-                  if name != "hybrid_linear_decode"},
+                  if name not in ("hybrid_linear_decode", "unpack_hybrid")},
+               "unpack_hybrid": reference.unpack_blocks,
                "hybrid_linear_decode": decode_layout.hybrid_linear_decode}
 
 for _name, _schema in _SCHEMAS.items():
@@ -79,6 +86,12 @@ def _(x, dense_rowptr, dense_cols, dense_vals, s24_rowptr, s24_cols, s24_vals, s
     return x.new_empty((x.shape[0], out_features))
 
 
+@torch.library.register_fake("sparse_kernels::unpack_hybrid")
+def _(dense_rowptr, dense_cols, dense_vals, s24_rowptr, s24_cols, s24_vals, s24_meta,
+      topk_rowptr, topk_cols, topk_vals, topk_pos, out_features, in_features):
+    return dense_vals.new_empty((out_features, in_features))
+
+
 @torch.library.register_fake("sparse_kernels::hybrid_linear_decode")
 def _(x, stream, tasks, codes, counters, out_features, topk, bias=None):
     return x.new_empty((x.shape[0], out_features))
@@ -92,7 +105,7 @@ def _call(name: str, backend: str | None, device: torch.device, *args):
     chosen = resolve_backend(backend, device)
     if chosen == "torch":
         return _REFERENCES[name](*args)
-    if chosen == "triton":
+    if chosen == "triton" and name in triton_backend.OPS:
         return triton_backend.OPS[name](*args)
     return _DISPATCHED[name](*args)
 

@@ -121,3 +121,34 @@ def supported_cpu_isas() -> list[str]:
         return []
     best = torch.ops.sparse_kernels.cpu_isa_detected()
     return list(CPU_ISAS[:CPU_ISAS.index(best) + 1])
+
+
+# The CUDA matmul kernels of the hybrid_linear path, for fp16 / bf16 values with B = 16:
+#   v1      the canonical-format tensor-core kernel (csrc/cuda/hybrid_linear.cu), any rows;
+#   v2      the decode kernel on a prepared layout (hybrid_decode.cu), at most 16 rows;
+#   unpack  the dense matrix unpacked on the GPU (unpack.cu), then cuBLAS, for many rows.
+CUDA_KERNELS = ("v1", "v2", "unpack")
+DECODE_ENV, PREFILL_ENV = "SPARSE_KERNELS_CUDA_DECODE", "SPARSE_KERNELS_CUDA_PREFILL"
+DECODE_KERNELS, PREFILL_KERNELS = ("v1", "v2"), ("v1", "unpack", "auto")
+DECODE_MAX_ROWS = 16
+UNPACK_MIN_ROWS = 1024  # prefill "auto": from here the GEMM's rate outweighs the unpacking
+
+
+def _kernel_from_env(name: str, choices: tuple[str, ...], default: str) -> str:
+    value = os.environ.get(name) or default
+    if value not in choices:
+        raise ValueError(f"{name}={value!r}: expected one of {', '.join(choices)}")
+    return value
+
+
+def cuda_matmul_kernel(rows: int) -> str:
+    """Which CUDA kernel multiplies ``rows`` rows of x: ``v2`` for 1-16 rows
+    (``SPARSE_KERNELS_CUDA_DECODE=v1`` keeps them on v1), ``unpack`` from 1024 rows and ``v1``
+    in between (``SPARSE_KERNELS_CUDA_PREFILL=v1|unpack`` forces one above 16 rows)."""
+    if rows <= DECODE_MAX_ROWS:
+        return _kernel_from_env(DECODE_ENV, DECODE_KERNELS, "v2")
+    prefill = _kernel_from_env(PREFILL_ENV, PREFILL_KERNELS, "auto")
+    if prefill == "auto":
+        return "unpack" if rows >= UNPACK_MIN_ROWS else "v1"
+    return prefill
+

@@ -25,7 +25,6 @@ oracle); ``tests/test_decode_layout.py`` also replays the kernel's own walk and 
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -46,8 +45,6 @@ CODES_PER_WORD = 16
 DENSE_BYTES, S24_BYTES = 512, 288
 TASK_FIELDS = ("stream16", "length16", "first_col", "n_blocks", "block_row", "code_word",
                "segment", "n_segments")
-ENV_VAR = "SPARSE_KERNELS_CUDA_DECODE"
-VERSIONS = ("v1", "v2")
 
 
 def topk_nbytes(k: int) -> int:
@@ -83,15 +80,6 @@ def _s24_element_order() -> torch.Tensor:
 DENSE_ORDER = _dense_element_order()
 S24_ORDER = _s24_element_order()
 SLOT_OF_ELEMENT = torch.argsort(DENSE_ORDER)  # inverse: the top-K slot of each block element
-
-
-def decode_version() -> str:
-    """Which CUDA kernel serves 1-16 rows of fp16 / bf16 x: ``v2`` (this layout, the default) or
-    ``v1`` (the canonical-format kernel that also serves prefill), from ``SPARSE_KERNELS_CUDA_DECODE``."""
-    version = os.environ.get(ENV_VAR) or "v2"
-    if version not in VERSIONS:
-        raise ValueError(f"{ENV_VAR}={version!r}: expected one of {', '.join(VERSIONS)}")
-    return version
 
 
 def unsupported_reason(dtype: torch.dtype, block_size: int, out_features: int,

@@ -363,9 +363,10 @@ class HybridWeight:
         return self.out_features, self.in_features
 
     def to_dense(self) -> torch.Tensor:
-        """The masked weight ``[out, in]``, bit-exact (zeros come back as +0.0)."""
-        return reference.unpack_blocks(*self.packed_tensors(), self.out_features,
-                                       self.in_features)
+        """The masked weight ``[out, in]``, bit-exact (zeros come back as +0.0); on the GPU by
+        the CUDA unpack kernel where it is built."""
+        return torch.ops.sparse_kernels.unpack_hybrid(*self.packed_tensors(), self.out_features,
+                                                      self.in_features)
 
     def kept_mask(self) -> torch.Tensor:
         """Bool ``[out, in]``: the positions this packing has a slot for (dense blocks whole, the

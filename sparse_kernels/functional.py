@@ -1,7 +1,7 @@
 """``hybrid_linear``: ``y = x @ W^T + bias`` straight from a ``HybridWeight``."""
 import torch
 
-from . import decode_layout
+from . import backends, decode_layout
 from ._ops import _call
 from .backends import resolve_backend
 from .format import HybridWeight
@@ -23,31 +23,40 @@ def check_linear_inputs(x: torch.Tensor, in_features: int, out_features: int,
                          f"{tuple(bias.shape)} {bias.dtype}")
 
 
-def _takes_decode_kernel(x: torch.Tensor, values: torch.Tensor, out_features: int, topk: int,
-                         backend: str | None) -> bool:
-    """Whether the CUDA decode kernel (v2, on a prepared layout) serves this call."""
-    return (x.is_cuda and 0 < x.shape[0] <= decode_layout.MAX_TOKENS
-            and not torch.compiler.is_compiling()
-            and resolve_backend(backend, x.device) == "cuda"
-            and decode_layout.decode_version() == "v2"
-            and decode_layout.unsupported_reason(values.dtype, values.shape[1], out_features,
-                                                 x.shape[1], topk) is None)
+def _cuda_kernel(x: torch.Tensor, values: torch.Tensor, out_features: int, topk: int,
+                 backend: str | None) -> str | None:
+    """The CUDA kernel (``backends.cuda_matmul_kernel``) that serves this call, or None when the
+    op's own choice stands (not CUDA, not the cuda backend, fp32, B != 16, under torch.compile)."""
+    if (not x.is_cuda or torch.compiler.is_compiling() or values.shape[1] != 16
+            or values.dtype not in (torch.float16, torch.bfloat16)
+            or resolve_backend(backend, x.device) != "cuda"):
+        return None
+    kernel = backends.cuda_matmul_kernel(x.shape[0])
+    if kernel == "v2" and decode_layout.unsupported_reason(
+            values.dtype, 16, out_features, x.shape[1], topk) is not None:
+        return "v1"
+    return kernel
 
 
 def apply_packed(x: torch.Tensor, packed: tuple[torch.Tensor, ...], out_features: int,
                  bias: torch.Tensor | None, backend: str | None,
                  decode_cache: decode_layout.DecodeLayoutCache | None = None) -> torch.Tensor:
-    """Run the ``hybrid_linear`` op on already-checked inputs of any leading shape; with a
-    ``decode_cache``, 1-16 rows on CUDA run the decode kernel on the cached prepared layout
-    (``SPARSE_KERNELS_CUDA_DECODE=v1`` keeps them on the canonical kernel)."""
+    """Run the hybrid matmul on already-checked inputs of any leading shape.
+
+    On CUDA (fp16 / bf16, B = 16) the kernel follows the rows (``backends.cuda_matmul_kernel``):
+    1-16 rows the decode kernel on ``decode_cache``'s prepared layout (v1 without a cache), many
+    rows the weight unpacked to a dense matrix for cuBLAS, else the ``hybrid_linear`` op."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     topk = packed[9].shape[1]
-    if decode_cache is not None and _takes_decode_kernel(x2, packed[2], out_features, topk,
-                                                            backend):
+    kernel = _cuda_kernel(x2, packed[2], out_features, topk, backend) if x2.shape[0] else None
+    if kernel == "v2" and decode_cache is not None:
         layout = decode_cache.get(packed, out_features, x2.shape[1], topk)
         y = _call("hybrid_linear_decode", backend, x2.device, x2, *layout.tensors(),
                   out_features, topk, bias)
+    elif kernel == "unpack":
+        weight = _call("unpack_hybrid", backend, x2.device, *packed, out_features, x2.shape[1])
+        y = torch.nn.functional.linear(x2, weight, bias)
     else:
         y = _call("hybrid_linear", backend, x.device, x2, *packed, out_features, bias)
     return y.reshape(*lead, out_features)

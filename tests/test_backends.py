@@ -42,3 +42,21 @@ def test_env_var_forces_a_backend(monkeypatch):
     monkeypatch.setenv(ENV_VAR, "nonsense")
     with pytest.raises(ValueError, match="unknown backend 'nonsense'"):
         sk.hybrid_linear(torch.randn(1, 16), hw)
+
+
+def test_cuda_matmul_kernel_follows_rows_and_environment(monkeypatch):
+    from sparse_kernels.backends import DECODE_ENV, PREFILL_ENV, cuda_matmul_kernel
+
+    monkeypatch.delenv(DECODE_ENV, raising=False)
+    monkeypatch.delenv(PREFILL_ENV, raising=False)
+    assert [cuda_matmul_kernel(r) for r in (1, 16, 17, 1023, 1024, 4096)] == [
+        "v2", "v2", "v1", "v1", "unpack", "unpack"]
+    monkeypatch.setenv(DECODE_ENV, "v1")
+    monkeypatch.setenv(PREFILL_ENV, "unpack")
+    assert [cuda_matmul_kernel(r) for r in (1, 17, 4096)] == ["v1", "unpack", "unpack"]
+    monkeypatch.setenv(PREFILL_ENV, "v1")
+    assert cuda_matmul_kernel(4096) == "v1"
+    monkeypatch.setenv(DECODE_ENV, "v3")
+    with pytest.raises(ValueError, match="SPARSE_KERNELS_CUDA_DECODE='v3': expected one of v1, v2"):
+        cuda_matmul_kernel(1)
+

@@ -8,13 +8,13 @@ import pytest
 import torch
 
 import sparse_kernels as sk
-from sparse_kernels import decode_layout
+from sparse_kernels import backends, decode_layout
 from conftest import DTYPES, TOLERANCE, expected_linear, random_hybrid
 from sparse_kernels import apply_tier_map
 from test_pruning_ops import NM, SHAPES, _bits, _random_24_blocks, _score_inputs
 
 OPS = ("wanda_scores", "block_topk_mask", "nm_mask", "compress_24", "hybrid_linear",
-       "hybrid_linear_decode")
+       "hybrid_linear_decode", "unpack_hybrid")
 
 
 def _cuda_skip_reason(op: str) -> str | None:
@@ -276,12 +276,12 @@ def _layout(hw, target_tasks):
 
 
 @needs_cuda("hybrid_linear", "hybrid_linear_decode")
-@pytest.mark.parametrize("version", decode_layout.VERSIONS)
+@pytest.mark.parametrize("version", backends.DECODE_KERNELS)
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
 @pytest.mark.parametrize("shape", DECODE_SHAPES)
 @pytest.mark.parametrize("rows", [1, 5, 8, 9, 16])
 def test_decode_kernels_match_reference(monkeypatch, version, dtype, shape, rows):
-    monkeypatch.setenv(decode_layout.ENV_VAR, version)
+    monkeypatch.setenv(backends.DECODE_ENV, version)
     hw, masked = random_hybrid(*shape, dtype, seed=rows)
     hw = hw.to("cuda")
     bias = torch.randn(shape[0]).to(dtype).cuda()
@@ -346,6 +346,26 @@ def test_decode_kernel_in_a_cuda_graph():
     assert torch.equal(captured, eager)
 
 
+@needs_cuda("unpack_hybrid")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("block_size", [4, 8, 12, 16])
+@pytest.mark.parametrize("shape", [(37, 70), (16, 16), (129, 250), (1, 3)])
+def test_unpack_is_bit_exact(dtype, block_size, shape):
+    hw, masked = random_hybrid(*shape, dtype, block_size=block_size, seed=block_size)
+    got = hw.to("cuda").to_dense()
+    assert got.is_cuda and torch.equal(got.cpu(), masked)
+
+
+@needs_cuda("unpack_hybrid", "hybrid_linear")
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("rows", [17, 300, 1024])
+def test_prefill_through_unpack_and_cublas(monkeypatch, dtype, rows):
+    monkeypatch.setenv(backends.PREFILL_ENV, "unpack")
+    hw, masked = random_hybrid(129, 250, dtype)
+    _check_linear(hw.to("cuda"), masked, _random_x(rows, 250, dtype),
+                  torch.randn(129).to(dtype).cuda())
+
+
 # --------------------------------------------------------------------------------------------
 # opcheck and the binding's argument checks
 
@@ -361,6 +381,9 @@ def _opcheck_args(op: str):
         return (w, 2, 4)
     if op == "compress_24":
         return (_random_24_blocks(3, 8, torch.float32, seed=9).cuda(),)
+    if op == "unpack_hybrid":
+        hw, _ = random_hybrid(37, 70, torch.float16)
+        return (*hw.to("cuda").packed_tensors(), 37, 70)
     if op == "hybrid_linear_decode":
         hw, _ = random_hybrid(37, 72, torch.float16)
         layout = _layout(hw.to("cuda"), 9)

@@ -168,16 +168,6 @@ def test_unsupported_weights_name_the_reason():
         prepare(packed, 0)
 
 
-def test_decode_version_from_the_environment(monkeypatch):
-    monkeypatch.delenv(dl.ENV_VAR, raising=False)
-    assert dl.decode_version() == "v2"
-    monkeypatch.setenv(dl.ENV_VAR, "v1")
-    assert dl.decode_version() == "v1"
-    monkeypatch.setenv(dl.ENV_VAR, "v3")
-    with pytest.raises(ValueError, match="SPARSE_KERNELS_CUDA_DECODE='v3'"):
-        dl.decode_version()
-
-
 def test_constants_match_the_kernel_header():
     text = open(os.path.join(ROOT, "csrc", "cuda", "decode_layout.cuh")).read()
     const = {m.group(1): int(m.group(2))

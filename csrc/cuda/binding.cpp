@@ -173,10 +173,12 @@ struct PackedArgs {
   }
 };
 
-// Shapes and dtypes of the packed format (sparse_kernels/format.py) for x [M, in] and the block
-// size of dense_vals; every tensor on x's device.
-void check_packed(const PackedArgs& p, const at::Tensor& x, int64_t out_features) {
-  for (const auto& [name, t] : p.named()) check_same_device(*t, name, x, "x");
+// Shapes and dtypes of the packed format (sparse_kernels/format.py) for x [M, in] (or, with
+// anchor_name "dense_vals", for the weight alone) and the block size of dense_vals; every tensor
+// on the anchor's device.
+void check_packed(const PackedArgs& p, const at::Tensor& x, int64_t out_features,
+                  const char* anchor_name = "x") {
+  for (const auto& [name, t] : p.named()) check_same_device(*t, name, x, anchor_name);
   const at::Tensor& dense_vals = p.dense_vals;
   TORCH_CHECK(dense_vals.dim() == 3 && dense_vals.size(1) == dense_vals.size(2),
               "hybrid_linear: dense_vals must be [n, B, B], got ", dense_vals.sizes());
@@ -184,8 +186,8 @@ void check_packed(const PackedArgs& p, const at::Tensor& x, int64_t out_features
   check_block_size(b, "hybrid_linear: block size (dense_vals.size(1))");
   const int64_t nbr = ceil_div(out_features, b);
   for (const at::Tensor* v : {&p.dense_vals, &p.s24_vals, &p.topk_vals}) {
-    TORCH_CHECK(v->scalar_type() == x.scalar_type(), "hybrid_linear: x is ", x.scalar_type(),
-                " but packed values are ", v->scalar_type());
+    TORCH_CHECK(v->scalar_type() == x.scalar_type(), "hybrid_linear: ", anchor_name, " is ",
+                x.scalar_type(), " but packed values are ", v->scalar_type());
   }
   for (const at::Tensor* r : {&p.dense_rowptr, &p.s24_rowptr, &p.topk_rowptr}) {
     TORCH_CHECK(r->scalar_type() == at::kInt && r->dim() == 1 && r->numel() == nbr + 1,
@@ -290,6 +292,40 @@ at::Tensor hybrid_linear(const at::Tensor& x_in, const at::Tensor& dense_rowptr,
   return y;
 }
 
+// ------------------------------------------------------------------------ unpack_hybrid
+
+at::Tensor unpack_hybrid(const at::Tensor& dense_rowptr, const at::Tensor& dense_cols,
+                         const at::Tensor& dense_vals, const at::Tensor& s24_rowptr,
+                         const at::Tensor& s24_cols, const at::Tensor& s24_vals,
+                         const at::Tensor& s24_meta, const at::Tensor& topk_rowptr,
+                         const at::Tensor& topk_cols, const at::Tensor& topk_vals,
+                         const at::Tensor& topk_pos, int64_t out_features, int64_t in_features) {
+  check_cuda(dense_vals, "unpack_hybrid: dense_vals");
+  const DType dtype = float_dtype(dense_vals, "unpack_hybrid: dense_vals");
+  TORCH_CHECK(out_features >= 0 && in_features >= 0, "unpack_hybrid: negative shape [",
+              out_features, ", ", in_features, "]");
+  const c10::cuda::CUDAGuard guard(dense_vals.device());
+  const PackedArgs packed{dense_rowptr.contiguous(), dense_cols.contiguous(),
+                           dense_vals.contiguous(), s24_rowptr.contiguous(),
+                           s24_cols.contiguous(), s24_vals.contiguous(), s24_meta.contiguous(),
+                           topk_rowptr.contiguous(), topk_cols.contiguous(),
+                           topk_vals.contiguous(), topk_pos.contiguous()};
+  check_packed(packed, packed.dense_vals, out_features, "dense_vals");
+  const int64_t b = dense_vals.size(1);
+  TORCH_CHECK(packed.dense_cols.numel() + packed.s24_cols.numel() + packed.topk_cols.numel() ==
+                  ceil_div(out_features, b) * ceil_div(in_features, b),
+              "unpack_hybrid: the tiers hold ", packed.dense_cols.numel(), " + ",
+              packed.s24_cols.numel(), " + ", packed.topk_cols.numel(),
+              " blocks but a [", out_features, ", ", in_features, "] weight has ",
+              ceil_div(out_features, b) * ceil_div(in_features, b));
+  at::Tensor dense = at::empty({out_features, in_features}, dense_vals.options());
+  if (dense.numel() == 0) return dense;
+  check_launch(launch_unpack_hybrid(packed_weight(packed, out_features, in_features), dtype,
+                                    dense.data_ptr(), current_stream()),
+               "unpack_hybrid");
+  return dense;
+}
+
 // ------------------------------------------------------------------------ hybrid_linear_decode
 
 // The decode kernel on a layout from sparse_kernels/decode_layout.py (its contract: the binding
@@ -379,4 +415,5 @@ TORCH_LIBRARY_IMPL(sparse_kernels, CUDA, m) {
   m.impl("compress_24", &sparse_kernels_cuda::compress_24);
   m.impl("hybrid_linear", &sparse_kernels_cuda::hybrid_linear);
   m.impl("hybrid_linear_decode", &sparse_kernels_cuda::hybrid_linear_decode);
+  m.impl("unpack_hybrid", &sparse_kernels_cuda::unpack_hybrid);
 }

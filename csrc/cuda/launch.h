@@ -41,6 +41,11 @@ cudaError_t launch_hybrid_linear(const void* x, int64_t rows, const PackedWeight
                                  const void* bias, void* y, DType dtype, void* workspace,
                                  cudaStream_t stream);
 
+// dense[out, in] (in `dtype`) = the weight `w` stands for, bit for bit (zeros where nothing is
+// kept); `dense` must hold out * in values.
+cudaError_t launch_unpack_hybrid(const PackedWeight& w, DType dtype, void* dense,
+                                 cudaStream_t stream);
+
 // The decode kernel (at most sk_decode::kMaxTokens rows of x, fp16 / bf16) on the execution layout
 // prepared from a packed weight (csrc/cuda/decode_layout.cuh, sparse_kernels/decode_layout.py).
 struct DecodeLayout {
