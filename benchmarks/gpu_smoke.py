@@ -16,6 +16,7 @@ Two checks, every result a JSON line appended the moment it is known:
 Exit status 1 if any output is wrong.
 """
 import argparse
+import functools
 import itertools
 import os
 import sys
@@ -60,9 +61,15 @@ def check_metadata(backend: str, device: torch.device, dtype: torch.dtype) -> di
                              for r, c in wrong[:8]])
 
 
+@functools.lru_cache(maxsize=4)
+def shape_weight(shape, topk, dtype, device):
+    """(masked, packed) of a shape, built once for every backend, kernel and batch."""
+    return make_weight(*shape, TIER_MIXES["hybrid"], topk, dtype, device)
+
+
 def check_shape(backend: str, shape, batch: int, device, dtype, topk: int = 15) -> dict:
     """Check 2 of the module docstring for one backend, shape and batch."""
-    masked, packed = make_weight(*shape, TIER_MIXES["hybrid"], topk, dtype, device)
+    masked, packed = shape_weight(tuple(shape), topk, dtype, device)
     x = torch.randn(batch, shape[1], device=device).to(dtype)
     error = output_error(lambda v: sk.hybrid_linear(v, packed, backend=backend), x, masked)
     return dict(check="large-shape", backend=backend, dtype=str(dtype).removeprefix("torch."),
