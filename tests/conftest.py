@@ -48,3 +48,21 @@ def random_hybrid(out_features, in_features, dtype=torch.float32, block_size=16,
         tier_map = random_tier_map(out_features, in_features, block_size, ratios, g)
     masked = apply_tier_map(weight, tier_map, topk, block_size).to(dtype)
     return sk.HybridWeight.from_dense(masked, tier_map, topk, block_size), masked
+
+
+def build_host_tool(tmp_path_factory, name: str) -> str:
+    """Compile tests/csrc/<name>.cpp (a host program over the CUDA kernels' torch-free headers)
+    with g++; skips the test when g++ is missing. Returns the executable's path."""
+    import shutil
+    import subprocess
+
+    gxx = shutil.which("g++")
+    if gxx is None:
+        pytest.skip(f"g++ not found: cannot build tests/csrc/{name}.cpp")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    exe = tmp_path_factory.mktemp(name) / name
+    subprocess.run([gxx, "-std=c++17", "-O1", "-Wall", "-Werror", "-I", os.path.join(root, "csrc"),
+                    os.path.join(root, "tests", "csrc", f"{name}.cpp"), "-o", str(exe)],
+                   check=True)
+    return str(exe)
+

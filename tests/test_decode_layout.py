@@ -11,7 +11,6 @@
 """
 import os
 import re
-import shutil
 import subprocess
 
 import numpy as np
@@ -19,6 +18,7 @@ import pytest
 import torch
 
 import mma_emulator as emu
+from conftest import build_host_tool
 import sparse_kernels as sk
 from sparse_kernels import decode_layout as dl
 from sparse_kernels.tiers import apply_tier_map
@@ -153,19 +153,16 @@ def test_op_reference_matches_hybrid_linear(dtype):
     assert torch.equal(got, want)
 
 
-def test_unsupported_weights_name_the_reason():
-    _, packed = make_weight(16, 64, "default", 15, torch.float32)
-    with pytest.raises(ValueError, match="fp16 / bf16"):
-        prepare(packed, 4)
-    masked, packed = make_weight(16, 62, "default", 15, torch.float16)
-    with pytest.raises(ValueError, match="in_features 62 % 4"):
-        prepare(packed, 4)
-    _, packed = make_weight(16, 64, "top-K", 171, torch.float16)
-    with pytest.raises(ValueError, match="K <= 170, got 171"):
-        prepare(packed, 4)
-    _, packed = make_weight(16, 64, "default", 15, torch.float16)
-    with pytest.raises(ValueError, match="target_tasks"):
-        prepare(packed, 0)
+@pytest.mark.parametrize("in_f,mix,k,dtype,target,message", [
+    (64, "default", 15, torch.float32, 4, "fp16 / bf16"),
+    (62, "default", 15, torch.float16, 4, "in_features 62 % 4"),
+    (64, "top-K", 171, torch.float16, 4, "K <= 170, got 171"),
+    (64, "default", 15, torch.float16, 0, "target_tasks"),
+])
+def test_unsupported_weights_name_the_reason(in_f, mix, k, dtype, target, message):
+    _, packed = make_weight(16, in_f, mix, k, dtype)
+    with pytest.raises(ValueError, match=message):
+        prepare(packed, target)
 
 
 def test_constants_match_the_kernel_header():
@@ -197,14 +194,7 @@ def test_cache_rebuilds_when_the_weight_changes():
 # --------------------------------------------------------------------- replay of the kernel
 @pytest.fixture(scope="module")
 def replay_binary(tmp_path_factory):
-    gxx = shutil.which("g++")
-    if gxx is None:
-        pytest.skip("g++ not found: cannot build tests/csrc/decode_replay.cpp")
-    exe = tmp_path_factory.mktemp("decode_replay") / "decode_replay"
-    source = os.path.join(ROOT, "tests", "csrc", "decode_replay.cpp")
-    subprocess.run([gxx, "-std=c++17", "-O1", "-Wall", "-Werror", "-I", os.path.join(ROOT, "csrc"),
-                    source, "-o", str(exe)], check=True)
-    return str(exe)
+    return build_host_tool(tmp_path_factory, "decode_replay")
 
 
 def run_replay(exe, layout, tmp_path, tasks=None):

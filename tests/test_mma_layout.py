@@ -6,7 +6,6 @@ matrices from those registers as the tensor cores would. Their product must equa
 block the packed format stands for.
 """
 import os
-import shutil
 import subprocess
 
 import numpy as np
@@ -14,6 +13,7 @@ import pytest
 import torch
 
 import mma_emulator as emu
+from conftest import build_host_tool
 import sparse_kernels as sk
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -22,14 +22,7 @@ B, TOKENS, K = 16, 8, 15
 
 @pytest.fixture(scope="module")
 def dump_binary(tmp_path_factory):
-    gxx = shutil.which("g++")
-    if gxx is None:
-        pytest.skip("g++ not found: cannot build tests/csrc/mma_layout_dump.cpp")
-    exe = tmp_path_factory.mktemp("mma_layout") / "mma_layout_dump"
-    source = os.path.join(ROOT, "tests", "csrc", "mma_layout_dump.cpp")
-    subprocess.run([gxx, "-std=c++17", "-O1", "-Wall", "-Werror", "-I", os.path.join(ROOT, "csrc"),
-                    source, "-o", str(exe)], check=True)
-    return str(exe)
+    return build_host_tool(tmp_path_factory, "mma_layout_dump")
 
 
 def _two_four_block(g):

@@ -55,6 +55,14 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 uint8_t* mask_bytes(at::Tensor& mask) { return static_cast<uint8_t*>(mask.data_ptr()); }
 
+// A kernel's scratch of `bytes` on `like`'s device (undefined when none is needed).
+at::Tensor workspace_of(size_t bytes, const at::Tensor& like) {
+  if (bytes == 0) return at::Tensor();
+  return at::empty({static_cast<int64_t>(bytes)}, like.options().dtype(at::kByte));
+}
+
+void* data_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
+
 // ------------------------------------------------------------------------ pruning ops
 
 std::tuple<at::Tensor, at::Tensor> wanda_scores(const at::Tensor& weight_in,
@@ -279,15 +287,9 @@ at::Tensor hybrid_linear(const at::Tensor& x_in, const at::Tensor& dense_rowptr,
   at::Tensor y = at::empty({rows, out_features}, x.options());
   if (rows == 0 || out_features == 0) return y;
   const PackedWeight w = packed_weight(packed, out_features, x.size(1));
-  const size_t workspace_bytes = hybrid_linear_workspace_bytes(w, rows, dtype);
-  at::Tensor workspace;
-  if (workspace_bytes > 0) {
-    workspace = at::empty({static_cast<int64_t>(workspace_bytes)}, x.options().dtype(at::kByte));
-  }
-  check_launch(launch_hybrid_linear(x.data_ptr(), rows, w,
-                                    bias.defined() ? bias.data_ptr() : nullptr, y.data_ptr(),
-                                    dtype, workspace.defined() ? workspace.data_ptr() : nullptr,
-                                    current_stream()),
+  const at::Tensor workspace = workspace_of(hybrid_linear_workspace_bytes(w, rows, dtype), x);
+  check_launch(launch_hybrid_linear(x.data_ptr(), rows, w, data_or_null(bias), y.data_ptr(),
+                                    dtype, data_or_null(workspace), current_stream()),
                "hybrid_linear");
   return y;
 }
@@ -392,15 +394,9 @@ at::Tensor hybrid_linear_decode(const at::Tensor& x_in, const at::Tensor& stream
   layout.tasks = tasks.data_ptr<int32_t>();
   layout.codes = reinterpret_cast<const uint32_t*>(codes.data_ptr<int32_t>());
   layout.counters = reinterpret_cast<unsigned int*>(counters.data_ptr<int32_t>());
-  const size_t workspace_bytes = hybrid_decode_workspace_bytes(layout, rows);
-  at::Tensor workspace;
-  if (workspace_bytes > 0) {
-    workspace = at::empty({static_cast<int64_t>(workspace_bytes)}, x.options().dtype(at::kByte));
-  }
-  check_launch(launch_hybrid_decode(x.data_ptr(), rows, layout,
-                                    bias.defined() ? bias.data_ptr() : nullptr, y.data_ptr(),
-                                    dtype, workspace.defined() ? workspace.data_ptr() : nullptr,
-                                    current_stream()),
+  const at::Tensor workspace = workspace_of(hybrid_decode_workspace_bytes(layout, rows), x);
+  check_launch(launch_hybrid_decode(x.data_ptr(), rows, layout, data_or_null(bias), y.data_ptr(),
+                                    dtype, data_or_null(workspace), current_stream()),
                "hybrid_linear_decode");
   return y;
 }
