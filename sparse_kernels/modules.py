@@ -66,6 +66,12 @@ class HybridSparseLinear(nn.Module):
         weight = HybridWeight.from_dense(linear.weight.detach(), tier_map, topk, block_size)
         return cls.from_weight(weight, linear.bias, backend=backend)
 
+    def _apply(self, fn, *args, **kwargs):
+        # A move or cast (.to, .cuda, .cpu, .half) drops the prepared layout at once, so
+        # moving a model off the GPU frees it too; the next decode call prepares a new one.
+        self._decode_cache = DecodeLayoutCache()
+        return super()._apply(fn, *args, **kwargs)
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Validate a complete set of packed tensors before they replace this module's: a corrupt
         # or crafted state dict must raise here, never reach a kernel.

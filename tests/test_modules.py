@@ -56,6 +56,22 @@ def test_module_dtype_cast():
                                rtol=5e-2, atol=5e-2)
 
 
+def test_move_or_cast_drops_the_prepared_decode_layout():
+    """The CUDA decode layout lives beside the buffers; a move (model.cpu() to free the GPU) or
+    a cast must not keep the old one alive."""
+    linear, tiers = pruned_linear(64, 32, dtype=torch.float16)
+    module = sk.HybridSparseLinear.from_linear(linear, tiers)
+    packed = tuple(getattr(module, n) for n in sk.format.PACKED_FIELDS)
+    layout = module._decode_cache.get(packed, 32, 64, module.topk)  # as a decode call would
+    assert layout is not None
+    module.to(torch.bfloat16)
+    assert module._decode_cache._layout is None
+    module._decode_cache.get(tuple(getattr(module, n) for n in sk.format.PACKED_FIELDS), 32, 64,
+                             module.topk)
+    module.float()
+    assert module._decode_cache._layout is None
+
+
 def test_compile_fullgraph():
     linear, tiers = pruned_linear(64, 48)
     module = sk.HybridSparseLinear.from_linear(linear, tiers)
