@@ -15,7 +15,7 @@
 //    shuffled out of the same runs.
 //  * Split K in the same launch: a block-row with one task stores y directly; otherwise each
 //    task stores fp32 partials, and the row's last task (counted by an atomic per block-row)
-//    sums them in segment order (deterministic), adds bias and stores y; atomicInc wraps the
+//    sums them in a fixed order (deterministic), adds bias and stores y; atomicInc wraps the
 //    counter back to zero for the next call.
 #include "cuda/decode_layout.cuh"
 #include "cuda/launch.h"
