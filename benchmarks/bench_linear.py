@@ -27,7 +27,8 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import sparse_kernels as sk  # noqa: E402
 from common import (TIER_MIXES, CacheFlusher, append_jsonl, default_backends,  # noqa: E402
-                    kernel_ms, median_ms, results_path, significant, write_results)
+                    kernel_ms, median_ms, relative_error, results_path, significant,
+                    write_results)
 from sparse_kernels import apply_tier_map, assign_tiers  # noqa: E402
 from sparse_kernels.backends import (CUDA_KERNELS, DECODE_ENV, DECODE_MAX_ROWS,  # noqa: E402
                                      PREFILL_ENV)
@@ -116,11 +117,11 @@ def semi_structured_baseline(masked: torch.Tensor):
 
 def output_error(fn, x: torch.Tensor, weight: torch.Tensor) -> float:
     """max |fn(x) - F.linear(x, weight)| / max |F.linear(x, weight)|, in fp32."""
-    expected = F.linear(x, weight).float()
-    got = fn(x).float()
+    expected = F.linear(x, weight)
+    got = fn(x)
     if got.shape != expected.shape:
         return float("inf")
-    return float((got - expected).abs().max() / expected.abs().max().clamp_min(1e-30))
+    return relative_error(got, expected)
 
 
 class Timer:

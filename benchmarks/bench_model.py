@@ -11,7 +11,8 @@ batch x new tokens / seconds (median of ``--repeats``), the ratio measured side 
 Eager ``generate`` on a GPU is bound by the host (Python and kernel launches take longer than a
 7B model's kernels at batch 1), so on CUDA each batch also gets a ``decode-step`` record: one
 greedy step with a static KV cache captured in a CUDA graph (the same for both sides), its
-logits checked against the eager step, then ``--graph-steps`` replays timed with CUDA events:
+logits checked against a full forward of the prompt and the step's token, then
+``--graph-steps`` replays timed with CUDA events:
 the models' own time per token. (``--graph-steps`` on the CPU times the eager step instead:
 plumbing only.)
 
@@ -31,7 +32,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import sparse_kernels as sk  # noqa: E402
-from common import TIER_MIXES, append_jsonl, results_path, significant, write_results  # noqa: E402
+from common import (TIER_MIXES, append_jsonl, relative_error, results_path,  # noqa: E402
+                    significant, write_results)
 
 # hidden, intermediate, layers, attention heads, key/value heads, vocabulary
 SHAPES = {
@@ -89,11 +91,6 @@ def timed(fn, device, repeats: int) -> float:
             torch.cuda.synchronize(device)
         samples.append(time.perf_counter() - t0)
     return statistics.median(samples)
-
-
-def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
-    got, expected = got.float(), expected.float()
-    return float((got - expected).abs().max() / expected.abs().max().clamp_min(1e-30))
 
 
 @torch.no_grad()

@@ -148,6 +148,12 @@ def append_jsonl(path: str | None, record: dict) -> None:
         os.fsync(f.fileno())
 
 
+def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |got - expected| / max |expected|, in fp32 (what every benchmark's output check uses)."""
+    got, expected = got.float(), expected.float()
+    return float((got - expected).abs().max() / expected.abs().max().clamp_min(1e-30))
+
+
 def significant(value: float, digits: int = 4) -> float:
     """``value`` to ``digits`` significant digits: GPU kernel times are microseconds, so a fixed
     number of decimals in milliseconds would keep too few."""

@@ -3,7 +3,6 @@ import torch
 
 from . import backends, decode_layout
 from ._ops import _call
-from .backends import resolve_backend
 from .format import HybridWeight
 
 
@@ -29,7 +28,7 @@ def _cuda_kernel(x: torch.Tensor, values: torch.Tensor, out_features: int, topk:
     op's own choice stands (not CUDA, not the cuda backend, fp32, B != 16, under torch.compile)."""
     if (not x.is_cuda or torch.compiler.is_compiling() or values.shape[1] != 16
             or values.dtype not in (torch.float16, torch.bfloat16)
-            or resolve_backend(backend, x.device) != "cuda"):
+            or backends.resolve_backend(backend, x.device) != "cuda"):
         return None
     kernel = backends.cuda_matmul_kernel(x.shape[0])
     if kernel == "v2" and decode_layout.unsupported_reason(

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import mma_emulator as emu
-from conftest import build_host_tool
+from conftest import build_host_tool, random_hybrid
 import sparse_kernels as sk
 from sparse_kernels import decode_layout as dl
 from sparse_kernels.tiers import apply_tier_map
@@ -26,24 +26,13 @@ from sparse_kernels.tiers import apply_tier_map
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 B = 16
 MIXES = {"default": (0.35, 0.45, 0.20), "dense": (1, 0, 0), "2:4": (0, 1, 0), "top-K": (0, 0, 1),
-         "random": None}
+         "mixed": (0.3, 0.3, 0.4)}
 
 
 def make_weight(out_f, in_f, mix, k, dtype, seed=0):
-    """(masked weight, HybridWeight) with tiers drawn at random in the mix's ratios."""
-    g = torch.Generator().manual_seed(seed)
-    nbr, nbc = -(-out_f // B), -(-in_f // B)
-    ratios = MIXES[mix]
-    if ratios is None:
-        tiers = torch.randint(0, 3, (nbr, nbc), generator=g)
-    else:
-        tiers = torch.multinomial(torch.tensor(ratios, dtype=torch.float), nbr * nbc,
-                                  replacement=True, generator=g).reshape(nbr, nbc)
-    tiers = tiers.to(torch.int8)
-    weight = torch.randn(out_f, in_f, generator=g)
-    masked = apply_tier_map(weight, tiers, k, scores=torch.rand(out_f, in_f, generator=g))
-    masked = masked.to(dtype)
-    return masked, sk.HybridWeight.from_dense(masked, tiers, k)
+    """(masked weight, HybridWeight) with the mix's tier fractions at random blocks."""
+    packed, masked = random_hybrid(out_f, in_f, dtype, topk=k, ratios=MIXES[mix], seed=seed)
+    return masked, packed
 
 
 def prepare(packed, target, min_task_bytes=16):
@@ -55,14 +44,14 @@ def prepare(packed, target, min_task_bytes=16):
 
 CASES = [  # out, in, mix, K, dtype, target tasks
     (1, 4, "default", 15, torch.float16, 1),
-    (17, 100, "random", 15, torch.bfloat16, 5),
+    (17, 100, "mixed", 15, torch.bfloat16, 5),
     (40, 1000, "default", 15, torch.float16, 7),
     (33, 260, "dense", 15, torch.float16, 9),
     (20, 500, "2:4", 15, torch.bfloat16, 3),
     (24, 1024, "top-K", 5, torch.float16, 4),
-    (16, 300, "random", 64, torch.float16, 2),
-    (18, 96, "random", 1, torch.bfloat16, 1000),
-    (20, 320, "random", 170, torch.float16, 6),
+    (16, 300, "mixed", 64, torch.float16, 2),
+    (18, 96, "mixed", 1, torch.bfloat16, 1000),
+    (20, 320, "mixed", 170, torch.float16, 6),
 ]
 
 
@@ -144,7 +133,7 @@ def test_segments_are_balanced_by_bytes_not_blocks():
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_op_reference_matches_hybrid_linear(dtype):
-    masked, packed = make_weight(37, 520, "random", 15, dtype, seed=3)
+    masked, packed = make_weight(37, 520, "mixed", 15, dtype, seed=3)
     layout = prepare(packed, 11)
     x = torch.randn(5, 520).to(dtype)
     bias = torch.randn(37).to(dtype)
@@ -264,12 +253,12 @@ def emulate(blocks, sources, layout, x, dtype):
 
 REPLAY_CASES = [  # out, in, mix, K, dtype, target tasks, tokens
     (40, 1000, "default", 15, torch.float16, 7, 1),
-    (17, 4100, "random", 5, torch.bfloat16, 3, 16),
+    (17, 4100, "mixed", 5, torch.bfloat16, 3, 16),
     (16, 9600, "default", 15, torch.float16, 1, 3),  # 600 blocks in one task: two code windows
     (24, 1024, "top-K", 64, torch.float16, 4, 9),
     (33, 260, "dense", 15, torch.bfloat16, 9, 2),
     (20, 500, "2:4", 15, torch.float16, 30, 8),
-    (40, 2000, "random", 170, torch.bfloat16, 11, 5),  # 512-byte top-K images
+    (40, 2000, "mixed", 170, torch.bfloat16, 11, 5),  # 512-byte top-K images
     (32, 1600, "top-K", 100, torch.float16, 5, 1),
 ]
 
