@@ -37,8 +37,8 @@ _SCHEMAS = {
         "Tensor s24_rowptr, Tensor s24_cols, Tensor s24_vals, Tensor s24_meta, "
         "Tensor topk_rowptr, Tensor topk_cols, Tensor topk_vals, Tensor topk_pos, "
         "int out_features, int in_features) -> Tensor"),
-    # The CUDA decode kernel on a prepared layout (decode_layout.py); counters are its scratch,
-    # back to zero when it returns.
+    # The CUDA decode kernel on a prepared layout (decode_layout.py); counters are its split-K
+    # scratch (tagged per launch: whatever an earlier launch left there is safe).
     "hybrid_linear_decode": (
         "(Tensor x, Tensor stream, Tensor tasks, Tensor codes, Tensor counters, "
         "int out_features, int topk, Tensor? bias=None) -> Tensor"),

@@ -17,8 +17,8 @@ Its contract mirrors ``csrc/cuda/decode_layout.cuh``:
   ``round_up(3K, 16)`` B (K values, then K slot bytes ``8 * lane + element``, zero padding).
 * ``codes`` int32: 2-bit tier codes, block i of a task in bits ``2 (i % 16)`` of word
   ``code_word + i // 16``.
-* ``counters`` int32 ``[n_block_rows]``: zero; the kernel counts a row's finished tasks in them
-  and sets them back to zero before it ends.
+* ``counters`` int64 ``[n_block_rows]``: the kernel's split-K words (a launch tag and the
+  row's finished tasks, ``sk_decode::arrive``); any contents are safe, zero at first.
 
 ``layout_to_dense`` reads a layout back into the weight (the op's reference and the tests'
 oracle); ``tests/test_decode_layout.py`` also replays the kernel's own walk and loads over it.
@@ -206,7 +206,7 @@ def prepare_decode_layout(packed: tuple[torch.Tensor, ...], out_features: int,
         0, code_word[task_of_block] + index // CODES_PER_WORD,
         tiers << (2 * (index % CODES_PER_WORD)))
     return DecodeLayout(out_features, in_features, topk, stream, tasks.contiguous(),
-                        _as_int32(codes), torch.zeros(nbr, dtype=torch.int32, device=device))
+                        _as_int32(codes), torch.zeros(nbr, dtype=torch.int64, device=device))
 
 
 def _segments_per_row(row_bytes: torch.Tensor, nbc: int, target_tasks: int,
@@ -291,6 +291,11 @@ class DecodeLayoutCache:
     def __init__(self):
         self._key = None
         self._layout = None
+
+    @property
+    def layout(self) -> DecodeLayout | None:
+        """The layout built by the last ``get`` (None before any)."""
+        return self._layout
 
     def get(self, packed: tuple[torch.Tensor, ...], out_features: int, in_features: int,
             topk: int) -> DecodeLayout:

@@ -285,3 +285,14 @@ def test_replay_refuses_a_stream_shorter_than_its_blocks(replay_binary, tmp_path
     tasks[0, 1] -= 2  # 32 bytes fewer: the last block never lands
     done = run_replay(replay_binary, layout, tmp_path, tasks)
     assert done.returncode == 1 and "multiplied" in done.stderr
+
+
+def test_a_launch_after_one_that_stopped_part_way_reduces_at_its_own_last_task(replay_binary):
+    """The split-K handshake (sk_decode::arrive) whatever count a stopped launch left: every
+    launch's last task, and only it, reduces; a replayed CUDA graph (same tag) too."""
+    done = subprocess.run([replay_binary, "handshake"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    cases = [tuple(map(int, line.split()[1:])) for line in done.stdout.splitlines()]
+    assert len(cases) == sum(range(2, 65))  # every row width 2..64 x every stopping point
+    for segments, stopped, fired, left, replay in cases:
+        assert (fired, left, replay) == (segments, 0, segments), (segments, stopped)

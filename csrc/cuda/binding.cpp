@@ -363,9 +363,9 @@ at::Tensor hybrid_linear_decode(const at::Tensor& x_in, const at::Tensor& stream
               "hybrid_linear_decode: codes must be int32 [words], got ", codes.scalar_type(),
               " ", codes.sizes());
   const int64_t nbr = ceil_div(out_features, 16);
-  TORCH_CHECK(counters.scalar_type() == at::kInt && counters.dim() == 1 &&
+  TORCH_CHECK(counters.scalar_type() == at::kLong && counters.dim() == 1 &&
                   counters.size(0) == nbr,
-              "hybrid_linear_decode: counters must be int32 [ceil(out/16)] = [", nbr, "], got ",
+              "hybrid_linear_decode: counters must be int64 [ceil(out/16)] = [", nbr, "], got ",
               counters.scalar_type(), " ", counters.sizes());
   TORCH_CHECK(topk >= 1 && topk <= 170, "hybrid_linear_decode: topk must be in 1..170 (a "
               "top-K image fits in one 512-byte chunk), got ", topk);
@@ -393,7 +393,7 @@ at::Tensor hybrid_linear_decode(const at::Tensor& x_in, const at::Tensor& stream
   layout.stream = static_cast<const uint8_t*>(stream.data_ptr());
   layout.tasks = tasks.data_ptr<int32_t>();
   layout.codes = reinterpret_cast<const uint32_t*>(codes.data_ptr<int32_t>());
-  layout.counters = reinterpret_cast<unsigned int*>(counters.data_ptr<int32_t>());
+  layout.counters = reinterpret_cast<unsigned long long*>(counters.data_ptr<int64_t>());
   const at::Tensor workspace = workspace_of(hybrid_decode_workspace_bytes(layout, rows), x);
   check_launch(launch_hybrid_decode(x.data_ptr(), rows, layout, data_or_null(bias), y.data_ptr(),
                                     dtype, data_or_null(workspace), current_stream()),

@@ -184,6 +184,23 @@ SK_HD void walk_task(Warp& warp, const Task& task, int topk) {
   }
 }
 
+// ---- the split-K handshake: which task of a block-row is its last. Each row has one 64-bit word,
+// the tag of the launch that last counted in it (high 32 bits) and that launch's finished tasks
+// (low 32). A task arriving with a tag the word does not hold starts the count at one, so a count
+// left by an earlier launch that stopped part-way can never make a later launch reduce early; the
+// last task writes its count back to zero, so launches with one tag (replays of a CUDA graph that
+// captured one call) count from zero too. The kernel applies this with a CAS loop.
+struct Arrival {
+  uint64_t word;  // what the row's word becomes
+  bool last;      // this task finished the row for this launch
+};
+SK_HD Arrival arrive(uint64_t word, uint32_t tag, int n_segments) {
+  const uint32_t done = (static_cast<uint32_t>(word >> 32) == tag ? static_cast<uint32_t>(word)
+                                                                   : 0u) + 1u;
+  const bool last = done == static_cast<uint32_t>(n_segments);
+  return {(static_cast<uint64_t>(tag) << 32) | (last ? 0u : done), last};
+}
+
 // ---- the split-K reduction: a block-row's last task sums the fp32 partials [task][rows][16] of
 // the row's n_segments tasks, 4 floats per load. With few tokens `spread` lanes share one float4
 // of outputs (each takes every spread-th segment) and a butterfly of shuffles over those lanes

@@ -14,9 +14,10 @@
 //    needs (through L1: x is read by every task of its columns); a 2:4 block's B registers are
 //    shuffled out of the same runs.
 //  * Split K in the same launch: a block-row with one task stores y directly; otherwise each
-//    task stores fp32 partials, and the row's last task (counted by an atomic per block-row)
-//    sums them in a fixed order (deterministic), adds bias and stores y; atomicInc wraps the
-//    counter back to zero for the next call.
+//    task stores fp32 partials, and the row's last task (sk_decode::arrive on a tagged 64-bit
+//    word per block-row, applied by a CAS loop) sums them in a fixed order (deterministic), adds
+//    bias and stores y. Every launch carries a new tag, so a count left by a launch that stopped
+//    part-way is discarded rather than trusted.
 #include "cuda/decode_layout.cuh"
 #include "cuda/launch.h"
 #include "cuda/mma_layout.cuh"
@@ -48,7 +49,8 @@ struct DecodeArgs {
   const uint8_t* stream;
   const int32_t* tasks;
   const uint32_t* codes;
-  unsigned int* counters;
+  unsigned long long* counters;
+  uint32_t tag;            // this launch's tag in the split-K words (sk_decode::arrive)
   int64_t rows;
   int64_t out;
   int64_t in;
@@ -235,8 +237,15 @@ __device__ void finish_task(const DecodeArgs<T>& p, const Task& task, int task_i
   unsigned last = 0;
   if (lane == 0) {
     __threadfence();
-    const unsigned n = static_cast<unsigned>(task.n_segments);
-    last = atomicInc(p.counters + task.block_row, n - 1) == n - 1;  // wraps to 0 when last
+    unsigned long long* word = p.counters + task.block_row;
+    unsigned long long seen = *reinterpret_cast<volatile unsigned long long*>(word), assumed;
+    sk_decode::Arrival arrival;
+    do {  // the CAS returns the word as it was: retry until no other task counted in between
+      assumed = seen;
+      arrival = sk_decode::arrive(assumed, p.tag, task.n_segments);
+      seen = atomicCAS(word, assumed, static_cast<unsigned long long>(arrival.word));
+    } while (seen != assumed);
+    last = arrival.last;
     if (last) __threadfence();
   }
   if (!__shfl_sync(kFullMask, last, 0)) return;
@@ -344,11 +353,14 @@ cudaError_t launch_hybrid_decode(const void* x, int64_t rows, const DecodeLayout
     return cudaErrorInvalidValue;
   if (hybrid_decode_workspace_bytes(layout, rows) > 0 && workspace == nullptr)
     return cudaErrorInvalidValue;
+  // A new tag per launch (sk_decode::arrive); a CUDA graph replays the tag it captured.
+  static std::atomic<uint32_t> next_tag{1};
+  const uint32_t tag = next_tag.fetch_add(1, std::memory_order_relaxed);
   const auto fill = [&](auto* typed_x) {
     using T = std::remove_const_t<std::remove_pointer_t<decltype(typed_x)>>;
     return DecodeArgs<T>{typed_x, static_cast<const T*>(bias), static_cast<T*>(y),
                          static_cast<float*>(workspace), layout.stream, layout.tasks,
-                         layout.codes, layout.counters, rows, layout.out_features,
+                         layout.codes, layout.counters, tag, rows, layout.out_features,
                          layout.in_features, layout.topk, layout.n_tasks};
   };
   switch (dtype) {

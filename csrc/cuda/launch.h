@@ -57,12 +57,13 @@ struct DecodeLayout {
   const uint8_t* stream;          // every task's block images back to back, 16-byte aligned
   const int32_t* tasks;           // [n_tasks, 8]: sk_decode::Task
   const uint32_t* codes;          // 2-bit tier codes, 16 per word
-  unsigned int* counters;         // [n_block_rows], zero between calls (each call restores them)
+  unsigned long long* counters;   // [n_block_rows]: split-K words (sk_decode::arrive), any start
 };
 
 // y[rows, out] = x[rows, in] @ W^T (+ bias[out]); rows <= 16, in % 4 == 0, x 8-byte aligned.
 // `workspace` must hold hybrid_decode_workspace_bytes(layout, rows) bytes (null when 0). Calls
-// that share one layout must not run concurrently (they share its counters).
+// that share one layout must not run concurrently (they share its counters); a call after one
+// that failed part-way is still correct (each launch tags its counts).
 size_t hybrid_decode_workspace_bytes(const DecodeLayout& layout, int64_t rows);
 cudaError_t launch_hybrid_decode(const void* x, int64_t rows, const DecodeLayout& layout,
                                  const void* bias, void* y, DType dtype, void* workspace,

@@ -11,6 +11,13 @@
 // of every segment read exactly once, by a lane of the butterfly group that stores it, one store
 // per float4.
 //
+// The split-K handshake (sk_decode::arrive): `decode_replay handshake` runs launches over one
+// block-row's word (a row's tasks are alike to it, so their order does not matter) and prints
+// per case "handshake <segments> <arrivals of a launch that stopped part-way> <arrival of the
+// next launch at which `last` fired> <count it left> <arrival at which a replay of that launch
+// with the same tag fired>": every launch must reduce at its own last arrival, and only then,
+// whatever the stopped one left behind.
+//
 // usage: decode_replay STREAM TASKS CODES TOPK   (raw files: uint8 stream, int32 [n, 8] tasks,
 //        int32 codes). stdout, per multiplied block: "block <task> <index> <tier> <offset>", then
 //        32 lines "<lane> <r0> <r1> <r2> <r3>" (2:4: a0 a1 meta 0); once at the end, 32 lines
@@ -226,8 +233,41 @@ void check_reduction(int rows, int segments) {
     if (st != 1) fail("reduction stores a float4 " + std::to_string(st) + " times");
 }
 
+// One launch with `tag` over a row of `segments` tasks of which only `arrivals` reach the
+// handshake; returns the 1-based arrival at which `last` fired (0: none).
+int launch(uint64_t& word, uint32_t tag, int segments, int arrivals) {
+  int fired = 0;
+  for (int a = 1; a <= arrivals; ++a) {
+    const Arrival arrival = arrive(word, tag, segments);
+    word = arrival.word;
+    if (arrival.last) {
+      if (fired) fail("two tasks of one launch were last");
+      fired = a;
+    }
+  }
+  return fired;
+}
+
+void replay_handshake() {
+  uint32_t tag = 7;
+  for (int segments = 2; segments <= 64; ++segments)
+    for (int stopped = 0; stopped < segments; ++stopped) {
+      uint64_t word = 0;
+      if (launch(word, tag++, segments, segments) != segments) fail("a full launch");
+      launch(word, tag++, segments, stopped);  // stops part-way
+      const int fired = launch(word, tag++, segments, segments);
+      const int replay = launch(word, tag - 1, segments, segments);  // a graph replay: same tag
+      std::printf("handshake %d %d %d %u %d\n", segments, stopped, fired,
+                  static_cast<uint32_t>(word), replay);
+    }
+}
+
 int main(int argc, char** argv) {
-  if (argc != 5) fail("usage: decode_replay STREAM TASKS CODES TOPK");
+  if (argc == 2 && std::strcmp(argv[1], "handshake") == 0) {
+    replay_handshake();
+    return 0;
+  }
+  if (argc != 5) fail("usage: decode_replay STREAM TASKS CODES TOPK | handshake");
   for (int rows = 1; rows <= kMaxTokens; ++rows)
     for (int segments = 1; segments <= 64; ++segments) check_reduction(rows, segments);
   const std::vector<uint8_t> stream = read_file(argv[1]);
