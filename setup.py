@@ -3,6 +3,8 @@
 Environment:
   SPARSE_KERNELS_NO_EXT=1     build no native code at all (the torch reference serves every op)
   TORCH_CUDA_ARCH_LIST        CUDA architectures (default "8.0;9.0a"; targets below 8.0 are dropped)
+  SPARSE_KERNELS_REQUIRE_CUDA=1  fail, naming the reason, instead of building the CPU kernels only
+                              when the CUDA kernels cannot be built (the GPU check sets it)
 """
 import glob
 import os
@@ -76,6 +78,9 @@ def _extensions():
             "sparse_kernels._C", sources, include_dirs=include_dirs,
             extra_compile_args={"cxx": cxx_flags, "nvcc": NVCC_FLAGS},
             extra_link_args=["-fopenmp"], py_limited_api=False)
+    elif os.environ.get("SPARSE_KERNELS_REQUIRE_CUDA", "0") == "1":
+        raise SystemExit(f"sparse_kernels: SPARSE_KERNELS_REQUIRE_CUDA=1 but the CUDA kernels "
+                         f"cannot be built: {skip}")
     else:
         print(f"sparse_kernels: CUDA kernels skipped ({skip}); building the C++ CPU kernels only")
         ext = cpp_extension.CppExtension(

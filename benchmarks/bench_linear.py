@@ -1,16 +1,22 @@
 """Hybrid matmul vs dense F.linear on LLM weight shapes, measured side by side in one run.
 
-For every shape x tier mix x batch x backend it first checks the output of
-``sparse_kernels.hybrid_linear`` on the packed weight against dense ``F.linear`` on the masked
-weight (relative tolerance by dtype; a wrong output is recorded as such and not timed), then times
-both, prints a table and writes ``benchmarks/results/<device>-<YYYYMMDD>.json`` (``--jsonl``: also
-one line per record the moment it is measured). CPU times are the median of --iters calls, each
-after a cache flush. GPU times are kernel-only: CUDA events around --iters calls queued without
-a synchronisation, each after an L2 flush, minus the flushes alone; the per-call time with its
-host overhead (sync, Python, dispatch) is recorded beside it (``*_call_ms``). On CUDA with 16-bit values it also times
-the baseline a 2:4 user would pick: ``F.linear`` on the whole weight pruned 2:4 and converted
-with ``torch.sparse.to_sparse_semi_structured`` (backend ``torch-2:4`` in the table; its weight
-is 50 % sparse, not the hybrid mix), where torch supports the shape.
+For every shape x tier mix x batch it first times the baselines - dense ``F.linear`` on the
+masked weight (kernel ``cublas`` on CUDA, ``F.linear`` elsewhere) and, on CUDA with 16-bit
+values, the one a 2:4 user would pick: ``F.linear`` on the whole weight pruned 2:4 (its mask from
+the torch reference) and converted with ``torch.sparse.to_sparse_semi_structured`` (kernel
+``torch-2:4``; 50 % sparse, not the hybrid mix) - and writes their records; then each of our
+kernels (``cuda-v1``, ``cuda-v2``, ``cuda-unpack``, ``triton``, ``cpu-<isa>``, ``torch``) in a
+guard: its output is checked against ``F.linear`` on the weight it stands for (relative tolerance
+by dtype; a wrong output or an exception is recorded as such and not timed), then it is timed.
+Every record names its ``kernel``; ours carry ``speedup`` over the dense baseline of the same
+run, v2 also its task count, blocks and achieved GB/s. Prints a table and writes
+``benchmarks/results/<device>-<YYYYMMDD>.json`` (``--jsonl``: also one line per record the moment
+it is measured).
+
+CPU times are the median of --iters calls, each after a cache flush. GPU times are kernel-only:
+CUDA events around --iters calls queued without a synchronisation, each after an L2 flush, minus
+the flushes alone, measured --repeats times (all written, ``ms`` is their median); the per-call
+time with its host overhead (sync, Python, dispatch) is recorded beside it (``call_ms``).
 
   python benchmarks/bench_linear.py                  # LLaMA-2-7B shapes, batch 1/4/16/128
   python benchmarks/bench_linear.py --quick          # one small shape, a few seconds
@@ -19,6 +25,7 @@ is 50 % sparse, not the hybrid mix), where torch supports the shape.
 import argparse
 import contextlib
 import os
+import statistics
 import sys
 
 import torch
@@ -63,6 +70,9 @@ def parse_args(argv=None):
                         "(canonical format, any batch), v2 (prepared layout, batch <= 16), unpack "
                         "(dense matrix + cuBLAS, batch > 16); default all three")
     p.add_argument("--iters", type=int, default=30, help="timed calls per measurement")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="independent measurements of each (all written, the median is `ms`; "
+                        "default 3 on cuda, 1 on cpu)")
     p.add_argument("--warmup", type=int, default=3, help="untimed calls first")
     p.add_argument("--warm-cache", action="store_true",
                    help="do not evict the weight from the caches between calls (by default each "
@@ -107,7 +117,7 @@ def semi_structured_baseline(masked: torch.Tensor):
     weight pruned 2:4, with the dense ``W_24`` to check them against; or ``(None, why not)``."""
     if masked.device.type != "cuda" or masked.dtype not in (torch.float16, torch.bfloat16):
         return None, "torch's semi-structured 2:4 needs CUDA and float16/bfloat16"
-    weight_24 = masked * sk.nm_mask(masked.abs(), 2, 4)
+    weight_24 = masked * sk.nm_mask(masked.abs(), 2, 4, backend="torch")
     try:
         sparse = torch.sparse.to_sparse_semi_structured(weight_24)
     except (RuntimeError, ValueError, NotImplementedError) as exc:
@@ -125,38 +135,74 @@ def output_error(fn, x: torch.Tensor, weight: torch.Tensor) -> float:
 
 
 class Timer:
-    """Times a call as the device allows (see the module docstring): ``(ms, call_ms)``, where
-    ``ms`` is kernel-only on a GPU and ``call_ms`` includes the host (None on the CPU, where the
-    two are one measurement)."""
+    """Times a call as the device allows (see the module docstring): a ``Timing`` whose
+    ``ms_repeats`` are ``repeats`` independent measurements (kernel-only on a GPU) and whose
+    ``call_ms`` includes the host (None on the CPU, where the two are one measurement)."""
 
-    def __init__(self, device, warmup, iters, flush):
+    def __init__(self, device, warmup, iters, flush, repeats):
         self.device, self.warmup, self.iters, self.flush = device, warmup, iters, flush
+        self.repeats = repeats
 
-    def __call__(self, fn) -> tuple[float, float | None]:
-        call = median_ms(fn, self.device, self.warmup, self.iters, self.flush)
+    def __call__(self, fn) -> "Timing":
         if self.device.type != "cuda":
-            return call, None
-        return kernel_ms(fn, self.device, self.iters, self.flush), call
+            return Timing([median_ms(fn, self.device, self.warmup, self.iters, self.flush)
+                           for _ in range(self.repeats)], None)
+        call = median_ms(fn, self.device, self.warmup, self.iters, self.flush)
+        return Timing([kernel_ms(fn, self.device, self.iters, self.flush)
+                       for _ in range(self.repeats)], call)
 
 
-def record(backend, mix, dtype, shape, batch, ratios, topk, dense, hybrid, error, packed_bytes,
-           ideal_bytes, dense_bytes, variant=None):
-    """One measurement; ``dense`` / ``hybrid``: ``Timer`` results (hybrid None: wrong output,
-    not timed); ``variant``: the cpu backend's instruction set or the CUDA decode kernel."""
-    out_f, in_f = shape
-    rec = dict(backend=backend if variant is None else f"{backend}/{variant}", mix=mix,
-               dtype=str(dtype).removeprefix("torch."),
-               out_features=out_f, in_features=in_f, batch=batch, tier_ratios=list(ratios),
-               topk=topk, max_rel_error=significant(error), output_ok=hybrid is not None,
-               dense_ms=significant(dense[0]), packed_bytes=packed_bytes,
-               ideal_bytes=ideal_bytes, dense_bytes=dense_bytes)
-    if hybrid is not None:
-        rec.update(hybrid_ms=significant(hybrid[0]), speedup=significant(dense[0] / hybrid[0]))
-    if dense[1] is not None:
-        rec["dense_call_ms"] = significant(dense[1])
-        if hybrid is not None:
-            rec["hybrid_call_ms"] = significant(hybrid[1])
-    return rec
+class Timing:
+    def __init__(self, ms_repeats: list[float], call_ms: float | None):
+        self.ms_repeats, self.call_ms = ms_repeats, call_ms
+        self.ms = statistics.median(ms_repeats)
+
+    def fields(self) -> dict:
+        rec = dict(ms=significant(self.ms), ms_repeats=[significant(v) for v in self.ms_repeats])
+        if self.call_ms is not None:
+            rec["call_ms"] = significant(self.call_ms)
+        return rec
+
+
+def kernel_label(backend: str, variant: str | None, device: torch.device) -> str:
+    """What a record calls the code it timed: ``cublas`` / ``F.linear`` (the dense baseline on
+    CUDA / elsewhere), ``torch-2:4``, ``cuda-v1`` / ``cuda-v2`` / ``cuda-unpack``, ``triton``,
+    ``cpu-<isa>``, ``torch`` (the reference)."""
+    if backend == "dense":
+        return "cublas" if device.type == "cuda" else "F.linear"
+    return backend if variant is None else f"{backend}-{variant}"
+
+
+def measure(fn, reference, x, tolerance, timer) -> dict:
+    """Check ``fn(x)`` against ``reference`` (the dense weight it stands for), then time it; a
+    wrong output is recorded and not timed, and an exception is recorded as the error."""
+    try:
+        error = output_error(fn, x, reference)
+        if error > tolerance:
+            return dict(output_ok=False, max_rel_error=significant(error))
+        timing = timer(lambda: fn(x))
+        return dict(output_ok=True, max_rel_error=significant(error), **timing.fields())
+    except Exception as exc:  # a crash is a result: the records after it still get made
+        return dict(output_ok=False, error=f"{type(exc).__name__}: {exc}")
+
+
+def with_speedup(rec: dict, dense: dict) -> dict:
+    """``rec`` with the dense baseline's time of the same shape and batch, and its speedup."""
+    if "ms" not in rec or "ms" not in dense:
+        return rec
+    return dict(rec, dense_ms=dense["ms"], speedup=significant(dense["ms"] / rec["ms"]))
+
+
+def decode_layout_fields(packed: sk.HybridWeight, x: torch.Tensor, ms: float) -> dict:
+    """The v2 kernel's layout: its tasks, the weight's blocks, the bytes a call moves (layout,
+    x, y) and the rate that makes at ``ms``."""
+    layout = packed.decode_cache.layout
+    if layout is None:
+        return {}
+    moved = layout.nbytes + (x.numel() + x.shape[0] * packed.out_features) * x.element_size()
+    return dict(tasks=int(layout.tasks.shape[0]), blocks=int(packed.tier_map.numel()),
+                layout_bytes=layout.nbytes, bytes_moved=moved,
+                gb_per_s=significant(moved / ms / 1e6))
 
 
 def applies(backend, variant, batch) -> bool:
@@ -189,17 +235,16 @@ def kernel_variant(backend, variant, active_isa):
 
 def print_row(rec):
     shape = f"{rec['out_features']}x{rec['in_features']}"
-    start = (f"{rec['backend']:10} {rec['dtype']:9} {shape:>11} {rec['mix']:9} {rec['batch']:>5} "
-             f"{rec['dense_ms']:>9.4f}")
+    start = f"{rec['kernel']:12} {rec['dtype']:9} {shape:>11} {rec['mix']:9} {rec['batch']:>5}"
     if not rec["output_ok"]:
-        print(f"{start}  !! wrong output (max relative error {rec['max_rel_error']:.3g}): "
-              f"not timed", flush=True)
+        why = rec.get("error") or f"wrong output (max relative error {rec['max_rel_error']:.3g})"
+        print(f"{start}  !! {why}: not timed", flush=True)
         return
-    calls = (f"  (per call: dense {rec['dense_call_ms']:.4f}, hybrid {rec['hybrid_call_ms']:.4f})"
-             if "hybrid_call_ms" in rec else "")
-    print(f"{start} {rec['hybrid_ms']:>9.4f} {rec['speedup']:>6.2f}x "
-          f"{rec['packed_bytes'] / rec['dense_bytes']:>12.3f} "
-          f"{rec['ideal_bytes'] / rec['dense_bytes']:>11.3f}{calls}", flush=True)
+    speedup = f"{rec['speedup']:>6.2f}x" if "speedup" in rec else f"{'':>7}"
+    calls = f"  (per call {rec['call_ms']:.4f})" if "call_ms" in rec else ""
+    rate = f"  {rec['gb_per_s']:.0f} GB/s, {rec['tasks']} tasks" if "gb_per_s" in rec else ""
+    print(f"{start} {rec['ms']:>9.4f} {speedup} "
+          f"{rec['packed_bytes'] / rec['dense_bytes']:>12.3f}{calls}{rate}", flush=True)
 
 
 def main(argv=None):
@@ -230,7 +275,8 @@ def main(argv=None):
         raise SystemExit(f"--mixes: unknown {unknown}; choose from {list(TIER_MIXES)}")
     batches = [int(b) for b in args.batches.split(",")]
     flush = None if args.warm_cache else CacheFlusher(device)
-    timer = Timer(device, args.warmup, args.iters, flush)
+    repeats = args.repeats or (3 if device.type == "cuda" else 1)
+    timer = Timer(device, args.warmup, args.iters, flush, repeats)
     tolerance = TOLERANCE[dtype]
 
     records = []
@@ -240,8 +286,8 @@ def main(argv=None):
         append_jsonl(args.jsonl, rec)
         print_row(rec)
 
-    header = (f"{'backend':10} {'dtype':9} {'shape':>11} {'mix':9} {'batch':>5} {'dense ms':>9} "
-              f"{'ms':>9} {'speedup':>7} {'packed/dense':>12} {'ideal/dense':>11}")
+    header = (f"{'kernel':12} {'dtype':9} {'shape':>11} {'mix':9} {'batch':>5} {'ms':>9} "
+              f"{'speedup':>7} {'packed/dense':>12}")
     print(header)
     print("-" * len(header))
     for shape in parse_shapes(args.shapes):
@@ -252,33 +298,38 @@ def main(argv=None):
                                     else (None, None))
             if why_not:
                 print(f"(no torch-2:4 baseline for {shape}: {why_not})")
-            sizes = (packed.nbytes, packed.ideal_nbytes, packed.dense_nbytes)
             for batch in batches:
                 x = torch.randn(batch, shape[1], device=device).to(dtype)
-                dense = timer(lambda: F.linear(x, masked))
+                common = dict(record="linear", mix=mix, dtype=str(dtype).removeprefix("torch."),
+                              out_features=shape[0], in_features=shape[1], batch=batch,
+                              tier_ratios=list(ratios), topk=args.topk,
+                              packed_bytes=packed.nbytes, ideal_bytes=packed.ideal_nbytes,
+                              dense_bytes=packed.dense_nbytes)
+                # The baselines first, each written before any of our kernels runs: a kernel
+                # that brings the process down cannot take them with it.
+                dense = dict(common, kernel=kernel_label("dense", None, device), backend="torch",
+                             **measure(lambda v: F.linear(v, masked), masked, x, tolerance, timer))
+                keep(dense)
+                if baseline_24 is not None:
+                    weight_24, call_24 = baseline_24
+                    half = shape[0] * shape[1] * masked.element_size()
+                    keep(dict(common, kernel="torch-2:4", backend="torch", mix="all-2:4",
+                              tier_ratios=[0.0, 1.0, 0.0], packed_bytes=half // 2 + half // 16,
+                              ideal_bytes=half // 2 + half // 16, dense_bytes=half,
+                              **with_speedup(measure(call_24, weight_24, x, tolerance, timer),
+                                             dense)))
                 for backend, variant in variants:
                     if not applies(backend, variant, batch):
                         continue
+                    label = kernel_label(backend, variant, device)
+
                     def hybrid(v, backend=backend):
                         return sk.hybrid_linear(v, packed, backend=backend)
                     with kernel_variant(backend, variant, active_isa):
-                        error = output_error(hybrid, x, masked)
-                        timed = timer(lambda: hybrid(x)) if error <= tolerance else None
-                    label = variant if len(choices.get(backend, ())) > 1 else None
-                    keep(record(backend, mix, dtype, shape, batch, ratios, args.topk, dense,
-                                timed, error, *sizes, variant=label))
-                if baseline_24 is not None:
-                    weight_24, call_24 = baseline_24
-                    try:
-                        error = output_error(call_24, x, weight_24)
-                        timed = timer(lambda: call_24(x)) if error <= tolerance else None
-                    except RuntimeError as exc:  # e.g. a batch size torch's kernels refuse
-                        print(f"(torch-2:4 failed at batch {batch}: {exc})")
-                        continue
-                    half = shape[0] * shape[1] * masked.element_size()
-                    keep(record("torch-2:4", "all-2:4", dtype, shape, batch, (0.0, 1.0, 0.0),
-                                args.topk, dense, timed, error, half // 2 + half // 16,
-                                half // 2 + half // 16, half))
+                        rec = with_speedup(measure(hybrid, masked, x, tolerance, timer), dense)
+                    if label == "cuda-v2" and "ms" in rec:
+                        rec.update(decode_layout_fields(packed, x, rec["ms"]))
+                    keep(dict(common, kernel=label, backend=backend, **rec))
     path = args.out or results_path(device)
     write_results(path, device, records, threads=torch.get_num_threads(), cpu_isa=active_isa,
                   cache="warm" if args.warm_cache else "cold",

@@ -48,7 +48,7 @@ def op_calls(weight: torch.Tensor, backend: str) -> dict:
     in_f = weight.shape[1]
     norm = torch.rand(in_f, generator=torch.Generator().manual_seed(in_f)).to(weight.device)
     scores = weight.float().abs()
-    blocks = sk.nm_mask(weight, 2, 4).to(weight.dtype) * weight
+    blocks = sk.nm_mask(weight, 2, 4, backend="torch").to(weight.dtype) * weight
     blocks = blocks[: weight.shape[0] // 16 * 16, : in_f // 16 * 16]
     blocks = blocks.reshape(-1, 16, in_f // 16, 16).permute(0, 2, 1, 3).reshape(-1, 16, 16)
     blocks = blocks.contiguous()
@@ -103,14 +103,16 @@ def main(argv=None):
     for backend in backends:
         for op, call in op_calls(weight, backend).items():
             if not same_output(call(), reference[op]):
-                records.append(dict(backend=backend, op=op, output_ok=False))
+                records.append(dict(record="prune-kernel", backend=backend, op=op,
+                                    output_ok=False))
                 append_jsonl(args.jsonl, records[-1])
                 print(f"{backend:8} {op:16} !! output differs from the reference: not timed")
                 continue
             ms = median_ms(call, device, args.warmup, args.iters)
             moved = bytes_moved(op, out_f, in_f, elem)
             gbs = moved / ms / 1e6
-            records.append(dict(backend=backend, op=op, dtype=str(dtype).removeprefix("torch."),
+            records.append(dict(record="prune-kernel", backend=backend, op=op,
+                                dtype=str(dtype).removeprefix("torch."),
                                 out_features=out_f, in_features=in_f, ms=significant(ms),
                                 bytes=moved, gb_per_s=significant(gbs),
                                 fraction_of_copy=significant(gbs / copy_gbs), output_ok=True))

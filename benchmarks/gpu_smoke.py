@@ -5,7 +5,7 @@ Two checks, every result a JSON line appended the moment it is known:
 1. **2:4 metadata, position by position.** One 16x16 block in the 2:4 tier whose 16 rows each
    keep a different pair in each group of four columns, times the 16 one-hot tokens: output
    ``[t, o]`` must be weight ``[o, t]``, so a wrong entry names the metadata row and bit that
-   misplaced it (compared with ``HybridWeight.to_dense``, the canonical format's own reading).
+   misplaced it (compared with the weight unpacked on the CPU by the torch reference).
 2. **Large shapes.** The default tier mix on each ``--shapes`` weight at each ``--batches``
    against ``F.linear`` on the masked weight (relative tolerance by dtype), with several K
    chunks and split paths exercised as the tests' small shapes cannot.
@@ -29,6 +29,7 @@ from bench_linear import (DTYPES, TOLERANCE, applies, kernel_variant,  # noqa: E
                           make_weight, output_error, parse_shapes)
 from common import TIER_MIXES, append_jsonl, default_backends, significant  # noqa: E402
 from sparse_kernels.backends import CUDA_KERNELS  # noqa: E402
+from sparse_kernels.reference import unpack_blocks  # noqa: E402
 
 # The six ways to keep 2 of 4 columns.
 PAIRS = list(itertools.combinations(range(4), 2))
@@ -50,11 +51,12 @@ def check_metadata(backend: str, device: torch.device, dtype: torch.dtype) -> di
     weight = pattern_block(dtype)
     tiers = torch.full((1, 1), sk.SPARSE_24, dtype=torch.int8)
     packed = sk.HybridWeight.from_dense(weight, tiers, 15).to(device)
-    expected = packed.to_dense().float().cpu()  # [out, in]
+    expected = unpack_blocks(*packed.to("cpu").packed_tensors(), 16, 16).float()  # [out, in]
     tokens = torch.eye(16, dtype=dtype, device=device)  # token t is one-hot at input t
     got = sk.hybrid_linear(tokens, packed, backend=backend).float().cpu().t()  # [out, in]
     wrong = (got != expected).nonzero().tolist()
-    return dict(check="metadata-2:4", backend=backend, dtype=str(dtype).removeprefix("torch."),
+    return dict(record="smoke", check="metadata-2:4", backend=backend,
+                dtype=str(dtype).removeprefix("torch."),
                 ok=not wrong, wrong_entries=len(wrong),
                 first_wrong=[dict(row=r, col=c, expected=float(expected[r, c]),
                                   got=float(got[r, c]), group=c // 4, meta_row=r)
@@ -72,7 +74,8 @@ def check_shape(backend: str, shape, batch: int, device, dtype, topk: int = 15) 
     masked, packed = shape_weight(tuple(shape), topk, dtype, device)
     x = torch.randn(batch, shape[1], device=device).to(dtype)
     error = output_error(lambda v: sk.hybrid_linear(v, packed, backend=backend), x, masked)
-    return dict(check="large-shape", backend=backend, dtype=str(dtype).removeprefix("torch."),
+    return dict(record="smoke", check="large-shape", backend=backend,
+                dtype=str(dtype).removeprefix("torch."),
                 out_features=shape[0], in_features=shape[1], batch=batch,
                 max_rel_error=significant(error), ok=error <= TOLERANCE[dtype])
 
@@ -109,7 +112,7 @@ def main(argv=None) -> int:
             with kernel_variant(backend, variant, active_isa):
                 result = make()
         except Exception as exc:  # a crash is a result too; the next check still runs
-            result = dict(check="error", backend=backend, ok=False,
+            result = dict(record="smoke", check="error", backend=backend, ok=False,
                           error=f"{type(exc).__name__}: {exc}")
         if variant is not None:
             result["backend"] = f"{backend}/{variant}"

@@ -2,7 +2,7 @@
 
   python benchmarks/plot_linear.py benchmarks/results/<file>.json [--out plot.png] [--mix hybrid]
 
-Lines: each backend on the chosen tier mix, and torch's semi-structured 2:4 where it was
+Lines: each kernel on the chosen tier mix, and torch's semi-structured 2:4 where it was
 measured. The dotted line at 1.0 is dense; the dashed one is the byte limit of the mix
 (dense bytes / packed bytes), the most a purely memory-bound kernel could gain. Needs
 matplotlib (``pip install matplotlib``), which the package itself does not.
@@ -16,21 +16,26 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import mix_name  # noqa: E402
 
 
+def kernel_of(rec: dict) -> str:
+    """A record's kernel label (older files name only the backend)."""
+    return rec.get("kernel", rec["backend"])
+
+
 def load_series(records: list[dict], mix: str) -> dict:
-    """{shape: {label: [(batch, speedup), ...]}} for the mix and the torch 2:4 baseline."""
+    """{shape: {kernel: [(batch, speedup), ...]}} for the mix and the torch 2:4 baseline."""
     series = {}
     for rec in records:
-        if mix_name(rec) != mix and rec["backend"] != "torch-2:4" or "speedup" not in rec:
-            continue  # another mix, or a wrong output (not timed)
+        if mix_name(rec) != mix and kernel_of(rec) != "torch-2:4" or "speedup" not in rec:
+            continue  # another mix, the dense baseline itself, or a wrong output (not timed)
         shape = f"{rec['out_features']}x{rec['in_features']}"
-        series.setdefault(shape, {}).setdefault(rec["backend"], []).append(
+        series.setdefault(shape, {}).setdefault(kernel_of(rec), []).append(
             (rec["batch"], rec["speedup"]))
     return series
 
 
 def byte_limits(records: list[dict], mix: str) -> dict:
     return {f"{r['out_features']}x{r['in_features']}": r["dense_bytes"] / r["packed_bytes"]
-            for r in records if mix_name(r) == mix and r["backend"] != "torch-2:4"}
+            for r in records if mix_name(r) == mix and kernel_of(r) != "torch-2:4"}
 
 
 def main(argv=None):

@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -27,17 +28,21 @@ import bench_prune_kernels  # noqa: E402
 def test_bench_linear_writes_side_by_side_records(tmp_path):
     out, lines = tmp_path / "linear.json", tmp_path / "linear.jsonl"
     bench_linear.main(["--shapes", "48x80", "--batches", "1,17", "--mixes", "hybrid,all-dense",
-                       "--iters", "2", "--warmup", "0", "--warm-cache", "--out", str(out),
-                       "--jsonl", str(lines)])
+                       "--iters", "2", "--warmup", "0", "--warm-cache", "--repeats", "2",
+                       "--out", str(out), "--jsonl", str(lines)])
     payload = json.loads(out.read_text())
     assert {"device", "torch", "commit", "records"} <= payload.keys()
     records = payload["records"]
-    assert {(r["mix"], r["batch"]) for r in records} == {
+    # Per mix and batch the dense baseline first, then the kernel, each named.
+    ours = [r for r in records if r["kernel"] != "F.linear"]
+    assert [r["kernel"] for r in records] == ["F.linear", ours[0]["kernel"]] * 4
+    assert {(r["mix"], r["batch"]) for r in ours} == {
         ("hybrid", 1), ("hybrid", 17), ("all-dense", 1), ("all-dense", 17)}
-    for r in records:
+    for dense, r in zip(records[::2], records[1::2]):
         assert r["output_ok"] and r["max_rel_error"] <= bench_linear.TOLERANCE[torch.float32]
-        assert r["dense_ms"] > 0 and r["hybrid_ms"] > 0
-        assert r["speedup"] == pytest.approx(r["dense_ms"] / r["hybrid_ms"], rel=1e-2)
+        assert len(r["ms_repeats"]) == 2 and r["ms"] > 0 and r["dense_ms"] == dense["ms"]
+        assert r["speedup"] == pytest.approx(r["dense_ms"] / r["ms"], rel=1e-2)
+        assert r["record"] == dense["record"] == "linear" and "speedup" not in dense
     # The same records, one per line, written as they were measured.
     assert [json.loads(line) for line in lines.read_text().splitlines()] == records
 
@@ -52,8 +57,8 @@ def test_bench_linear_times_each_cpu_isa(tmp_path):
                        "--warmup", "0", "--warm-cache", "--out", str(out)])
     payload = json.loads(out.read_text())
     assert payload["cpu_isa"] == active and sk.cpu_isa() == active  # restored afterwards
-    labels = [r["backend"] for r in payload["records"]]
-    assert labels == ([f"cpu/{i}" for i in isas] if len(isas) > 1 else ["cpu"])
+    labels = [r["kernel"] for r in payload["records"]]
+    assert labels == ["F.linear"] + [f"cpu-{i}" for i in isas]
     assert all(r["output_ok"] for r in payload["records"])
     with pytest.raises(SystemExit, match="not \\['sse9'\\]"):
         bench_linear.main(["--shapes", "48x80", "--backends", "cpu", "--cpu-isas", "sse9"])
@@ -65,9 +70,31 @@ def test_bench_linear_does_not_time_a_wrong_output(tmp_path, monkeypatch):
     out = tmp_path / "linear.json"
     bench_linear.main(["--shapes", "32x64", "--batches", "3", "--mixes", "hybrid",
                        "--iters", "1", "--warmup", "0", "--warm-cache", "--out", str(out)])
-    (r,) = json.loads(out.read_text())["records"]
+    dense, r = json.loads(out.read_text())["records"]
+    assert dense["output_ok"] and dense["ms"] > 0
     assert not r["output_ok"] and r["max_rel_error"] == pytest.approx(0.01, rel=1e-3)
-    assert "hybrid_ms" not in r and "speedup" not in r
+    assert "ms" not in r and "speedup" not in r
+
+
+def test_a_crashing_kernel_leaves_the_baselines_and_the_next_records(tmp_path, monkeypatch):
+    """A kernel that raises is recorded with its error; the baseline written before it and the
+    records after it (the next batch) are all there."""
+    real = sk.hybrid_linear
+
+    def crashes_on_three_rows(x, w, backend=None):
+        if x.shape[0] == 3:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return real(x, w, backend=backend)
+
+    monkeypatch.setattr(sk, "hybrid_linear", crashes_on_three_rows)
+    lines = tmp_path / "linear.jsonl"
+    bench_linear.main(["--shapes", "32x64", "--batches", "3,2", "--mixes", "hybrid", "--iters",
+                       "1", "--warmup", "0", "--warm-cache", "--out", str(tmp_path / "l.json"),
+                       "--jsonl", str(lines)])
+    records = [json.loads(line) for line in lines.read_text().splitlines()]
+    assert [(r["kernel"] == "F.linear", r["batch"], r["output_ok"]) for r in records] == [
+        (True, 3, True), (False, 3, False), (True, 2, True), (False, 2, True)]
+    assert "illegal memory access" in records[1]["error"] and "ms" not in records[1]
 
 
 def test_bench_prune_kernels_counts_bytes_against_copy(tmp_path):
@@ -96,15 +123,19 @@ def test_plot_linear_draws_a_png(tmp_path):
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
-def test_gpu_script_parses_and_names_files_that_exist():
-    script = os.path.join(BENCH, "gpu_check.sh")
-    subprocess.run(["bash", "-n", script], check=True)
-    with open(script) as f:
-        text = f.read()
-    named = set(re.findall(r"((?:tests|benchmarks)/[\w./-]+\.py)", text))
-    assert named, "gpu_check.sh names no test or benchmark files"
-    missing = [p for p in sorted(named) if not os.path.exists(os.path.join(ROOT, p))]
-    assert not missing, f"gpu_check.sh names files that do not exist: {missing}"
+def test_gpu_check_plan_names_files_that_exist(tmp_path):
+    import gpu_check
+
+    subprocess.run(["bash", "-n", os.path.join(BENCH, "gpu_check.sh")], check=True)
+    out, scratch = str(tmp_path / "out"), str(tmp_path / "scratch")
+    for dry in (True, False):
+        steps = [gpu_check.environment_step("python3", out, dry),
+                 *gpu_check.plan("python3", out, dry, scratch, "9.0a")]
+        named = {a for s in steps for a in s.argv if a.endswith(".py")}
+        assert named and all(os.path.exists(os.path.join(ROOT, p)) for p in named), named
+        # Only the six files of the check are written into the output folder.
+        inside = {os.path.basename(a) for s in steps for a in s.argv if os.path.dirname(a) == out}
+        assert inside and inside <= set(gpu_check.OUT_FILES), inside
 
 
 def test_bench_frontier_records_every_configuration_and_resumes(tmp_path):
@@ -197,29 +228,117 @@ def test_bench_recovery_curves_keep_sparsity_and_resume(tmp_path):
 
 
 def test_gpu_script_dry_run_leaves_every_record_file(tmp_path):
-    """The GPU check's plumbing on the CPU at tiny sizes: every step passes and writes the
-    JSON-lines files a GPU run would, with checked outputs."""
+    """The GPU check's plumbing on the CPU at tiny sizes, with python3 alone on the path: every
+    step runs and is recorded, at most six files land in the folder, every record is labelled,
+    and the summary is printed last."""
+    import gpu_check
+
     out = tmp_path / "gpu"
+    bin_dir = tmp_path / "bin"  # python3 only, as on the GPU machine's image
+    bin_dir.mkdir()
+    (bin_dir / "python3").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    (bin_dir / "python3").chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHON"}
+    env["PATH"] = f"{bin_dir}:/usr/bin:/bin"
     done = subprocess.run(["bash", os.path.join(BENCH, "gpu_check.sh"), "--dry-run", str(out)],
-                          env={**os.environ, "PYTHON": sys.executable}, capture_output=True,
-                          text=True, timeout=900)
+                          env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    files = sorted(p.name for p in out.iterdir())
+    assert len(files) <= 6 and set(files) <= set(gpu_check.OUT_FILES), files
     steps = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
-    assert [s["step"] for s in steps][:3] == ["environment", "backends", "smoke"]
-    assert all(s["exit"] == 0 for s in steps), steps
-    smoke = [json.loads(line) for line in (out / "smoke.jsonl").read_text().splitlines()]
+    planned = ["environment"] + [s.name for s in gpu_check.plan("python3", str(out), True,
+                                                                str(tmp_path), None)]
+    assert [s["step"] for s in steps] == planned
+    assert all(s["status"] == "ok" for s in steps), steps
+    kernels = [json.loads(line) for line in (out / "kernels.jsonl").read_text().splitlines()]
+    smoke = [r for r in kernels if r["record"] == "smoke"]
     assert {s["check"] for s in smoke} == {"metadata-2:4", "large-shape"}
     assert all(s["ok"] for s in smoke)
-    linear = [json.loads(line) for line in (out / "linear.jsonl").read_text().splitlines()]
-    assert {r["backend"] for r in linear} == {"cpu", "triton"}
-    assert {r["mix"] for r in linear} == {"hybrid", "all-dense"}
-    assert all(r["output_ok"] and r["speedup"] > 0 for r in linear)
+    linear = [r for r in kernels if r["record"] == "linear"]
+    assert {r["kernel"] for r in linear} == {"F.linear", f"cpu-{sk.cpu_isa()}", "triton"}
+    assert all(r["output_ok"] and (r["kernel"] == "F.linear" or r["speedup"] > 0)
+               for r in linear)
+    assert {r["record"] for r in kernels} == {"smoke", "linear", "sanitizer", "ncu",
+                                             "prune-kernel"}
     model = [json.loads(line) for line in (out / "model.jsonl").read_text().splitlines()]
     assert [(r["phase"], r["batch"]) for r in model] == [
         ("prefill", 1), ("decode", 1), ("decode-step", 1), ("decode", 2), ("decode-step", 2)]
-    assert all("error" not in r and r["speedup"] > 0 for r in model)
-    kernels = [json.loads(line) for line in (out / "prune-kernels.jsonl").read_text().splitlines()]
-    assert {r["backend"] for r in kernels} == {"cpu", "triton"}
+    env_json = json.loads((out / "env.json").read_text())
+    assert env_json["dry_run"] and env_json["copy_gb_per_s"] > 0 and "backends" in env_json
+    assert "==== GPU check summary" in done.stdout[-6000:]
+    assert re.search(r"\d+ (passed|skipped)", (out / "tests.txt").read_text())
+
+
+def test_gpu_check_cuts_a_slow_step_and_runs_the_next(tmp_path):
+    """One deadline: a step past its cap is killed and recorded as cut, one that no time is left
+    for is cut without running, and the steps after either still run."""
+    import gpu_check
+
+    python = sys.executable
+    runner = gpu_check.Runner(str(tmp_path), deadline_s=8, reserve_s=1, min_step_s=0.5)
+    fast = gpu_check.Step("fast", 30, [python, "-c", "print('fast')"], needs=None)
+    slow = gpu_check.Step("slow", 2, [python, "-c", "import time; print('slow', flush=True); "
+                                                    "time.sleep(60)"], needs=None)
+    tail = gpu_check.Step("after", 30, [python, "-c", "print('after')"], needs=None)
+    t0 = time.monotonic()
+    statuses = [runner.run(s)["status"] for s in (fast, slow, tail)]
+    assert statuses == ["ok", "cut", "ok"] and time.monotonic() - t0 < 20
+    runner.skip_reasons["cuda"] = "no CUDA kernels"
+    assert runner.run(gpu_check.Step("kernels", 30, [python, "-c", "1"]))["status"] == "skipped"
+    late = gpu_check.Runner(str(tmp_path), deadline_s=1, reserve_s=1, min_step_s=0.5)
+    assert late.run(fast)["why"].startswith("no time left")
+    recorded = [json.loads(line) for line in (tmp_path / "steps.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["status"]) for r in recorded] == [
+        ("fast", "ok"), ("slow", "cut"), ("after", "ok"), ("kernels", "skipped"), ("fast", "cut")]
+    assert recorded[1]["why"] == "hit its cap of 2 s"
+    log = (tmp_path / gpu_check.LOG).read_text()
+    assert "slow" in log and "after" in log
+
+
+def test_gpu_steps_read_ncu_and_sanitizer_output():
+    import gpu_steps
+
+    csv_text = "\n".join([
+        "==PROF== Disconnected",
+        '"ID","Kernel Name","dram__bytes_read.sum","dram__bytes_write.sum",'
+        '"dram__throughput.avg.pct_of_peak_sustained_elapsed","gpu__time_duration.sum",'
+        '"launch__grid_size","launch__registers_per_thread"',
+        '"","","byte","byte","%","nsecond","",""',
+        '"0","hybrid_decode_kernel<__half, 1>","56,260,000","90,112","81.5","21,400","1056","48"'])
+    got = gpu_steps.parse_ncu_csv(csv_text)
+    assert got == dict(kernel_name="hybrid_decode_kernel<__half, 1>", dram_bytes_read=56260000.0,
+                       dram_bytes_write=90112.0, dram_throughput_pct=81.5, duration_ns=21400.0,
+                       grid_size=1056.0, registers_per_thread=48.0)
+    assert gpu_steps.parse_ncu_csv("no profile") == {}
+    assert gpu_steps.sanitizer_errors("memcheck", "========= ERROR SUMMARY: 0 errors") == 0
+    assert gpu_steps.sanitizer_errors(
+        "racecheck", "========= RACECHECK SUMMARY: 3 hazards displayed (2 errors, 1 warning)") == 2
+    assert gpu_steps.sanitizer_errors("synccheck", "Segmentation fault") is None
+
+
+def test_plot_gpu_summarizes_a_check_folder(tmp_path):
+    import plot_gpu
+
+    out = tmp_path / "run"
+    out.mkdir()
+    rows = [dict(record="linear", kernel="cublas", out_features=11008, in_features=4096,
+                 batch=1, output_ok=True, ms=0.06),
+            dict(record="linear", kernel="cuda-v2", out_features=11008, in_features=4096,
+                 batch=1, output_ok=True, ms=0.04, dense_ms=0.06, speedup=1.5, gb_per_s=2300,
+                 tasks=4224),
+            dict(record="linear", kernel="cuda-v1", out_features=4096, in_features=4096,
+                 batch=16, output_ok=False, error="RuntimeError: boom"),
+            dict(record="ncu", kernel="cuda-v2", fraction_of_copy=0.7, ok=True)]
+    (out / "kernels.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"cut')
+    (out / "env.json").write_text(json.dumps(dict(gpu="NVIDIA H100", commit="abc")))
+    summary = plot_gpu.summarize(str(out))
+    assert [(t["target"].split(" >=")[0], t["met"]) for t in summary["targets"]] == [
+        ("decode v2 11008x4096 batch 1", True), ("ncu DRAM rate of v2", False)]
+    text = plot_gpu.format_summary(summary)
+    assert "RuntimeError: boom" in text and "1.50x" in text
+    plot_gpu.main([str(out), "--out", str(tmp_path / "summary")])
+    saved = json.loads((tmp_path / "summary.json").read_text())
+    assert len(saved["records"]["kernels"]) == 4
 
 
 def test_gpu_smoke_names_a_misplaced_2_4_entry(monkeypatch):
