@@ -147,16 +147,13 @@ def env(args) -> int:
 
 def backends(args) -> int:
     import sparse_kernels as sk
-    from sparse_kernels import _loader
-    from sparse_kernels._ops import _SCHEMAS
 
     info = read_json(args.out)
-    cuda_ops = [op for op in _SCHEMAS if _loader.native_loaded() and
-                torch._C._dispatch_has_kernel_for_dispatch_key(f"sparse_kernels::{op}", "CUDA")]
+    cuda_ops = sk.ops_with_kernel("CUDA")
     info.update(backends=sk.available_backends(), cuda_ops=cuda_ops,
-                native_load_error=None if _loader.native_loaded() else _loader.native_load_error,
+                native_load_error=sk.backends.native_load_error(),
                 triton_unavailable=sk.triton.UNAVAILABLE_REASON)
-    missing = [op for op in _SCHEMAS if op not in cuda_ops]
+    missing = [op for op in sk.ops_with_kernel("CompositeExplicitAutograd") if op not in cuda_ops]
     reason = None
     if "cuda" not in info["backends"]:
         try:

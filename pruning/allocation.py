@@ -1,7 +1,7 @@
 """Tier allocation under a byte budget: which blocks stay dense, go 2:4 or keep their top-K.
 
 Every ``B x B`` block of a weight can be stored in three tiers. Tier ``t`` costs the block
-``c_t`` bytes (:func:`sparse_kernels.format.tier_block_nbytes`: exactly what ``HybridWeight``
+``c_t`` bytes (:func:`sparse_kernels.rules.tier_block_nbytes`: exactly what ``HybridWeight``
 stores, metadata and block index included) and loses ``L_t``: the estimated damage of the weights
 that tier drops, the sum of a per-weight *loss proxy* over them (:func:`tier_losses`; for Wanda
 the proxy is ``S^2 = W^2 * ||X_j||^2``, for SparseGPT the OBS saliency ``W^2 / [H^-1]_jj``).
@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from sparse_kernels import DENSE, SPARSE_24, TOPK
-from sparse_kernels.format import index_nbytes, packed_nbytes, tier_block_nbytes, tier_grid
+from sparse_kernels.rules import index_nbytes, packed_nbytes, tier_block_nbytes, tier_grid
 
 from .patterns import Pattern
 

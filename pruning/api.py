@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from sparse_kernels import SPARSE_24
-from sparse_kernels.format import tier_grid
+from sparse_kernels.rules import tier_grid
 
 from .capture import layerwise
 from .methods import get_method

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from sparse_kernels.atomic import atomic_file
-from sparse_kernels.format import tier_grid
+from sparse_kernels.rules import tier_grid
 
 FORMAT = "sparse_kernels.tier_maps"
 FORMAT_VERSION = 1

@@ -6,12 +6,13 @@ Public API:
   HybridSparseLinear      nn.Module holding a HybridWeight; sparsify_model swaps them in
   wanda_scores, block_topk_mask, nm_mask, compress_24   pruning-side kernels
   assign_tiers, tier_mask, apply_tier_map    what a tier map means for a weight (tiers.py)
-  available_backends      which backends this install can run
+  available_backends      which backends this install can run (ops_with_kernel: per dispatch key)
   cpu_isa, supported_cpu_isas   the CPU kernels' instruction set (chosen at run time)
 """
-from ._ops import block_topk_mask, compress_24, nm_mask, wanda_scores
+from ._ops import block_topk_mask, compress_24, nm_mask, ops_with_kernel, wanda_scores
 from .backends import available_backends, cpu_isa, supported_cpu_isas
-from .format import DENSE, SPARSE_24, TIER_NAMES, TOPK, HybridWeight
+from .format import HybridWeight
+from .rules import DENSE, SPARSE_24, TIER_NAMES, TOPK
 from .functional import hybrid_linear
 from .modules import HybridSparseLinear, sparsify_model
 from .tiers import apply_tier_map, assign_tiers, tier_mask
@@ -19,7 +20,7 @@ from .tiers import apply_tier_map, assign_tiers, tier_mask
 __all__ = [
     "HybridWeight", "HybridSparseLinear", "sparsify_model", "hybrid_linear",
     "wanda_scores", "block_topk_mask", "nm_mask", "compress_24", "available_backends",
-    "cpu_isa", "supported_cpu_isas",
+    "cpu_isa", "supported_cpu_isas", "ops_with_kernel",
     "DENSE", "SPARSE_24", "TOPK", "TIER_NAMES", "assign_tiers", "tier_mask", "apply_tier_map",
 ]
 

@@ -18,6 +18,7 @@ from . import decode_layout, reference
 from . import triton as triton_backend
 from ._loader import native_loaded  # noqa: F401  (loads the library before the first call)
 from .backends import resolve_backend
+from .rules import DEFAULT_BLOCK_SIZE, check_block_size
 
 _LIB = torch.library.Library("sparse_kernels", "DEF")
 
@@ -43,6 +44,12 @@ _SCHEMAS = {
         "(Tensor x, Tensor stream, Tensor tasks, Tensor codes, Tensor counters, "
         "int out_features, int topk, Tensor? bias=None) -> Tensor"),
 }
+# Ops only the compiled library implements (csrc/cpu/isa.cpp): the CPU kernels' instruction-set
+# switch, which has no tensors and nothing for a reference to do.
+_NATIVE_SCHEMAS = {
+    "cpu_isa": "(str? name=None) -> str",
+    "cpu_isa_detected": "() -> str",
+}
 _REFERENCES = {**{name: getattr(reference, name) for name in _SCHEMAS
                   if name not in ("hybrid_linear_decode", "unpack_hybrid")},
                "unpack_hybrid": reference.unpack_blocks,
@@ -51,8 +58,10 @@ _REFERENCES = {**{name: getattr(reference, name) for name in _SCHEMAS
 for _name, _schema in _SCHEMAS.items():
     _LIB.define(_name + _schema)
     _LIB.impl(_name, _REFERENCES[_name], "CompositeExplicitAutograd")
+for _name, _schema in _NATIVE_SCHEMAS.items():
+    _LIB.define(_name + _schema)
 
-# The dispatched overloads, looked up once: every op call goes through _call.
+# The dispatched overloads, looked up once: every op call goes through call_op.
 _DISPATCHED = {name: getattr(torch.ops.sparse_kernels, name).default for name in _SCHEMAS}
 
 
@@ -101,7 +110,16 @@ if torch.cuda.is_available():
     triton_backend.register_for_cuda(_LIB)
 
 
-def _call(name: str, backend: str | None, device: torch.device, *args):
+def ops_with_kernel(dispatch_key: str) -> list[str]:
+    """The package's ops that have a kernel registered for ``dispatch_key`` (``"CUDA"``,
+    ``"CPU"``): what a compiled backend serves."""
+    return [name for name in _SCHEMAS
+            if torch._C._dispatch_has_kernel_for_dispatch_key(f"sparse_kernels::{name}",
+                                                             dispatch_key)]
+
+
+def call_op(name: str, backend: str | None, device: torch.device, *args):
+    """Run op ``name`` on ``args`` with the backend ``backends.resolve_backend`` picks."""
     chosen = resolve_backend(backend, device)
     if chosen == "torch":
         return _REFERENCES[name](*args)
@@ -110,61 +128,55 @@ def _call(name: str, backend: str | None, device: torch.device, *args):
     return _DISPATCHED[name](*args)
 
 
-def _check_float(name: str, t: torch.Tensor) -> None:
+def check_float(name: str, t: torch.Tensor) -> None:
     if t.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise TypeError(f"{name} must be float32, bfloat16 or float16, got {t.dtype}")
 
 
-def _check_2d(name: str, t: torch.Tensor) -> None:
+def check_2d(name: str, t: torch.Tensor) -> None:
     if t.dim() != 2:
         raise ValueError(f"{name} must be 2-D [out_features, in_features], got shape "
                          f"{tuple(t.shape)}")
 
 
-def _check_block_size(block_size: int) -> None:
-    if block_size not in (4, 8, 12, 16):
-        raise ValueError(f"block_size must be 4, 8, 12 or 16 (a multiple of 4 so 2:4 groups "
-                         f"align, at most 16 so a top-K position fits a byte), got {block_size}")
-
-
-def wanda_scores(weight: torch.Tensor, act_sq_norm: torch.Tensor, block_size: int = 16, *,
+def wanda_scores(weight: torch.Tensor, act_sq_norm: torch.Tensor, block_size: int = DEFAULT_BLOCK_SIZE, *,
                  backend: str | None = None):
     """Fused Wanda scores and block scores; see ``reference.wanda_scores`` for the contract."""
-    _check_2d("weight", weight)
-    _check_float("weight", weight)
-    _check_block_size(block_size)
+    check_2d("weight", weight)
+    check_float("weight", weight)
+    check_block_size(block_size)
     if act_sq_norm.shape != (weight.shape[1],):
         raise ValueError(f"act_sq_norm must have shape ({weight.shape[1]},) (one entry per input "
                          f"column of weight), got {tuple(act_sq_norm.shape)}")
-    _check_float("act_sq_norm", act_sq_norm)
-    return _call("wanda_scores", backend, weight.device, weight, act_sq_norm, block_size)
+    check_float("act_sq_norm", act_sq_norm)
+    return call_op("wanda_scores", backend, weight.device, weight, act_sq_norm, block_size)
 
 
-def block_topk_mask(scores: torch.Tensor, k: int, block_size: int = 16, *,
+def block_topk_mask(scores: torch.Tensor, k: int, block_size: int = DEFAULT_BLOCK_SIZE, *,
                     backend: str | None = None) -> torch.Tensor:
     """Bool mask keeping the ``k`` best scores of each block; see ``reference.block_topk_mask``."""
-    _check_2d("scores", scores)
-    _check_float("scores", scores)
-    _check_block_size(block_size)
+    check_2d("scores", scores)
+    check_float("scores", scores)
+    check_block_size(block_size)
     if not 1 <= k <= block_size * block_size:
         raise ValueError(f"k must be in 1..{block_size * block_size} (block_size^2), got {k}")
-    return _call("block_topk_mask", backend, scores.device, scores, k, block_size)
+    return call_op("block_topk_mask", backend, scores.device, scores, k, block_size)
 
 
 def nm_mask(scores: torch.Tensor, n: int = 2, m: int = 4, *,
             backend: str | None = None) -> torch.Tensor:
     """Bool mask keeping the ``n`` best of every ``m`` input columns; see ``reference.nm_mask``."""
-    _check_2d("scores", scores)
-    _check_float("scores", scores)
+    check_2d("scores", scores)
+    check_float("scores", scores)
     if not 1 <= n <= m:
         raise ValueError(f"N:M needs 1 <= n <= m, got n={n}, m={m}")
-    return _call("nm_mask", backend, scores.device, scores, n, m)
+    return call_op("nm_mask", backend, scores.device, scores, n, m)
 
 
 def compress_24(blocks: torch.Tensor, *, backend: str | None = None):
     """2:4 blocks [n, B, B] -> (values [n, B, B/2], meta [n, B] int16); see ``reference``."""
     if blocks.dim() != 3 or blocks.shape[1] != blocks.shape[2]:
         raise ValueError(f"blocks must be [n, B, B], got shape {tuple(blocks.shape)}")
-    _check_float("blocks", blocks)
-    _check_block_size(blocks.shape[1])
-    return _call("compress_24", backend, blocks.device, blocks)
+    check_float("blocks", blocks)
+    check_block_size(blocks.shape[1])
+    return call_op("compress_24", backend, blocks.device, blocks)

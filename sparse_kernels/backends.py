@@ -34,6 +34,11 @@ def cuda_kernels_registered() -> bool:
                                                            "CUDA"))
 
 
+def native_load_error() -> str | None:
+    """Why the compiled library did not load (None when it did)."""
+    return None if _loader.native_loaded() else _loader.native_load_error
+
+
 def _unavailable_reason(backend: str) -> str | None:
     if backend == "torch":
         return None

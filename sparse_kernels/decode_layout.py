@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from .reference import block_ids, decompress_24
+from .rules import tier_grid
 
 BLOCK = 16
 CHUNK_BYTES = 512
@@ -151,7 +152,7 @@ def prepare_decode_layout(packed: tuple[torch.Tensor, ...], out_features: int,
     if target_tasks < 1:
         raise ValueError(f"target_tasks must be >= 1, got {target_tasks}")
     device = dense_vals.device
-    nbr, nbc = -(-out_features // BLOCK), -(-in_features // BLOCK)
+    nbr, nbc = tier_grid(out_features, in_features, BLOCK)
     ids = [block_ids(rowptr, cols, nbc) for rowptr, cols in
            ((dense_rowptr, dense_cols), (s24_rowptr, s24_cols), (topk_rowptr, topk_cols))]
     tiers = torch.zeros(nbr * nbc, dtype=torch.int64, device=device)
@@ -235,7 +236,7 @@ def layout_to_dense(stream: torch.Tensor, tasks: torch.Tensor, codes: torch.Tens
     """The weight ``[out, in]`` a decode layout stands for, read as the kernel reads it: each
     block's tier from the codes, its image at the running offset inside its task's stream."""
     device = stream.device
-    nbr, nbc = -(-out_features // BLOCK), -(-in_features // BLOCK)
+    nbr, nbc = tier_grid(out_features, in_features, BLOCK)
     t = tasks.long()
     n_blocks = t[:, 3]
     task_of_block = torch.repeat_interleave(torch.arange(len(t), device=device), n_blocks)
@@ -302,7 +303,7 @@ class DecodeLayoutCache:
         key = tuple((t.data_ptr(), t._version) for t in packed)
         if key != self._key:
             self._layout = None  # free the old layout before building the new one
-            device = packed[2].device
+            device = packed.dense_vals.device
             target = default_target_tasks(device) if device.type == "cuda" else 1
             self._layout = prepare_decode_layout(packed, out_features, in_features, topk, target)
             self._key = key

@@ -1,8 +1,9 @@
 """``HybridWeight``: the packed three-tier format the kernels consume.
 
 A weight ``W [out, in]`` (rows = output features, columns = input features) is cut into
-``B x B`` blocks, ``B`` in {4, 8, 12, 16}; edge blocks are zero-padded to ``B x B``. Its tier
-map ``[ceil(out/B), ceil(in/B)]`` (int8) gives each block a tier:
+``B x B`` blocks, ``B`` in ``rules.BLOCK_SIZES`` (4, 8, 12, 16); edge blocks are zero-padded to
+``B x B``. Its tier map ``[ceil(out/B), ceil(in/B)]`` (int8) gives each block a tier (the codes,
+defaults and byte costs live in ``rules.py``):
 
 ====  =======  ===============================================================
 code  tier     kept
@@ -34,58 +35,47 @@ import json
 import os
 import dataclasses
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
 from . import _ops, reference
 from .decode_layout import DecodeLayoutCache
 from .atomic import atomic_file
+from .rules import (BLOCK_SIZES, DEFAULT_BLOCK_SIZE, DEFAULT_TOPK, DENSE, SPARSE_24, TIER_NAMES,
+                    TOPK, check_block_size, check_topk, tier_grid)
 
-DENSE, SPARSE_24, TOPK = 0, 1, 2
-TIER_NAMES = {DENSE: "dense", SPARSE_24: "2:4", TOPK: "top-K"}
 # Meta of an all-zero 2:4 block row: every group of 4 keeps columns 0 and 1 (nibble 0b0100).
-ZERO_BLOCK_META = {b: int("4" * (b // 4), 16) for b in (4, 8, 12, 16)}
+ZERO_BLOCK_META = {b: int("4" * (b // 4), 16) for b in BLOCK_SIZES}
 FORMAT_VERSION = 1
 
-# Field order of the packed tensors = argument order of the hybrid_linear op.
-PACKED_FIELDS = ("dense_rowptr", "dense_cols", "dense_vals",
-                 "s24_rowptr", "s24_cols", "s24_vals", "s24_meta",
-                 "topk_rowptr", "topk_cols", "topk_vals", "topk_pos")
+
+class PackedTensors(NamedTuple):
+    """A packed weight's tensors by name, in the argument order of the ``hybrid_linear`` op
+    (and of ``PackedArgs`` / ``PackedView`` in csrc/). Layout: the module docstring."""
+
+    dense_rowptr: torch.Tensor
+    dense_cols: torch.Tensor
+    dense_vals: torch.Tensor
+    s24_rowptr: torch.Tensor
+    s24_cols: torch.Tensor
+    s24_vals: torch.Tensor
+    s24_meta: torch.Tensor
+    topk_rowptr: torch.Tensor
+    topk_cols: torch.Tensor
+    topk_vals: torch.Tensor
+    topk_pos: torch.Tensor
+
+    @property
+    def topk(self) -> int:
+        return self.topk_vals.shape[1]
+
+    @property
+    def block_size(self) -> int:
+        return self.dense_vals.shape[1]
 
 
-def tier_grid(out_features: int, in_features: int, block_size: int) -> tuple[int, int]:
-    """Shape of the tier map of a ``[out_features, in_features]`` weight."""
-    return -(-out_features // block_size), -(-in_features // block_size)
-
-
-def tier_block_nbytes(dtype: torch.dtype, block_size: int = 16,
-                      topk: int = 15) -> tuple[int, int, int]:
-    """Bytes one block costs as ``(dense, 2:4, top-K)``, exactly as ``HybridWeight`` stores it.
-
-    Each block stores its values in ``dtype`` (dense ``B*B``, 2:4 ``B*B/2``, top-K ``K``), its
-    positions (2:4: one int16 metadata word per block row; top-K: one uint8 per slot), its block
-    column (int32) and its tier-map entry (int8). The per-matrix row pointers are
-    :func:`index_nbytes`.
-    """
-    es = torch.empty((), dtype=dtype).element_size()
-    b = block_size
-    per_block = 4 + 1  # block column (int32) + tier-map entry (int8)
-    return (b * b * es + per_block, b * b // 2 * es + 2 * b + per_block,
-            topk * (es + 1) + per_block)
-
-
-def index_nbytes(out_features: int, in_features: int, block_size: int = 16) -> int:
-    """Bytes of the three tiers' int32 row pointers ``[ceil(out/B) + 1]``, whatever the tiers."""
-    return 3 * 4 * (tier_grid(out_features, in_features, block_size)[0] + 1)
-
-
-def packed_nbytes(tier_map: torch.Tensor, out_features: int, in_features: int,
-                  dtype: torch.dtype, topk: int = 15, block_size: int = 16) -> int:
-    """``HybridWeight.nbytes`` of a weight packed by ``tier_map``, without packing it."""
-    costs = tier_block_nbytes(dtype, block_size, topk)
-    counts = [int((tier_map == code).sum()) for code in (DENSE, SPARSE_24, TOPK)]
-    return sum(c * n for c, n in zip(costs, counts)) + index_nbytes(out_features, in_features,
-                                                                     block_size)
+PACKED_FIELDS = PackedTensors._fields
 
 
 def check_tier_map(tier_map: torch.Tensor, out_features: int, in_features: int,
@@ -142,12 +132,10 @@ def _check_topk_pattern(blocks: torch.Tensor, ids: torch.Tensor, nbc: int, k: in
 def _checked_blocks(weight: torch.Tensor, tier_map: torch.Tensor, topk: int, block_size: int):
     """``(tier map on the weight's device, the weight as [n_blocks, B, B] zero-padded blocks)``
     after checking the weight follows the map (``ValueError`` naming the first bad block)."""
-    _ops._check_2d("weight", weight)
-    _ops._check_float("weight", weight)
-    _ops._check_block_size(block_size)
-    if not 1 <= topk <= block_size * block_size:
-        raise ValueError(f"topk must be in 1..{block_size * block_size} (block_size^2), "
-                         f"got {topk}")
+    _ops.check_2d("weight", weight)
+    _ops.check_float("weight", weight)
+    check_block_size(block_size)
+    check_topk(topk, block_size)
     out_f, in_f = weight.shape
     tiers = check_tier_map(tier_map, out_f, in_f, block_size).to(weight.device)
     nbr, nbc = tiers.shape
@@ -160,8 +148,8 @@ def _checked_blocks(weight: torch.Tensor, tier_map: torch.Tensor, topk: int, blo
     return tiers, blocks
 
 
-def check_packable(weight: torch.Tensor, tier_map: torch.Tensor, topk: int = 15,
-                   block_size: int = 16) -> None:
+def check_packable(weight: torch.Tensor, tier_map: torch.Tensor, topk: int = DEFAULT_TOPK,
+                   block_size: int = DEFAULT_BLOCK_SIZE) -> None:
     """Raise ``ValueError`` (naming the block) unless ``HybridWeight.from_dense`` would accept
     ``weight`` with ``tier_map``; packs nothing."""
     _checked_blocks(weight, tier_map, topk, block_size)
@@ -204,8 +192,8 @@ def validate_packed(tensors: dict[str, torch.Tensor], out_features: int, in_feat
         raise CorruptWeightError(f"{where}: {field}{sep}{message}")
 
     b = block_size
-    if block_size not in (4, 8, 12, 16):
-        fail("block_size", f"is {block_size}; it must be 4, 8, 12 or 16")
+    if block_size not in BLOCK_SIZES:
+        fail("block_size", f"is {block_size}; it must be one of {BLOCK_SIZES}")
     if not (isinstance(topk, int) and 1 <= topk <= b * b):
         fail("topk", f"is {topk!r}; it must be in 1..{b * b}")
     if not (isinstance(out_features, int) and isinstance(in_features, int)
@@ -320,8 +308,8 @@ class HybridWeight:
                                             repr=False, compare=False)
 
     @classmethod
-    def from_dense(cls, weight: torch.Tensor, tier_map: torch.Tensor, topk: int = 15,
-                   block_size: int = 16) -> HybridWeight:
+    def from_dense(cls, weight: torch.Tensor, tier_map: torch.Tensor, topk: int = DEFAULT_TOPK,
+                   block_size: int = DEFAULT_BLOCK_SIZE) -> HybridWeight:
         """Pack ``weight [out, in]``, which already carries its zeros, by ``tier_map``.
 
         Raises ``ValueError`` naming the block if a 2:4 block has more than 2 non-zeros in a
@@ -342,9 +330,9 @@ class HybridWeight:
                    topk_rowptr, topk_cols, topk_vals, topk_pos)
 
     # ------------------------------------------------------------------ views
-    def packed_tensors(self) -> tuple[torch.Tensor, ...]:
-        """The packed tensors in the argument order of the ``hybrid_linear`` op."""
-        return tuple(getattr(self, name) for name in PACKED_FIELDS)
+    def packed_tensors(self) -> PackedTensors:
+        """The packed tensors by name, in the argument order of the ``hybrid_linear`` op."""
+        return PackedTensors(*(getattr(self, name) for name in PACKED_FIELDS))
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Every tensor of the format, ``tier_map`` included, by field name."""
@@ -461,8 +449,9 @@ class HybridWeight:
         return self
 
     @classmethod
-    def empty(cls, out_features: int, in_features: int, tier_map: torch.Tensor, topk: int = 15,
-              block_size: int = 16, dtype: torch.dtype = torch.float32,
+    def empty(cls, out_features: int, in_features: int, tier_map: torch.Tensor,
+              topk: int = DEFAULT_TOPK, block_size: int = DEFAULT_BLOCK_SIZE,
+              dtype: torch.dtype = torch.float32,
               device: str | torch.device | None = None) -> HybridWeight:
         """Zero-filled tensors of the shapes ``tier_map`` implies (a target for loading)."""
         tiers = check_tier_map(tier_map, out_features, in_features, block_size)

@@ -2,8 +2,8 @@
 import torch
 
 from . import backends, decode_layout
-from ._ops import _call
-from .format import HybridWeight
+from ._ops import call_op
+from .format import HybridWeight, PackedTensors
 
 
 def check_linear_inputs(x: torch.Tensor, in_features: int, out_features: int,
@@ -37,7 +37,7 @@ def _cuda_kernel(x: torch.Tensor, values: torch.Tensor, out_features: int, topk:
     return kernel
 
 
-def apply_packed(x: torch.Tensor, packed: tuple[torch.Tensor, ...], out_features: int,
+def apply_packed(x: torch.Tensor, packed: PackedTensors, out_features: int,
                  bias: torch.Tensor | None, backend: str | None,
                  decode_cache: decode_layout.DecodeLayoutCache | None = None) -> torch.Tensor:
     """Run the hybrid matmul on already-checked inputs of any leading shape.
@@ -47,17 +47,18 @@ def apply_packed(x: torch.Tensor, packed: tuple[torch.Tensor, ...], out_features
     rows the weight unpacked to a dense matrix for cuBLAS, else the ``hybrid_linear`` op."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    topk = packed[9].shape[1]
-    kernel = _cuda_kernel(x2, packed[2], out_features, topk, backend) if x2.shape[0] else None
+    topk = packed.topk
+    kernel = (_cuda_kernel(x2, packed.dense_vals, out_features, topk, backend) if x2.shape[0]
+              else None)
     if kernel == "v2" and decode_cache is not None:
         layout = decode_cache.get(packed, out_features, x2.shape[1], topk)
-        y = _call("hybrid_linear_decode", backend, x2.device, x2, *layout.tensors(),
+        y = call_op("hybrid_linear_decode", backend, x2.device, x2, *layout.tensors(),
                   out_features, topk, bias)
     elif kernel == "unpack":
-        weight = _call("unpack_hybrid", backend, x2.device, *packed, out_features, x2.shape[1])
+        weight = call_op("unpack_hybrid", backend, x2.device, *packed, out_features, x2.shape[1])
         y = torch.nn.functional.linear(x2, weight, bias)
     else:
-        y = _call("hybrid_linear", backend, x.device, x2, *packed, out_features, bias)
+        y = call_op("hybrid_linear", backend, x.device, x2, *packed, out_features, bias)
     return y.reshape(*lead, out_features)
 
 

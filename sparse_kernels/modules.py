@@ -8,8 +8,10 @@ from torch import nn
 
 from . import backends
 from .decode_layout import DecodeLayoutCache
-from .format import (FORMAT_VERSION, PACKED_FIELDS, HybridWeight, check_packable,
+from .experts import unfuse_where_named
+from .format import (FORMAT_VERSION, PACKED_FIELDS, HybridWeight, PackedTensors, check_packable,
                      validate_packed)
+from .rules import DEFAULT_BLOCK_SIZE, DEFAULT_TOPK
 from .functional import apply_packed, check_linear_inputs
 
 
@@ -27,7 +29,8 @@ class HybridSparseLinear(nn.Module):
     """
 
     def __init__(self, in_features: int, out_features: int, tier_map: torch.Tensor,
-                 topk: int = 15, block_size: int = 16, bias: bool = True, *,
+                 topk: int = DEFAULT_TOPK, block_size: int = DEFAULT_BLOCK_SIZE,
+                 bias: bool = True, *,
                  dtype: torch.dtype | None = None, device=None, backend: str | None = None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
@@ -58,8 +61,9 @@ class HybridSparseLinear(nn.Module):
         return module
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, tier_map: torch.Tensor, topk: int = 15,
-                    block_size: int = 16, *, backend: str | None = None) -> HybridSparseLinear:
+    def from_linear(cls, linear: nn.Linear, tier_map: torch.Tensor, topk: int = DEFAULT_TOPK,
+                    block_size: int = DEFAULT_BLOCK_SIZE, *,
+                    backend: str | None = None) -> HybridSparseLinear:
         """Pack a pruned ``nn.Linear`` (its weight must already follow ``tier_map``)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"expected an nn.Linear, got {type(linear).__name__}")
@@ -91,7 +95,7 @@ class HybridSparseLinear(nn.Module):
         # Direct dict lookups: nn.Module.__getattr__ costs about 1 us each, and a decode step
         # of a small model calls hundreds of these modules.
         buffers, bias = self._buffers, self._parameters["bias"]
-        packed = tuple(buffers[name] for name in PACKED_FIELDS)
+        packed = PackedTensors(*(buffers[name] for name in PACKED_FIELDS))
         values = buffers["dense_vals"]
         check_linear_inputs(x, self.in_features, self.out_features, values.dtype, values.device,
                             bias)
@@ -118,7 +122,8 @@ def _reference_cost_message(device: torch.device) -> str:
 
 
 def sparsify_model(model: nn.Module, tier_maps: dict[str, torch.Tensor],
-                   topk: int | dict[str, int] = 15, block_size: int = 16, *,
+                   topk: int | dict[str, int] = DEFAULT_TOPK,
+                   block_size: int = DEFAULT_BLOCK_SIZE, *,
                    backend: str | None = None, strict: bool = False) -> nn.Module:
     """Replace the ``nn.Linear`` named in ``tier_maps`` (names as in ``named_modules()``).
 
@@ -133,9 +138,8 @@ def sparsify_model(model: nn.Module, tier_maps: dict[str, torch.Tensor],
     still fused get their per-expert Linears first (:mod:`sparse_kernels.experts`).
     Returns ``model``, changed in place.
     """
-    from .experts import unfuse_where_named
-
     unfuse_where_named(model, tier_maps)
+    topks = topk if isinstance(topk, dict) else dict.fromkeys(tier_maps, topk)
     for name in tier_maps:
         try:
             module = model.get_submodule(name)
@@ -143,11 +147,10 @@ def sparsify_model(model: nn.Module, tier_maps: dict[str, torch.Tensor],
             raise KeyError(f"the model has no module named {name!r}") from None
         if not isinstance(module, nn.Linear):
             raise TypeError(f"{name!r} is a {type(module).__name__}, not an nn.Linear")
-        if isinstance(topk, dict) and name not in topk:
+        if name not in topks:
             raise KeyError(f"topk has no K for {name!r}")
         try:  # one module's temporaries at a time: the weight must already follow its map
-            check_packable(module.weight.detach(), tier_maps[name],
-                           topk[name] if isinstance(topk, dict) else topk, block_size)
+            check_packable(module.weight.detach(), tier_maps[name], topks[name], block_size)
         except ValueError as err:
             raise ValueError(f"{name}: {err}") from None
         device = module.weight.device
@@ -160,16 +163,15 @@ def sparsify_model(model: nn.Module, tier_maps: dict[str, torch.Tensor],
     for name, tier_map in tier_maps.items():
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        k = topk[name] if isinstance(topk, dict) else topk
-        setattr(parent, attr, HybridSparseLinear.from_linear(getattr(parent, attr), tier_map, k,
-                                                             block_size, backend=backend))
+        setattr(parent, attr, HybridSparseLinear.from_linear(
+            getattr(parent, attr), tier_map, topks[name], block_size, backend=backend))
     config = getattr(model, "config", None)
     if config is not None:
         config.quantization_config = checkpoint_config(block_size)
     return model
 
 
-def checkpoint_config(block_size: int = 16) -> dict:
+def checkpoint_config(block_size: int = DEFAULT_BLOCK_SIZE) -> dict:
     """The ``quantization_config`` entry of a packed checkpoint's ``config.json``: it sends
     ``from_pretrained`` to this package's loader (``sparse_kernels.huggingface``)."""
     return {"quant_method": QUANT_METHOD, "format": "sparse_kernels.HybridWeight",

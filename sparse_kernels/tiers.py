@@ -8,7 +8,8 @@ The ``pruning`` package decides the maps; these say what a map means.
 import torch
 
 from ._ops import block_topk_mask, nm_mask
-from .format import DENSE, SPARSE_24, TOPK, check_tier_map
+from .format import check_tier_map
+from .rules import DEFAULT_BLOCK_SIZE, DEFAULT_TOPK, DENSE, RESEARCH_MIX, SPARSE_24, TOPK
 
 
 def check_ratios(ratios) -> tuple[float, float, float]:
@@ -21,7 +22,7 @@ def check_ratios(ratios) -> tuple[float, float, float]:
     return ratios
 
 
-def assign_tiers(block_scores: torch.Tensor, ratios=(0.35, 0.45, 0.20)) -> torch.Tensor:
+def assign_tiers(block_scores: torch.Tensor, ratios=RESEARCH_MIX) -> torch.Tensor:
     """Tier map (int8, same shape as ``block_scores``) from block importance.
 
     Blocks are ranked by score, highest first (ties to the lower flat index): the first
@@ -44,8 +45,8 @@ def per_entry_tiers(tier_map: torch.Tensor, out_features: int, in_features: int,
         :out_features, :in_features]
 
 
-def tier_mask(scores: torch.Tensor, tier_map: torch.Tensor, topk: int = 15,
-              block_size: int = 16) -> torch.Tensor:
+def tier_mask(scores: torch.Tensor, tier_map: torch.Tensor, topk: int = DEFAULT_TOPK,
+              block_size: int = DEFAULT_BLOCK_SIZE) -> torch.Tensor:
     """Bool mask [out, in] (True = kept) that ``tier_map`` implies for ``scores [out, in]``.
 
     Dense blocks keep everything, 2:4 blocks the 2 best of every 4 input columns of a row,
@@ -59,8 +60,9 @@ def tier_mask(scores: torch.Tensor, tier_map: torch.Tensor, topk: int = 15,
                                    block_topk_mask(scores, topk, block_size)))
 
 
-def apply_tier_map(weight: torch.Tensor, tier_map: torch.Tensor, topk: int = 15,
-                   block_size: int = 16, scores: torch.Tensor | None = None) -> torch.Tensor:
+def apply_tier_map(weight: torch.Tensor, tier_map: torch.Tensor, topk: int = DEFAULT_TOPK,
+                   block_size: int = DEFAULT_BLOCK_SIZE,
+                   scores: torch.Tensor | None = None) -> torch.Tensor:
     """``weight`` with everything outside ``tier_mask`` zeroed (scores default to ``|weight|``)."""
     if scores is None:
         scores = weight.detach().abs().float()

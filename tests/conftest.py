@@ -35,7 +35,7 @@ needs_cpu_backend = pytest.mark.skipif(
 
 def random_tier_map(out_features, in_features, block_size=16, ratios=(0.35, 0.45, 0.20),
                     generator=None):
-    grid = sk.format.tier_grid(out_features, in_features, block_size)
+    grid = sk.rules.tier_grid(out_features, in_features, block_size)
     return assign_tiers(torch.rand(grid, generator=generator), ratios)
 
 

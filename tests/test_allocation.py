@@ -10,7 +10,7 @@ from pruning.allocation import (MatrixCost, allocate, allocate_all, budget_share
                                 matrix_costs, minimum_budget, tier_losses)
 from pruning.patterns import parse_pattern
 from sparse_kernels import DENSE, SPARSE_24, TOPK, apply_tier_map
-from sparse_kernels.format import packed_nbytes, tier_block_nbytes
+from sparse_kernels.rules import packed_nbytes, tier_block_nbytes
 
 
 def matrix_cost(proxy, pattern, dtype, name="weight") -> MatrixCost:
@@ -35,7 +35,7 @@ def llm_like_proxy(out_f, in_f, seed=0):
 @pytest.mark.parametrize("block_size, topk", [(16, 15), (8, 5), (12, 30), (4, 3)])
 def test_byte_count_matches_the_packed_format(dtype, block_size, topk):
     out_f, in_f = 37, 70
-    tiers = torch.randint(0, 3, sk.format.tier_grid(out_f, in_f, block_size), dtype=torch.int8)
+    tiers = torch.randint(0, 3, sk.rules.tier_grid(out_f, in_f, block_size), dtype=torch.int8)
     weight = apply_tier_map(torch.randn(out_f, in_f), tiers, topk, block_size).to(dtype)
     packed = sk.HybridWeight.from_dense(weight, tiers, topk, block_size)
     assert packed_nbytes(tiers, out_f, in_f, dtype, topk, block_size) == packed.nbytes

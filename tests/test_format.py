@@ -3,7 +3,8 @@ import pytest
 import torch
 
 import sparse_kernels as sk
-from sparse_kernels.format import PACKED_FIELDS, tier_grid
+from sparse_kernels.format import PACKED_FIELDS
+from sparse_kernels.rules import tier_grid
 from conftest import DTYPES, random_hybrid, random_tier_map
 
 SHAPES = [(37, 70), (1, 16), (16, 1), (64, 64), (33, 45), (5, 3)]

@@ -61,15 +61,14 @@ def test_move_or_cast_drops_the_prepared_decode_layout():
     a cast must not keep the old one alive."""
     linear, tiers = pruned_linear(64, 32, dtype=torch.float16)
     module = sk.HybridSparseLinear.from_linear(linear, tiers)
-    packed = tuple(getattr(module, n) for n in sk.format.PACKED_FIELDS)
-    layout = module._decode_cache.get(packed, 32, 64, module.topk)  # as a decode call would
+    layout = module._decode_cache.get(module.hybrid_weight.packed_tensors(), 32, 64,
+                                      module.topk)  # as a decode call would
     assert layout is not None
     module.to(torch.bfloat16)
-    assert module._decode_cache._layout is None
-    module._decode_cache.get(tuple(getattr(module, n) for n in sk.format.PACKED_FIELDS), 32, 64,
-                             module.topk)
+    assert module._decode_cache.layout is None
+    module._decode_cache.get(module.hybrid_weight.packed_tensors(), 32, 64, module.topk)
     module.float()
-    assert module._decode_cache._layout is None
+    assert module._decode_cache.layout is None
 
 
 def test_compile_fullgraph():

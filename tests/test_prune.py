@@ -53,7 +53,7 @@ def check_invariants(name, mask, tiers, weight, spec):
         n, m = (int(v) for v in spec["pattern"].split(":"))
         assert bool((mask.reshape(out_f, -1, m).sum(-1) == n).all())
     else:
-        grid = sk.format.tier_grid(out_f, in_f, 16)
+        grid = sk.rules.tier_grid(out_f, in_f, 16)
         assert tuple(tiers.shape) == grid
         counts = check_blocks(mask, tiers, spec.get("topk", 15))
         n = tiers.numel()

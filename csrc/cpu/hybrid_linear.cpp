@@ -101,13 +101,28 @@ void run_outer16(const PackedView<T>& p, const at::Tensor& x, at::Tensor& y, int
   });
 }
 
+// The op's packed arguments by name (the order of PackedTensors in sparse_kernels/format.py),
+// each contiguous; the copies, where one was needed, live until the end of the call.
+struct PackedArgs {
+  at::Tensor dense_rowptr, dense_cols, dense_vals;
+  at::Tensor s24_rowptr, s24_cols, s24_vals, s24_meta;
+  at::Tensor topk_rowptr, topk_cols, topk_vals, topk_pos;
+};
+
 template <typename T>
-PackedView<T> view_of(const at::Tensor* t, int64_t topk) {
-  return {t[0].data_ptr<int32_t>(), t[1].data_ptr<int32_t>(),
-          reinterpret_cast<const T*>(t[2].data_ptr()), t[3].data_ptr<int32_t>(),
-          t[4].data_ptr<int32_t>(), reinterpret_cast<const T*>(t[5].data_ptr()),
-          t[6].data_ptr<int16_t>(), t[7].data_ptr<int32_t>(), t[8].data_ptr<int32_t>(),
-          reinterpret_cast<const T*>(t[9].data_ptr()), t[10].data_ptr<uint8_t>(), topk};
+PackedView<T> view_of(const PackedArgs& a) {
+  return {a.dense_rowptr.data_ptr<int32_t>(),
+          a.dense_cols.data_ptr<int32_t>(),
+          reinterpret_cast<const T*>(a.dense_vals.data_ptr()),
+          a.s24_rowptr.data_ptr<int32_t>(),
+          a.s24_cols.data_ptr<int32_t>(),
+          reinterpret_cast<const T*>(a.s24_vals.data_ptr()),
+          a.s24_meta.data_ptr<int16_t>(),
+          a.topk_rowptr.data_ptr<int32_t>(),
+          a.topk_cols.data_ptr<int32_t>(),
+          reinterpret_cast<const T*>(a.topk_vals.data_ptr()),
+          a.topk_pos.data_ptr<uint8_t>(),
+          a.topk_vals.size(1)};
 }
 
 at::Tensor hybrid_linear(const at::Tensor& x, const at::Tensor& dense_rowptr,
@@ -158,13 +173,18 @@ at::Tensor hybrid_linear(const at::Tensor& x, const at::Tensor& dense_rowptr,
   }
 
   const int64_t M = x.size(0);
-  // Contiguous copies only when needed; they live until the end of the call.
-  const at::Tensor packed[] = {dense_rowptr.contiguous(), dense_cols.contiguous(),
-                               dense_vals.contiguous(), s24_rowptr.contiguous(),
-                               s24_cols.contiguous(), s24_vals.contiguous(),
-                               s24_meta.contiguous(), topk_rowptr.contiguous(),
-                               topk_cols.contiguous(), topk_vals.contiguous(),
-                               topk_pos.contiguous()};
+  PackedArgs packed;
+  packed.dense_rowptr = dense_rowptr.contiguous();
+  packed.dense_cols = dense_cols.contiguous();
+  packed.dense_vals = dense_vals.contiguous();
+  packed.s24_rowptr = s24_rowptr.contiguous();
+  packed.s24_cols = s24_cols.contiguous();
+  packed.s24_vals = s24_vals.contiguous();
+  packed.s24_meta = s24_meta.contiguous();
+  packed.topk_rowptr = topk_rowptr.contiguous();
+  packed.topk_cols = topk_cols.contiguous();
+  packed.topk_vals = topk_vals.contiguous();
+  packed.topk_pos = topk_pos.contiguous();
   at::Tensor y = at::empty({M, out_features}, x.options().dtype(at::kFloat));
   if (M > 0) {
     dispatch_float(x, "hybrid_linear: x", [&](auto tag) {
@@ -172,7 +192,7 @@ at::Tensor hybrid_linear(const at::Tensor& x, const at::Tensor& dense_rowptr,
       using T = std::conditional_t<std::is_same_v<C10, float>, float,
                                    std::conditional_t<std::is_same_v<C10, c10::Half>, fp16_t,
                                                       bf16_t>>;
-      const PackedView<T> p = view_of<T>(packed, topk_vals.size(1));
+      const PackedView<T> p = view_of<T>(packed);
       switch (B) {
         case 4: run_decompress_mm<T, 4>(p, x, y, nbr); break;
         case 8: run_decompress_mm<T, 8>(p, x, y, nbr); break;

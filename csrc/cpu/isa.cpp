@@ -81,9 +81,11 @@ const char* isa_name(Isa isa) {
   }
 }
 
-TORCH_LIBRARY_FRAGMENT(sparse_kernels, m) {
-  m.def("cpu_isa(str? name=None) -> str", &cpu_isa);
-  m.def("cpu_isa_detected() -> str", &cpu_isa_detected);
+// Schemas: sparse_kernels/_ops.py (every op is declared there). No tensor arguments, so the
+// dispatcher serves them from the CompositeImplicitAutograd kernel.
+TORCH_LIBRARY_IMPL(sparse_kernels, CompositeImplicitAutograd, m) {
+  m.impl("cpu_isa", &cpu_isa);
+  m.impl("cpu_isa_detected", &cpu_isa_detected);
 }
 
 }  // namespace sparse_kernels_cpu

@@ -49,23 +49,23 @@ def _cases(dtype: str) -> list[tuple]:
     decode = {**linear_io, "partials": "*fp32", "counters": "*i32", **_packed_signature(dtype),
               **dims, "split": "i32"}
     return [
-        ("hybrid_linear gemm", hybrid_linear._gemm_fp32 if dtype == "fp32"
-         else hybrid_linear._gemm_16bit, gemm,
+        ("hybrid_linear gemm", hybrid_linear.gemm_fp32 if dtype == "fp32"
+         else hybrid_linear.gemm_16bit, gemm,
          dict(B=16, BP=16, HAS_BIAS=True, DOT_FP32=dtype == "fp32")),
-        ("hybrid_linear decode", hybrid_linear._decode, decode,
+        ("hybrid_linear decode", hybrid_linear.decode_tuned, decode,
          dict(_TILES16, BM=16, SPLIT_K=False)),
-        ("hybrid_linear decode split-K", hybrid_linear._decode, decode,
+        ("hybrid_linear decode split-K", hybrid_linear.decode_tuned, decode,
          dict(_TILES16, BM=1, SPLIT_K=True)),
-        ("wanda_scores", scores._wanda_kernel,
+        ("wanda_scores", scores.wanda_kernel,
          {"w": f"*{dtype}", "norm": "*fp32", "scores": "*fp32", "block_scores": "*fp32",
           "N": "i32", "K_in": "i32", "NBC": "i32"}, dict(B=16, BP=16, CB=16)),
-        ("block_topk_mask", select._block_topk_kernel,
+        ("block_topk_mask", select.block_topk_kernel,
          {"scores": f"*{dtype}", "mask": "*i8", "N": "i32", "K_in": "i32", "NBC": "i32",
           "k": "i32"}, dict(B=16, BP=16, CB=4)),
-        ("nm_mask", select._nm_kernel,
+        ("nm_mask", select.nm_kernel,
          {"scores": f"*{dtype}", "mask": "*i8", "N": "i32", "K_in": "i32", "n_groups": "i32",
           "n": "i32", "m": "i32"}, dict(MP=4, GROUPS=256)),
-        ("compress_24", compress._compress_kernel,
+        ("compress_24", compress.compress_kernel,
          {"blocks": f"*{dtype}", "values": f"*{dtype}", "meta": "*i16", "total_rows": "i32"},
          dict(B=16, GP=4)),
     ]

@@ -13,7 +13,7 @@ _CONFIGS = [
 
 @tuned(_CONFIGS, key=["total_rows"])
 @triton.jit
-def _compress_kernel(blocks, values, meta, total_rows,
+def compress_kernel(blocks, values, meta, total_rows,
                      B: tl.constexpr, GP: tl.constexpr, ROWS: tl.constexpr):
     """Program: ROWS block rows, each as GP (= pow2(B / 4)) groups of 4 columns.
 
@@ -54,6 +54,6 @@ def compress_24(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     values = blocks.new_empty((n, b, b // 2))
     meta = blocks.new_empty((n, b), dtype=torch.int16)
     if n:
-        launch(_compress_kernel)[lambda m: (triton.cdiv(n * b, m["ROWS"]),)](
+        launch(compress_kernel)[lambda m: (triton.cdiv(n * b, m["ROWS"]),)](
             blocks, values, meta, n * b, B=b, GP=pow2_at_least(b // 4))
     return values, meta

@@ -242,8 +242,8 @@ _GEMM_CONFIGS_FP32 = [
     triton.Config({"BLOCK_M": 64, "G": 4}, num_warps=4, num_stages=1),
     triton.Config({"BLOCK_M": 64, "G": 8}, num_warps=8, num_stages=1),
 ]
-_gemm_16bit = tuned(_GEMM_CONFIGS_16BIT, key=["M", "N", "K_in"])(_gemm_kernel)
-_gemm_fp32 = tuned(_GEMM_CONFIGS_FP32, key=["M", "N", "K_in"])(_gemm_kernel)
+gemm_16bit = tuned(_GEMM_CONFIGS_16BIT, key=["M", "N", "K_in"])(_gemm_kernel)
+gemm_fp32 = tuned(_GEMM_CONFIGS_FP32, key=["M", "N", "K_in"])(_gemm_kernel)
 
 
 def block_index(dense_rowptr, dense_cols, s24_rowptr, s24_cols, topk_rowptr, topk_cols,
@@ -271,7 +271,7 @@ _DECODE_CONFIGS = [
     triton.Config({"NB": 2}, num_warps=4, num_stages=3),
     triton.Config({"NB": 8}, num_warps=8, num_stages=2),
 ]
-_decode = tuned(_DECODE_CONFIGS, key=["M", "N", "K_in"])(_decode_kernel)
+decode_tuned = tuned(_DECODE_CONFIGS, key=["M", "N", "K_in"])(_decode_kernel)
 
 
 def _multiprocessors(device: torch.device) -> int:
@@ -316,7 +316,7 @@ def run(x, dense_rowptr, dense_cols, dense_vals, s24_rowptr, s24_cols, s24_vals,
         # The interpreter's bf16 tl.dot is wrong: it dots in fp32 (exact for 16-bit inputs).
         dot_fp32 = x.dtype == torch.float32 or interpreting()
         grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), triton.cdiv(block_rows, meta["G"]))
-        kernel = _gemm_fp32 if x.dtype == torch.float32 else _gemm_16bit
+        kernel = gemm_fp32 if x.dtype == torch.float32 else gemm_16bit
         launch(kernel)[grid](
             x, y, bias_arg, tiers, slots, dense_vals, s24_vals, s24_meta, topk_dense,
             rows, out_features, in_features, x.stride(0), block_rows, block_cols,
@@ -329,7 +329,7 @@ def run(x, dense_rowptr, dense_cols, dense_vals, s24_rowptr, s24_cols, s24_vals,
     partials = x.new_empty((split, rows, out_features), dtype=torch.float32) if split_k else y
     # Zeroed per call (safe across streams); the kernel also leaves them at zero when it ends.
     counters = x.new_zeros((block_rows,), dtype=torch.int32) if split_k else y
-    launch(_decode)[(block_rows, split)](
+    launch(decode_tuned)[(block_rows, split)](
         x, y, bias_arg, partials, counters, *packed, rows, out_features, in_features,
         x.stride(0), split, B=block, BP=side, HP=side // 2, TOPK=topk, BM=pow2_at_least(rows),
         HAS_BIAS=bias is not None, SPLIT_K=split_k)

@@ -14,7 +14,7 @@ _CONFIGS = [
 
 @tuned(_CONFIGS, key=["N", "K_in"])
 @triton.jit
-def _wanda_kernel(w, norm, scores, block_scores, N, K_in, NBC,
+def wanda_kernel(w, norm, scores, block_scores, N, K_in, NBC,
                   B: tl.constexpr, BP: tl.constexpr, CB: tl.constexpr):
     """Program (block-row r, group g): the [B, CB * B] strip of CB blocks, as [BP, CB, BP]."""
     r = tl.program_id(0)
@@ -48,7 +48,7 @@ def wanda_scores(weight: torch.Tensor, act_sq_norm: torch.Tensor,
     scores = weight.new_empty((out_f, in_f), dtype=torch.float32)
     block_scores = weight.new_empty((nbr, nbc), dtype=torch.float32)
     if scores.numel():
-        launch(_wanda_kernel)[lambda meta: (nbr, triton.cdiv(nbc, meta["CB"]))](
+        launch(wanda_kernel)[lambda meta: (nbr, triton.cdiv(nbc, meta["CB"]))](
             weight, act_sq_norm, scores, block_scores, out_f, in_f, nbc,
             B=block_size, BP=pow2_at_least(block_size))
     return scores, block_scores

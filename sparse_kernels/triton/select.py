@@ -24,7 +24,7 @@ _TOPK_CONFIGS = [triton.Config({}, num_warps=4), triton.Config({}, num_warps=8)]
 
 @tuned(_TOPK_CONFIGS, key=["N", "K_in"])
 @triton.jit
-def _block_topk_kernel(scores, mask, N, K_in, NBC, k,
+def block_topk_kernel(scores, mask, N, K_in, NBC, k,
                        B: tl.constexpr, BP: tl.constexpr, CB: tl.constexpr):
     """Program (block-row r, group g): CB blocks, each as one row of BP*BP entries.
 
@@ -69,7 +69,7 @@ _NM_CONFIGS = [triton.Config({}, num_warps=4), triton.Config({}, num_warps=8)]
 
 @tuned(_NM_CONFIGS, key=["N", "K_in", "m"])
 @triton.jit
-def _nm_kernel(scores, mask, N, K_in, n_groups, n, m,
+def nm_kernel(scores, mask, N, K_in, n_groups, n, m,
                MP: tl.constexpr, GROUPS: tl.constexpr):
     """Program: GROUPS (row, group) pairs; an entry is kept if fewer than n beat it."""
     t = tl.program_id(0) * GROUPS + tl.arange(0, GROUPS)
@@ -104,7 +104,7 @@ def block_topk_mask(scores: torch.Tensor, k: int, block_size: int) -> torch.Tens
     if kept.numel():
         side = pow2_at_least(block_size)
         per_program = max(1, 1024 // (side * side))  # about 1024 entries per program
-        launch(_block_topk_kernel)[(nbr, triton.cdiv(nbc, per_program))](
+        launch(block_topk_kernel)[(nbr, triton.cdiv(nbc, per_program))](
             scores, kept, out_f, in_f, nbc, k, B=block_size, BP=side, CB=per_program)
     return _as_bool(kept)
 
@@ -119,6 +119,6 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     if kept.numel():
         width = pow2_at_least(m)
         groups = max(16, 4096 // (width * width))  # the pairwise compare is groups x width^2
-        launch(_nm_kernel)[(triton.cdiv(out_f * n_groups, groups),)](
+        launch(nm_kernel)[(triton.cdiv(out_f * n_groups, groups),)](
             scores, kept, out_f, in_f, n_groups, n, m, MP=width, GROUPS=groups)
     return _as_bool(kept)
