@@ -1,7 +1,7 @@
 """Accuracy per byte: perplexity against packed bytes for every way of filling the format.
 
 On the embedded SmolLM2-135M-Instruct: 2:4 (Wanda, SparseGPT), the research code's fixed tier
-mixes, and byte-budget allocation (``pruning.allocation``) at a range of budgets, per matrix, per
+mixes, and byte-budget allocation (``pruning.planning.allocation``) at a range of budgets, per matrix, per
 decoder layer and over the whole model, with Wanda's proxy and with SparseGPT's (OBS proxy and
 update), plus dense + 2:4 only; 50 % unstructured as a reference (no kernel here runs it at
 fewer bytes). Every configuration starts from the dense weights and the same calibration

@@ -55,7 +55,7 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     import pruning
-    from pruning.checkpoint import pack_model
+    from pruning.checkpoints import pack_model
 
     ids = torch.randint(0, VOCAB, (args.nsamples, args.seqlen),
                         generator=torch.Generator().manual_seed(0))

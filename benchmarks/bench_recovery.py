@@ -72,7 +72,7 @@ def curve(history: list[dict], start_ppl: float) -> list[dict]:
 
 def finetune_run(run, start, data, config, teacher) -> dict:
     """Fine-tune the pruned ``start`` (its state and result) by ``config``; the record."""
-    from pruning.finetune import finetune
+    from pruning.recovery import finetune
 
     state, result, start_ppl = start
     run.model.load_state_dict(state)
@@ -92,7 +92,7 @@ def finetune_run(run, start, data, config, teacher) -> dict:
 
 
 def _ppl(run, model) -> float:
-    from pruning.eval import perplexity
+    from pruning.evaluation import perplexity
 
     return perplexity(model, run.tokenizer, run.eval_text, seqlen=run.seqlen,
                       max_windows=run.ppl_windows, progress=False)
@@ -101,7 +101,7 @@ def _ppl(run, model) -> float:
 def progressive_run(run, budgets, epochs, data, config, teacher) -> dict:
     """The progressive schedule from the dense weights; its steps' fine-tunes add up to the
     tokens of ``config`` (whose ``max_steps`` is the whole run's)."""
-    from pruning.progressive import ScheduleStep, progressive
+    from pruning.recovery import ScheduleStep, progressive
 
     steps = [ScheduleStep(i + 1, e, budget=b) for i, (b, e) in enumerate(zip(budgets, epochs))]
     epoch = dataclasses.replace(config, max_steps=max(1, round(config.max_steps / sum(epochs))),
@@ -231,8 +231,8 @@ def main(argv=None, model=None, tokenizer=None, calibration=None, eval_text="emb
     """Run the plan. ``model`` / ``tokenizer`` / ``calibration`` / ``eval_text`` / ``train_ids``
     (token ids ``[n]`` to fine-tune on) replace the embedded ones (tests use a tiny model)."""
     from pruning.calibration import get_tokens
-    from pruning.finetune import FinetuneConfig
-    from pruning.finetune_data import TextData
+    from pruning.recovery import FinetuneConfig
+    from pruning.recovery import TextData
 
     args = parse_args(argv)
     if args.plot:

@@ -118,8 +118,8 @@ def main(argv=None, model=None, tokenizer=None, calibration=None, eval_text="emb
         raise SystemExit(f"--importances: unknown {unknown}; choose from {list(IMPORTANCES)}")
 
     from pruning.calibration import get_calibration, get_tokens
-    from pruning.finetune import FinetuneConfig, finetune
-    from pruning.finetune_data import TextData
+    from pruning.recovery import FinetuneConfig, finetune
+    from pruning.recovery import TextData
     from pruning.structured import discover_units, skip_losses, structured_prune, unit_statistics
     from pruning.structured.api import _batches
 
@@ -195,7 +195,7 @@ def main(argv=None, model=None, tokenizer=None, calibration=None, eval_text="emb
 
     # Speed and the composition with three-tier, all measured side by side here.
     import pruning
-    from pruning.checkpoint import pack_model
+    from pruning.checkpoints import pack_model
 
     run.model.load_state_dict(run.dense_state)
     original = run.model

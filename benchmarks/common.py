@@ -225,7 +225,7 @@ class PruneRun:
         self.seqlen, self.ppl_windows, self.eval_text = seqlen, ppl_windows, eval_text
 
     def ppl(self) -> float:
-        from pruning.eval import perplexity
+        from pruning.evaluation import perplexity
 
         return perplexity(self.model, self.tokenizer, self.eval_text, seqlen=self.seqlen,
                           max_windows=self.ppl_windows, progress=False)

@@ -11,7 +11,7 @@ layers); the methods (methods/) return masks and never edit a model themselves.
 """
 from .api import PruneResult, apply_masks, prune
 from .report import format_report, sparsity_report
-from .tier_io import load_tier_maps, save_tier_maps
+from .checkpoints.tier_maps import load_tier_maps, save_tier_maps
 from sparse_kernels.tiers import apply_tier_map, assign_tiers, tier_mask  # the format's rules
 
 __all__ = ["prune", "PruneResult", "apply_masks", "sparsity_report", "format_report",

@@ -12,13 +12,13 @@ from torch import nn
 from sparse_kernels import SPARSE_24
 from sparse_kernels.rules import tier_grid
 
-from .capture import layerwise
+from .statistics.capture import layerwise
 from .methods import get_method
 from .models import decoder_layers, get_weight, is_prunable, prunable_linears, set_weight
 from .patterns import Pattern, block_scores, parse_pattern, rank_blocks_jointly
 from .report import coverage_report, sparsity_report
-from .stats import LinearStats
-from .tier_io import save_tier_maps
+from .statistics.stats import LinearStats
+from .checkpoints.tier_maps import save_tier_maps
 
 
 @dataclass
@@ -96,7 +96,7 @@ def _budget_candidates(method, linears: dict, stats: dict, spec: Pattern,
     """``{name: [MatrixCost per candidate K]}`` of each Linear, by the method's loss proxy
     (``prefix`` + name is the module's full name, for errors); ``caps``: the best tier each
     block may take, by full name (a progressive prune's last tier maps)."""
-    from .allocation import matrix_costs
+    from .planning.allocation import matrix_costs
 
     candidates = {}
     for name, module in linears.items():
@@ -134,7 +134,7 @@ def _layer_budgets(model, unpruned: dict, method, spec: Pattern,
     bytes when its turn comes, by the method's own proxy on the layer's actual inputs. Methods
     that need the Hessian are represented by Wanda's diagonal proxy here (every layer's Hessian
     at once would not fit a large model)."""
-    from .allocation import allocate_all, budget_shares
+    from .planning.allocation import allocate_all, budget_shares
 
     proxy_method = get_method("wanda") if method.needs_hessian else method
     linears = _named_linears(model)
@@ -157,7 +157,7 @@ def _budget_allocation(method, layer_name: str, linears: dict, stats: dict, spec
     """``{name: (tier map, K)}`` of one decoder layer's Linears at ``budget``: each matrix on
     its own (ranking ``matrix``) or all of them sharing it (``layer``, and ``model``, where
     ``budget`` is the layer's share); no block above its cap."""
-    from .allocation import allocate_all
+    from .planning.allocation import allocate_all
 
     candidates = _budget_candidates(method, linears, stats, spec, layer_name + ".", caps)
     if spec.ranking == "matrix":
@@ -257,7 +257,7 @@ def prune(model: nn.Module, calibration="embedded", method: str = "wanda",
     three_tier takes either a byte ``budget`` (packed bytes / dense bytes as
     ``HybridWeight.nbytes`` counts them, in ``budget_dtype`` or each weight's dtype): every
     block gets the tier that loses the least of the method's loss proxy for its bytes
-    (:mod:`pruning.allocation`; ``allow_topk=False`` for dense + 2:4 only; ``topk``, K kept by
+    (:mod:`pruning.planning.allocation`; ``allow_topk=False`` for dense + 2:4 only; ``topk``, K kept by
     a top-K block, defaults to 64 and may be several candidates, each matrix taking the one its
     proxy loses least with); or fixed ``tier_ratios`` (dense, 2:4, top-K; default
     0.35/0.45/0.20 with K = 15, the research code's mix).
@@ -266,7 +266,7 @@ def prune(model: nn.Module, calibration="embedded", method: str = "wanda",
     allocation over the whole unpruned model gives it, then its matrices share that).
 
     sensitivity: ``"gradient"`` weights every output row of every score by its squared loss
-    gradient in the unpruned model (:mod:`pruning.sensitivity`, one forward + backward pass
+    gradient in the unpruned model (:mod:`pruning.planning.sensitivity`, one forward + backward pass
     over the first ``sensitivity_samples`` calibration samples), which makes losses comparable
     across matrices and layers; ``"auto"`` (default) does so where a byte budget is shared
     between matrices (ranking ``layer`` or ``model``), None never.
@@ -341,7 +341,7 @@ def prune(model: nn.Module, calibration="embedded", method: str = "wanda",
         dense_activations = model_ranked and budgeted and calibrated
         if sensitivity == "gradient" or dense_activations:
             from .models import module_device
-            from .sensitivity import unpruned_stats
+            from .planning.sensitivity import unpruned_stats
 
             home = module_device(model.get_input_embeddings())
             if device is not None and torch.device(device) != home:

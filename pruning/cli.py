@@ -210,7 +210,7 @@ def _add_structured_args(p: argparse.ArgumentParser) -> None:
 def _add_finetune_args(p: argparse.ArgumentParser, progressive: bool = False) -> None:
     """Fine-tuning options; ``progressive``: without the length and resume options (a
     schedule's epochs set the length, and the whole run resumes)."""
-    from .finetune import LOSSES, MODES
+    from .recovery.finetune import LOSSES, MODES
 
     p.add_argument("--mode", choices=MODES, default="masked",
                    help="masked: the pruned weights train, masked; lora: adapters merged and "
@@ -257,7 +257,7 @@ def _add_finetune_args(p: argparse.ArgumentParser, progressive: bool = False) ->
 
 def finetune_config(args):
     """The ``FinetuneConfig`` of the command line's fine-tuning arguments."""
-    from .finetune import FinetuneConfig
+    from .recovery.finetune import FinetuneConfig
 
     return FinetuneConfig(
         mode=args.mode, loss=args.loss,
@@ -282,7 +282,7 @@ def _fields(text: str | None) -> dict | None:
 
 
 def _perplexity(model, tokenizer, args) -> float:
-    from .eval import perplexity
+    from .evaluation.metrics import perplexity
 
     return perplexity(model, tokenizer, args.ppl_source, seqlen=args.seqlen,
                       max_windows=args.ppl_windows or None)
@@ -323,10 +323,10 @@ def run_prune(args) -> dict:
     from . import prune
     from sparse_kernels.atomic import check_output_folder
 
-    from .checkpoint import pack_model, save_pruned, write_report
+    from .checkpoints.packed import pack_model, save_pruned, write_report
     from .loading import device_plan
     from .report import format_report
-    from .timing import decode_step_ms
+    from .evaluation.timing import decode_step_ms
 
     embedded = args.model is None
     eval_ppl = embedded if args.eval_ppl is None else args.eval_ppl
@@ -395,10 +395,10 @@ def run_finetune(args) -> dict:
 
     from sparse_kernels.atomic import check_output_folder
 
-    from .checkpoint import load_pruned, save_pruned
+    from .checkpoints.packed import load_pruned, save_pruned
     from .embedded import EMBEDDED_MODEL_NAME
-    from .finetune import finetune
-    from .finetune_data import finetune_data
+    from .recovery.finetune import finetune
+    from .recovery.data import finetune_data
     from .loading import load_model
 
     if args.model is None:
@@ -450,8 +450,8 @@ def run_progressive(args) -> dict:
     from sparse_kernels.atomic import check_output_folder
 
     from .calibration import get_calibration
-    from .finetune_data import finetune_data
-    from .progressive import RESEARCH_SCHEDULE, progress_path, progressive, read_schedule
+    from .recovery.data import finetune_data
+    from .recovery.progressive import RESEARCH_SCHEDULE, progress_path, progressive, read_schedule
 
     schedule = read_schedule(args.schedule) if args.schedule else RESEARCH_SCHEDULE
     if args.epoch_steps < 1:
@@ -492,7 +492,7 @@ def run_structured(args) -> dict:
 
     from .loading import device_plan
     from .structured import save_structured, structured_prune, write_structured_outputs
-    from .timing import decode_step_ms
+    from .evaluation.timing import decode_step_ms
 
     if args.budget is not None and not args.then_three_tier:
         raise SystemExit("--budget applies to --then-three-tier")
@@ -551,14 +551,14 @@ def run_structured(args) -> dict:
         if tiers is None:
             save_structured(args.save, model, tokenizer, result, out, overwrite=args.overwrite)
         else:  # packed: the kernels run it
-            from .checkpoint import save_pruned
+            from .checkpoints.packed import save_pruned
 
             save_pruned(args.save, model, tokenizer, tiers, out, source_model=name,
                         overwrite=args.overwrite,
                         extra=lambda tmp: write_structured_outputs(tmp, result))
         print(f"saved to {args.save}")
     if timing and tiers is not None:
-        from .checkpoint import pack_model
+        from .checkpoints.packed import pack_model
 
         if not args.save:
             pack_model(model, tiers)
@@ -567,7 +567,7 @@ def run_structured(args) -> dict:
         ms = out["decode_step_ms"]
         print("one decode step (batch 1): " + ", ".join(f"{k} {v:.2f} ms" for k, v in ms.items()))
     if args.save and timing:
-        from .checkpoint import write_report
+        from .checkpoints.packed import write_report
 
         write_report(args.save, out)
     return out
@@ -585,15 +585,15 @@ def _source_model(folder: str) -> str:
 
 
 def run_eval(args) -> dict:
-    from .eval import format_zero_shot, zero_shot
+    from .evaluation.metrics import format_zero_shot, zero_shot
 
     model, tokenizer, name = _load(args)
     out = {"model": name}
     if args.sparsify:
         if not args.tier_maps:
             raise SystemExit("--sparsify needs --tier-maps (a packed checkpoint needs neither)")
-        from .checkpoint import packable_tier_maps
-        from .tier_io import load_tier_maps
+        from .checkpoints.packed import packable_tier_maps
+        from .checkpoints.tier_maps import load_tier_maps
 
         import sparse_kernels as sk
 
@@ -608,7 +608,7 @@ def run_eval(args) -> dict:
         print(f"perplexity ({args.ppl_source}): {out['ppl']:.3f}")
     tasks, task_dir = args.tasks, args.task_dir
     if tasks is None:  # the offline default
-        from .tasks import embedded_task_dir
+        from .evaluation.tasks import embedded_task_dir
 
         tasks, task_dir = [EMBEDDED_TASK], task_dir or embedded_task_dir()
     if tasks:

@@ -60,7 +60,7 @@ class Pattern:
         ``int(n_blocks * sparsity)`` blocks are zeroed, the others stay dense.
         ``"block_topk"``: as ``block``, but the cut blocks keep their ``topk`` best weights.
         ``"three_tier"``: each block goes dense, 2:4 or top-K: within a byte ``budget``
-        (:mod:`pruning.allocation`), or ranked by score into fixed ``tier_ratios``.
+        (:mod:`pruning.planning.allocation`), or ranked by score into fixed ``tier_ratios``.
     sparsity: unstructured: fraction of weights pruned; block: fraction of blocks zeroed;
         block_topk: fraction of blocks cut to their top-K. Unused by nm and three_tier.
     n, m: the N:M pattern (2:4 keeps 2 of every 4).
@@ -492,7 +492,7 @@ def build_mask(scores: torch.Tensor, pattern: Pattern, *, unstructured: str = "r
         return sk.nm_mask(scores.float(), pattern.n, pattern.m), None
     if tier_map is None and pattern.budget is not None:
         raise ValueError("a byte budget needs the allocated tier_map: pruning.prune allocates "
-                         "it from the method's loss proxy (see pruning.allocation)")
+                         "it from the method's loss proxy (see pruning.planning.allocation)")
     if tier_map is None and pattern.ranking not in ("matrix", "row"):
         raise ValueError(f"ranking={pattern.ranking!r} ranks blocks across matrices: the driver "
                          f"must pass each matrix's tier_map (see rank_blocks_jointly)")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import sparse_kernels as sk
-from pruning.allocation import (MatrixCost, allocate, allocate_all, budget_shares,
+from pruning.planning.allocation import (MatrixCost, allocate, allocate_all, budget_shares,
                                 matrix_costs, minimum_budget, tier_losses)
 from pruning.patterns import parse_pattern
 from sparse_kernels import DENSE, SPARSE_24, TOPK, apply_tier_map

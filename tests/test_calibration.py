@@ -323,7 +323,7 @@ def test_c4_samples_long_documents(fake_hub):
 
 
 def test_text_without_a_tokenizer_raises_naming_what_to_pass():
-    from pruning.eval import eval_windows
+    from pruning.evaluation import eval_windows
 
     for call in (lambda: cal.get_calibration("embedded", None, 2, 8),
                  lambda: cal.get_tokens("wikitext2"),

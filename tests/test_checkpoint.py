@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 import pruning
 import pruning.calibration
 import sparse_kernels as sk
-from pruning.checkpoint import save_pruned
+from pruning.checkpoints import save_pruned
 from sparse_kernels.format import CorruptWeightError
 from tiny_models import ARCHITECTURES, VOCAB, calibration_ids, word_tokenizer
 

@@ -14,7 +14,7 @@ def test_prune_embedded_model_end_to_end(tmp_path, capsys):
 
     import pruning
     from pruning.embedded import load_embedded_tokenizer
-    from pruning.eval import perplexity
+    from pruning.evaluation import perplexity
 
     out = tmp_path / "pruned"
     assert main(["--nsamples", "4", "--seqlen", "128", "--ppl-windows", "2",

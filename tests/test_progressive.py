@@ -5,11 +5,11 @@ import pytest
 import torch
 
 import pruning
-from pruning.checkpoint import load_pruned
-from pruning.finetune import FinetuneConfig
-from pruning.finetune_data import TextData
+from pruning.checkpoints import load_pruned
+from pruning.recovery import FinetuneConfig
+from pruning.recovery import TextData
 from pruning.models import get_weight
-from pruning.progressive import RESEARCH_SCHEDULE, ScheduleStep, progressive, read_schedule
+from pruning.recovery import RESEARCH_SCHEDULE, ScheduleStep, progressive, read_schedule
 from tiny_models import ARCHITECTURES, VOCAB, calibration_ids, word_tokenizer
 
 BUDGETS = (ScheduleStep(1, 1, budget=0.9), ScheduleStep(2, 1, budget=0.7),

@@ -6,7 +6,7 @@ import pruning
 import sparse_kernels as sk
 from pruning.models import decoder_layers, get_weight, prunable_linears
 from pruning.patterns import block_scores
-from pruning.stats import LinearStats
+from pruning.statistics import LinearStats
 from sparse_kernels import DENSE, SPARSE_24, TOPK
 from tiny_models import ARCHITECTURES, calibration_ids
 

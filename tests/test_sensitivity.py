@@ -3,10 +3,10 @@ statistics sharing of the layer-by-layer pass."""
 import torch
 import torch.nn.functional as F
 
-from pruning.capture import _collect_stats
+from pruning.statistics.capture import _collect_stats
 from pruning.models import capture_layer_inputs, decoder_layers, prunable_linears
-from pruning.sensitivity import unpruned_stats
-from pruning.stats import LinearStats
+from pruning.planning.sensitivity import unpruned_stats
+from pruning.statistics import LinearStats
 from tiny_models import ARCHITECTURES, calibration_ids
 
 

@@ -1,7 +1,7 @@
 """LinearStats: Wanda's and SparseGPT's running statistics."""
 import torch
 
-from pruning.stats import LinearStats
+from pruning.statistics import LinearStats
 
 
 def test_running_means_match_the_definitions():

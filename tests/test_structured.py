@@ -349,7 +349,7 @@ def test_the_command_line_prunes_saves_fine_tunes_and_loads(tmp_path, tiny_folde
     import json
 
     from pruning.cli import main
-    from pruning.eval import perplexity
+    from pruning.evaluation import perplexity
     from pruning.loading import load_model
 
     out, tuned = tmp_path / "smaller", tmp_path / "tuned"
@@ -379,7 +379,7 @@ def test_the_command_line_composes_structured_and_three_tier(tmp_path, tiny_fold
 
     import sparse_kernels as sk
     from pruning.cli import main
-    from pruning.eval import perplexity
+    from pruning.evaluation import perplexity
     from pruning.loading import load_model
 
     out = tmp_path / "both"

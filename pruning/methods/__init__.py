@@ -5,16 +5,16 @@ Every method has the same interface (:class:`Method`); the layer-by-layer driver
 name with :func:`get_method` and never needs to know which it has:
 
 * ``needs_hessian`` / ``needs_activations`` tell the driver what to accumulate in
-  :class:`pruning.stats.LinearStats`;
+  :class:`pruning.statistics.LinearStats`;
 * ``scores(weight, stats)`` is the importance the method ranks by (fp32 ``[out, in]``, >= 0),
   e.g. to rank blocks across matrices for ``ranking="layer"`` / ``"model"``;
 * ``loss_proxy(weight, stats)`` is the estimated damage of dropping each weight (fp32
   ``[out, in]``, >= 0, ranked as ``scores``), summed over a block's dropped weights by the
-  byte-budget allocation (:mod:`pruning.allocation`);
+  byte-budget allocation (:mod:`pruning.planning.allocation`);
 * ``prune(weight, stats, pattern, tier_map=None)`` returns a :class:`LayerPruning`.
 
 Methods never modify their inputs, work in fp32 and return new tensors. When the statistics
-carry ``out_sensitivity`` (the gradient pass of :mod:`pruning.sensitivity`), every score and
+carry ``out_sensitivity`` (the gradient pass of :mod:`pruning.planning.sensitivity`), every score and
 proxy weights output row ``i`` by it (:func:`weight_rows`); rankings inside a row do not change.
 
 ========== ===================================== ================= ============================
@@ -35,7 +35,7 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from ..patterns import Pattern, parse_pattern
-from ..stats import LinearStats
+from ..statistics.stats import LinearStats
 
 
 @dataclass

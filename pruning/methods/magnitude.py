@@ -11,7 +11,7 @@ from typing import ClassVar
 import torch
 
 from ..patterns import Pattern, build_mask
-from ..stats import LinearStats
+from ..statistics.stats import LinearStats
 from . import LayerPruning, check_pattern, check_weight, weight_rows
 
 

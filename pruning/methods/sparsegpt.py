@@ -35,7 +35,7 @@ import sparse_kernels as sk
 from sparse_kernels import SPARSE_24, TOPK
 
 from ..patterns import Pattern, build_mask
-from ..stats import LinearStats
+from ..statistics.stats import LinearStats
 from . import (LayerPruning, check_hessian, check_pattern, check_weight,
                weight_rows)
 

@@ -14,7 +14,7 @@ import torch
 import sparse_kernels as sk
 
 from ..patterns import Pattern, build_mask
-from ..stats import LinearStats
+from ..statistics.stats import LinearStats
 from . import (LayerPruning, check_activations, check_pattern, check_weight,
                weight_rows)
 

@@ -10,7 +10,7 @@ from typing import ClassVar
 import torch
 
 from ..patterns import Pattern
-from ..stats import LinearStats
+from ..statistics.stats import LinearStats
 from . import LayerPruning, check_hessian, check_pattern, check_weight
 from .sparsegpt import obs_update
 from .wanda import Wanda

@@ -68,7 +68,7 @@ def check_against_model(tier_maps: dict[str, torch.Tensor], model: nn.Module,
     """Raise naming the first module whose tier map does not fit the model."""
     from sparse_kernels import HybridSparseLinear
 
-    from .models import get_weight, is_prunable
+    from ..models import get_weight, is_prunable
 
     modules = dict(model.named_modules())
     for name, tiers in tier_maps.items():

@@ -23,9 +23,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .models import (decoder_layers, get_weight, module_device, next_token_loss,
+from ..models import (decoder_layers, get_weight, module_device, next_token_loss,
                      prunable_linears, statistics_pass)
-from .stats import LinearStats
+from ..statistics.stats import LinearStats
 
 __all__ = ["unpruned_stats"]
 

@@ -32,7 +32,7 @@ class PrunedModel:
     meta: dict = field(default_factory=dict)
 
     def save_tier_maps(self, path, source_model: str | None = None) -> None:
-        from .tier_io import save_tier_maps
+        from .tier_maps import save_tier_maps
 
         save_tier_maps(path, self.tier_maps, block_size=self.block_size, topk=self.topks,
                        tier_ratios=self.meta.get("tier_ratios"), budget=self.meta.get("budget"),
@@ -75,9 +75,9 @@ def load_pruned(folder: str | os.PathLike, *, dtype: torch.dtype | None = None,
     ``tier_maps.safetensors``), as a :class:`PrunedModel` of dense Linears and masks. A dense
     folder's masks are its non-zero weights; a structurally pruned model's (``hybrid-prune
     structured --save``) are all True."""
-    from .loading import load_model
-    from .models import get_weight
-    from .tier_io import load_tier_maps
+    from ..loading import load_model
+    from ..models import get_weight
+    from .tier_maps import load_tier_maps
 
     model, tokenizer, _ = load_model(str(folder), dtype=dtype, device=device)
     masks, tier_maps, topks, block_size = unpack_model(model)
@@ -102,7 +102,7 @@ def load_pruned(folder: str | os.PathLike, *, dtype: torch.dtype | None = None,
             topks[name] = meta["topk"] if isinstance(meta["topk"], int) else meta["topk"][name]
     if not masks and getattr(model.config, "structured_layers", None):
         # Structurally pruned only: nothing inside the matrices is pruned, every weight trains.
-        from .api import _named_linears
+        from ..api import _named_linears
 
         masks = {n: torch.ones_like(get_weight(m), dtype=torch.bool, device="cpu")
                  for n, m in _named_linears(model).items()}

@@ -31,7 +31,7 @@ import torch
 from sparse_kernels import DENSE, SPARSE_24, TOPK
 from sparse_kernels.rules import index_nbytes, packed_nbytes, tier_block_nbytes, tier_grid
 
-from .patterns import Pattern
+from ..patterns import Pattern
 
 __all__ = ["MatrixCost", "tier_losses", "matrix_costs", "allocate", "choose_topk",
            "allocate_all", "minimum_budget", "budget_shares"]

@@ -113,8 +113,8 @@ def progressive(model: nn.Module, tokenizer, calibration, schedule, out_dir: str
     ``calibration``: token ids ``[n, seqlen]`` (the same each iteration). ``prune_args`` go to
     ``prune`` (ranking, sensitivity, nsamples, ...). ``source_model``: the dense model's name,
     recorded in each iteration's report (``hybrid-prune finetune`` distils from it)."""
-    from . import prune
-    from .checkpoint import load_pruned, save_pruned, unpack_model
+    from .. import prune
+    from ..checkpoints.packed import load_pruned, save_pruned, unpack_model
     from .finetune import finetune
 
     schedule = tuple(schedule)

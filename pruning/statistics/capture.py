@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .models import (capture_layer_inputs, decoder_layers, get_weight, hidden_states_of,
+from ..models import (capture_layer_inputs, decoder_layers, get_weight, hidden_states_of,
                      layer_output, module_device, move_to, prunable_linears, with_hidden_states)
 from .stats import LinearStats
 

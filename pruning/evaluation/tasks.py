@@ -67,7 +67,7 @@ def _task_yaml(data: Path) -> str:
 
 def embedded_task_dir(cache_dir: str | Path | None = None) -> Path:
     """The folder holding ``embedded_cloze.yaml`` and its data, written once (atomically)."""
-    from .embedded import cache_root, embedded_text
+    from ..embedded import cache_root, embedded_text
 
     folder = (Path(cache_dir) if cache_dir is not None else cache_root()) / \
         f"tasks-v{TASK_VERSION}"

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .calibration import get_tokens, load_dataset_or_explain, require_tokenizer
+from ..calibration import get_tokens, load_dataset_or_explain, require_tokenizer
 
 __all__ = ["Batch", "TextData", "InstructionData", "TEMPLATES", "finetune_data"]
 

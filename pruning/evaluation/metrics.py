@@ -13,8 +13,8 @@ from typing import Iterable
 import torch
 import torch.nn.functional as F
 
-from .calibration import Source, get_tokens
-from .models import logits_of
+from ..calibration import Source, get_tokens
+from ..models import logits_of
 
 __all__ = ["perplexity", "eval_windows", "zero_shot", "format_zero_shot"]
 

@@ -37,8 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .finetune_data import IGNORE, Batch
-from .models import get_weight, is_prunable
+from .data import IGNORE, Batch
+from ..models import get_weight, is_prunable
 
 __all__ = ["FinetuneConfig", "FinetuneResult", "finetune", "MODES", "LOSSES"]
 

@@ -17,7 +17,7 @@ class LinearStats:
         the calibration tokens the router sent to it.
     out_sensitivity: [out] fp32 or None: how much each output feature matters to the model's
         loss, the mean over calibration tokens of ``(dL/dy_i)^2`` in the unpruned model
-        (:func:`pruning.sensitivity.gradient_stats`). When present, the methods weight each
+        (:func:`pruning.planning.sensitivity.unpruned_stats`). When present, the methods weight each
         output row's scores by it, so losses of different rows, matrices and layers compare.
     """
 

@@ -1,0 +1,13 @@
+"""Recovery: fine-tuning a pruned model without reviving a pruned weight.
+
+data.py turns text or instruction data into training batches; finetune.py trains (masked
+weights or LoRA merged and re-masked, LM loss and / or distillation from the dense model);
+progressive.py alternates pruning steps with fine-tunes along a schedule.
+"""
+from .data import Batch, InstructionData, TextData, finetune_data
+from .finetune import LOSSES, MODES, FinetuneConfig, FinetuneResult, finetune
+from .progressive import RESEARCH_SCHEDULE, ScheduleStep, progressive, read_schedule
+
+__all__ = ["Batch", "TextData", "InstructionData", "finetune_data", "FinetuneConfig",
+           "FinetuneResult", "finetune", "MODES", "LOSSES", "ScheduleStep", "RESEARCH_SCHEDULE",
+           "read_schedule", "progressive"]
