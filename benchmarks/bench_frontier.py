@@ -108,8 +108,7 @@ def measure(run, name: str, arguments: dict, budget_dtype: torch.dtype,
     packed = result.report.get("packed_bytes")
     if result.tier_maps:
         # Counted in budget_dtype whatever the run's dtype, so every record compares.
-        record["packed_bytes_fraction"] = _packed_fraction(model, result.tier_maps,
-                                                           result.pattern, budget_dtype)
+        record["packed_bytes_fraction"] = _packed_fraction(model, result, budget_dtype)
         if packed is not None and packed.get("dtype") == str(budget_dtype):
             assert abs(packed["fraction"] - record["packed_bytes_fraction"]) < 1e-9
         record["tiers"] = {t: e["fraction"] for t, e in result.report["per_tier"].items()}
@@ -119,16 +118,17 @@ def measure(run, name: str, arguments: dict, budget_dtype: torch.dtype,
     return record
 
 
-def _packed_fraction(model, tier_maps: dict, pattern, dtype: torch.dtype) -> float:
-    """Packed bytes / dense bytes of the pruned weights, measured by packing them."""
+def _packed_fraction(model, result, dtype: torch.dtype) -> float:
+    """Packed bytes / dense bytes of the pruned weights, measured by packing them (the report
+    counts them without packing: this checks it)."""
     import sparse_kernels as sk
     from pruning.models import get_weight
 
     modules = dict(model.named_modules())
     packed = dense = 0
-    for name, tiers in tier_maps.items():
+    for name, tiers in result.tier_maps.items():
         weight = get_weight(modules[name]).detach().to(dtype)
-        hw = sk.HybridWeight.from_dense(weight, tiers, pattern.topk, pattern.block_size)
+        hw = sk.HybridWeight.from_dense(weight, tiers, result.topks[name], result.block_size)
         packed, dense = packed + hw.nbytes, dense + hw.dense_nbytes
     return packed / dense
 

@@ -121,7 +121,6 @@ def main(argv=None, model=None, tokenizer=None, calibration=None, eval_text="emb
     from pruning.recovery import FinetuneConfig, finetune
     from pruning.recovery import TextData
     from pruning.structured import discover_units, skip_losses, structured_prune, unit_statistics
-    from pruning.structured.api import _batches
 
     if calibration is None:
         from pruning.embedded import load_embedded_tokenizer
@@ -136,10 +135,10 @@ def main(argv=None, model=None, tokenizer=None, calibration=None, eval_text="emb
     print(f"dense perplexity {dense_ppl:.3f}")
     t0 = time.perf_counter()
     units = discover_units(run.model)
-    stats = unit_statistics(run.model, units, _batches(ids, 1), progress=False)
+    stats = unit_statistics(run.model, units, list(ids.split(1)), progress=False)
     stats_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    losses = skip_losses(run.model, units, _batches(ids[:8], 4), progress=False)
+    losses = skip_losses(run.model, units, list(ids[:8].split(4)), progress=False)
     prior_s = time.perf_counter() - t0
     print(f"unit statistics {stats_s:.0f} s, skip losses {prior_s:.0f} s")
     records = []

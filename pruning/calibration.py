@@ -435,3 +435,18 @@ def get_calibration(source: Source = "embedded", tokenizer=None, nsamples: int =
     ids = get_tokens(source, tokenizer, "train")
     what = f"the training text of {str(source)!r}"
     return _windows(ids, nsamples, seqlen, seed, what)
+
+
+def calibration_ids(calibration, tokenizer=None, nsamples: int = 128, seqlen: int = 2048,
+                    seed: int = 0) -> torch.Tensor:
+    """Token ids ``[nsamples, seqlen]`` for a prune: ``calibration`` itself when it is already
+    an integer tensor ``[n, seqlen]``, else :func:`get_calibration` of that source."""
+    if isinstance(calibration, torch.Tensor):
+        if calibration.dim() != 2 or calibration.dtype.is_floating_point:
+            raise ValueError(f"calibration token ids must be an integer tensor [nsamples, seqlen],"
+                             f" got {calibration.dtype} {tuple(calibration.shape)}")
+        return calibration
+    if tokenizer is None:
+        raise ValueError(f"calibration source {calibration!r} needs a tokenizer= to turn its text "
+                         "into token ids (or pass token ids [nsamples, seqlen] directly)")
+    return get_calibration(calibration, tokenizer, nsamples=nsamples, seqlen=seqlen, seed=seed)

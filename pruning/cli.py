@@ -351,7 +351,7 @@ def run_prune(args) -> dict:
                    seqlen=args.seqlen, seed=args.seed,
                    batch_size=args.batch_size, device=plan.layer_device)
     out["prune_seconds"] = round(time.perf_counter() - t0, 1)
-    out["pattern_spec"] = result.pattern.describe()
+    out["pattern_spec"] = result.describe()
     out["sparsity"] = result.report["sparsity"]
     out["report"] = result.report
     print(format_report(result.report))

@@ -78,6 +78,18 @@ def prunable_linears(layer: nn.Module) -> dict[str, nn.Module]:
             if is_prunable(m) and not is_router(name, m)}
 
 
+def named_linears(model: nn.Module) -> dict[str, nn.Module]:
+    """Every prunable Linear of the decoder layers by full name (``model.layers.3.mlp.up_proj``)."""
+    path, layers = decoder_layers(model)
+    return {f"{path}.{i}.{name}": m for i, layer in enumerate(layers)
+            for name, m in prunable_linears(layer).items()}
+
+
+def layer_of(full_name: str, path: str) -> str:
+    """``"<path>.<index>"``, the decoder layer a full module name under ``path`` belongs to."""
+    return ".".join(full_name.split(".")[:path.count(".") + 2])
+
+
 def get_weight(module: nn.Module) -> torch.Tensor:
     """The weight as ``[out_features, in_features]`` (a view; Conv1D's is transposed)."""
     return module.weight.t() if _is_conv1d(module) else module.weight

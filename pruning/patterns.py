@@ -25,14 +25,14 @@ from dataclasses import dataclass
 import torch
 
 import sparse_kernels as sk
-from sparse_kernels import DENSE, SPARSE_24, TOPK
 from sparse_kernels.format import check_tier_map
-
+from sparse_kernels.rules import (DEFAULT_BLOCK_SIZE, DEFAULT_TOPK, DENSE, RESEARCH_MIX, SPARSE_24,
+                                  TOPK, check_block_size, check_topk)
 from sparse_kernels.tiers import assign_tiers, check_ratios, per_entry_tiers, tier_mask
 
 __all__ = [
-    "Pattern", "parse_pattern", "PATTERN_KINDS", "TIERED_KINDS", "WITHIN_BLOCK", "RANKINGS",
-    "BLOCK_SIZES", "unstructured_row_mask", "unstructured_matrix_mask", "wanda_variant_mask",
+    "Pattern", "parse_pattern", "PATTERN_KINDS", "TIERED_KINDS", "WITHIN_BLOCK",
+    "unstructured_row_mask", "unstructured_matrix_mask", "wanda_variant_mask",
     "block_scores", "kept_block_scores", "rank_blocks", "rank_blocks_jointly", "demote_tiers",
     "tiered_mask", "build_mask",
 ]
@@ -40,8 +40,6 @@ __all__ = [
 PATTERN_KINDS = ("unstructured", "nm", "block", "block_topk", "three_tier")
 TIERED_KINDS = ("block", "block_topk", "three_tier")
 WITHIN_BLOCK = ("score", "magnitude")
-RANKINGS = ("matrix", "row", "layer", "model")
-BLOCK_SIZES = (4, 8, 12, 16)
 
 _NM = re.compile(r"^(\d+):(\d+)$")
 _PATTERN_HELP = ("unstructured, N:M (e.g. 2:4 or 4:8, with 1 <= N < M), block, block_topk "
@@ -50,7 +48,8 @@ _PATTERN_HELP = ("unstructured, N:M (e.g. 2:4 or 4:8, with 1 <= N < M), block, b
 
 @dataclass(frozen=True)
 class Pattern:
-    """The shape of sparsity to produce for one weight matrix.
+    """The shape of sparsity to produce for one weight matrix. How blocks of several matrices
+    share tiers or a byte budget is a model-level choice: :class:`pruning.planning.TierPolicy`.
 
     kind:
         ``"unstructured"``: any ``sparsity`` fraction of the weights (per output row for Wanda,
@@ -59,30 +58,20 @@ class Pattern:
         ``"block"``: whole ``block_size`` x ``block_size`` blocks; the lowest-scoring
         ``int(n_blocks * sparsity)`` blocks are zeroed, the others stay dense.
         ``"block_topk"``: as ``block``, but the cut blocks keep their ``topk`` best weights.
-        ``"three_tier"``: each block goes dense, 2:4 or top-K: within a byte ``budget``
-        (:mod:`pruning.planning.allocation`), or ranked by score into fixed ``tier_ratios``.
+        ``"three_tier"``: each block goes dense, 2:4 or top-K, ranked by score into fixed
+        ``tier_ratios`` (or given a tier map a planner chose, e.g. under a byte budget).
     sparsity: unstructured: fraction of weights pruned; block: fraction of blocks zeroed;
         block_topk: fraction of blocks cut to their top-K. Unused by nm and three_tier.
     n, m: the N:M pattern (2:4 keeps 2 of every 4).
     tier_ratios: (dense, 2:4, top-K) fractions of blocks for three_tier, summing to 1.
     topk: K, the weights a top-K block keeps (three_tier, block_topk), 1..block_size^2.
-    block_size: B, in {4, 8, 12, 16}.
+    block_size: B, in ``sparse_kernels.rules.BLOCK_SIZES``.
     within_block: what picks the kept weights inside 2:4 and top-K blocks: the method's
         ``"score"`` (default) or ``"magnitude"`` (|W|, the research code's behaviour).
-    ranking: where blocks are ranked into tiers: ``"matrix"`` (all blocks of the matrix, as
-        the research code does), ``"row"`` (within each block-row, so every group of B output
-        features gets the ratios, as Wanda compares weights within each output row), or
-        ``"layer"`` / ``"model"`` (the driver ranks jointly and passes each ``tier_map`` in).
+    per_row: rank the blocks into tiers within each block-row, so every group of B output
+        features gets the ratios (as Wanda compares weights within each output row); default:
+        over the whole matrix, as the research code does.
     use_variant: Wanda's per-row cumulative-score variant (unstructured only).
-    budget: three_tier only: packed bytes / dense bytes (``HybridWeight.nbytes``: values, 2:4
-        metadata, top-K positions and block index), e.g. 0.62. Each block then gets the tier
-        that minimises the method's loss proxy within the budget, instead of ``tier_ratios``.
-        ``ranking`` says where the budget holds: each ``"matrix"``, each decoder ``"layer"``,
-        or the whole ``"model"`` (one exchange rate of loss for bytes everywhere).
-    budget_dtype: the value dtype the budget's bytes are counted in (None: each weight's own).
-    allow_topk: with a budget, False keeps every block dense or 2:4 (two tiers).
-    topk_choices: with a budget, candidate values of K; each matrix gets the one its
-        allocation loses least with (one K per matrix: the format's top-K slots are fixed).
 
     Tier maps of ``block`` and ``block_topk``: kept blocks are ``DENSE`` (0), removed / cut
     blocks are ``TOPK`` (2). For ``block_topk`` the cut blocks really keep their top-K. For
@@ -98,16 +87,12 @@ class Pattern:
     sparsity: float = 0.5
     n: int = 2
     m: int = 4
-    tier_ratios: tuple[float, float, float] = (0.35, 0.45, 0.20)
-    topk: int = 15
-    block_size: int = 16
+    tier_ratios: tuple[float, float, float] = RESEARCH_MIX
+    topk: int = DEFAULT_TOPK
+    block_size: int = DEFAULT_BLOCK_SIZE
     within_block: str = "score"
-    ranking: str = "matrix"
+    per_row: bool = False
     use_variant: bool = False
-    budget: float | None = None
-    budget_dtype: torch.dtype | None = None
-    allow_topk: bool = True
-    topk_choices: tuple[int, ...] | None = None
 
     def __post_init__(self):
         if self.kind not in PATTERN_KINDS:
@@ -126,73 +111,24 @@ class Pattern:
             if not (_is_int(self.n) and _is_int(self.m) and 1 <= self.n < self.m):
                 raise ValueError(f"N:M pattern {self.n}:{self.m} needs integers 1 <= N < M")
         object.__setattr__(self, "tier_ratios", check_ratios(self.tier_ratios))
-        if not _is_int(self.block_size) or self.block_size not in BLOCK_SIZES:
-            raise ValueError(f"block_size must be one of {', '.join(map(str, BLOCK_SIZES))} "
-                             f"(a multiple of 4 so 2:4 groups align, at most 16 so a top-K "
-                             f"position fits a byte), got {self.block_size!r}")
-        bb = self.block_size * self.block_size
-        if not _is_int(self.topk) or not 1 <= self.topk <= bb:
-            raise ValueError(f"topk (K) must be an integer in 1..{bb} (block_size^2 for "
-                             f"block_size {self.block_size}), got {self.topk!r}")
+        check_block_size(self.block_size)
+        check_topk(self.topk, self.block_size)
         if self.within_block not in WITHIN_BLOCK:
             raise ValueError(f"within_block must be one of {', '.join(WITHIN_BLOCK)}, got "
                              f"{self.within_block!r}")
-        if self.ranking not in RANKINGS:
-            raise ValueError(f"ranking must be one of {', '.join(RANKINGS)}, got "
-                             f"{self.ranking!r}")
-        if self.use_variant not in (True, False):
-            raise ValueError(f"use_variant must be a bool, got {self.use_variant!r}")
+        for flag in ("use_variant", "per_row"):
+            if getattr(self, flag) not in (True, False):
+                raise ValueError(f"{flag} must be a bool, got {getattr(self, flag)!r}")
         if self.use_variant and self.kind != "unstructured":
             raise ValueError(f"use_variant (Wanda's cumulative-score variant) applies to the "
                              f"unstructured pattern only, got pattern {self.name!r}")
-        if not self.uses_tiers and self.ranking != "matrix":
-            raise ValueError(f"ranking={self.ranking!r} ranks blocks into tiers and applies to "
+        if self.per_row and not self.uses_tiers:
+            raise ValueError(f"ranking='row' ranks blocks into tiers and applies to "
                              f"{', '.join(TIERED_KINDS)} only, got pattern {self.name!r}")
-        self._check_budget()
         if self.kind in ("unstructured", "nm") and self.within_block != "score":
             raise ValueError(f"within_block={self.within_block!r} picks weights inside 2:4 / "
                              f"top-K blocks and applies to block_topk and three_tier only, got "
                              f"pattern {self.name!r}")
-
-    def _check_budget(self) -> None:
-        if self.allow_topk not in (True, False):
-            raise ValueError(f"allow_topk must be a bool, got {self.allow_topk!r}")
-        if self.budget_dtype is not None and not (isinstance(self.budget_dtype, torch.dtype)
-                                                  and self.budget_dtype.is_floating_point):
-            raise ValueError(f"budget_dtype must be a floating-point torch dtype or None, got "
-                             f"{self.budget_dtype!r}")
-        if self.budget is None:
-            if not self.allow_topk or self.budget_dtype is not None or self.topk_choices:
-                raise ValueError("allow_topk, budget_dtype and several K (topk_choices) apply "
-                                 "to a byte budget: pass budget= as well (or use tier_ratios "
-                                 "with a 0 top-K share)")
-            return
-        if self.topk_choices is not None:
-            choices = tuple(self.topk_choices)
-            bb = self.block_size * self.block_size
-            if not choices or any(not _is_int(k) or not 1 <= k <= bb for k in choices):
-                raise ValueError(f"topk_choices must be integers in 1..{bb}, got "
-                                 f"{self.topk_choices!r}")
-            object.__setattr__(self, "topk_choices", tuple(sorted(set(choices))))
-        if self.kind != "three_tier":
-            raise ValueError(f"a byte budget allocates dense / 2:4 / top-K blocks and applies to "
-                             f"pattern three_tier only, got pattern {self.name!r}")
-        try:
-            budget = float(self.budget)
-        except (TypeError, ValueError):
-            raise ValueError(f"budget must be a number (packed bytes / dense bytes, e.g. 0.62), "
-                             f"got {self.budget!r}") from None
-        if not 0.0 < budget < float("inf"):  # also rejects NaN
-            raise ValueError(f"budget must be a finite fraction > 0 of the dense bytes (e.g. "
-                             f"0.62), got {self.budget!r}")
-        object.__setattr__(self, "budget", budget)
-        if self.ranking == "row":
-            raise ValueError("ranking='row' gives every block-row the fixed tier_ratios; a "
-                             "byte budget holds per 'matrix', 'layer' or 'model'")
-        if self.within_block != "score":
-            raise ValueError("a byte budget counts the loss of the weights the method's scores "
-                             "drop inside each block; within_block='magnitude' (the research "
-                             "code's fixed-ratio rule) cannot be combined with it")
 
     @property
     def uses_tiers(self) -> bool:
@@ -206,39 +142,31 @@ class Pattern:
 
     @property
     def nominal_sparsity(self) -> float:
-        """Fraction of weights pruned for a matrix made of whole blocks (before rounding); NaN
-        for a byte budget, where the allocation decides."""
+        """Fraction of weights pruned for a matrix made of whole blocks (before rounding)."""
         bb = self.block_size * self.block_size
         if self.kind == "nm":
             return 1.0 - self.n / self.m
-        if self.kind == "three_tier" and self.budget is not None:
-            return float("nan")  # the allocation decides
         if self.kind == "three_tier":
             return 0.5 * self.tier_ratios[1] + (1.0 - self.topk / bb) * self.tier_ratios[2]
         if self.kind == "block_topk":
             return (1.0 - self.topk / bb) * self.sparsity
         return self.sparsity
 
-    def describe(self) -> str:
-        """A one-line human-readable summary, for logs and reports."""
+    def describe(self, ranking: str | None = None) -> str:
+        """A one-line human-readable summary, for logs and reports; ``ranking``: where a
+        planner ranked the blocks (``"layer"``, ``"model"``) when not in this matrix."""
         if self.kind == "unstructured":
             return f"unstructured {self.sparsity:g}" + (" (variant)" if self.use_variant else "")
         if self.kind == "nm":
             return self.name
         b = f"B={self.block_size}"
         within = "" if self.within_block == "score" else ", within=magnitude"
-        rank = "" if self.ranking == "matrix" else f", ranking={self.ranking}"
+        ranking = "row" if self.per_row else ranking
+        rank = "" if ranking in (None, "matrix") else f", ranking={ranking}"
         if self.kind == "block":
             return f"block {self.sparsity:g} ({b}{rank})"
         if self.kind == "block_topk":
             return f"block_topk {self.sparsity:g} (K={self.topk}, {b}{within}{rank})"
-        if self.budget is not None:
-            tiers = "" if self.allow_topk else ", dense + 2:4 only"
-            k = "/".join(map(str, self.topk_choices)) if self.topk_choices else self.topk
-            counted = "" if self.budget_dtype is None else \
-                f", bytes in {str(self.budget_dtype).replace('torch.', '')}"
-            return (f"three_tier budget {self.budget:g} (K={k}, {b}, per "
-                    f"{self.ranking}{tiers}{counted})")
         r = "/".join(f"{x:g}" for x in self.tier_ratios)
         return f"three_tier {r} (K={self.topk}, {b}{within}{rank})"
 
@@ -248,11 +176,9 @@ def _is_int(x) -> bool:
 
 
 def parse_pattern(pattern: str | Pattern, *, sparsity: float = 0.5,
-                  tier_ratios=(0.35, 0.45, 0.20), topk: int = 15, block_size: int = 16,
-                  within_block: str = "score", ranking: str = "matrix",
-                  use_variant: bool = False, budget: float | None = None,
-                  budget_dtype: torch.dtype | None = None, allow_topk: bool = True,
-                  topk_choices: tuple[int, ...] | None = None) -> Pattern:
+                  tier_ratios=RESEARCH_MIX, topk: int = DEFAULT_TOPK,
+                  block_size: int = DEFAULT_BLOCK_SIZE, within_block: str = "score",
+                  per_row: bool = False, use_variant: bool = False) -> Pattern:
     """Pattern from a name: ``"unstructured"``, ``"N:M"`` (``"2:4"``, ``"4:8"``, any
     ``1 <= N < M``), ``"block"``, ``"block_topk"``, ``"three_tier"`` (or ``"three-tier"``).
 
@@ -265,9 +191,7 @@ def parse_pattern(pattern: str | Pattern, *, sparsity: float = 0.5,
         raise ValueError(f"pattern must be a string ({_PATTERN_HELP}), got {pattern!r}")
     key = pattern.strip().lower().replace("-", "_").replace(" ", "")
     common = dict(sparsity=sparsity, tier_ratios=tier_ratios, topk=topk, block_size=block_size,
-                  within_block=within_block, ranking=ranking, use_variant=use_variant,
-                  budget=budget, budget_dtype=budget_dtype, allow_topk=allow_topk,
-                  topk_choices=topk_choices)
+                  within_block=within_block, per_row=per_row, use_variant=use_variant)
     nm = _NM.match(key)
     if nm:
         n, m = int(nm.group(1)), int(nm.group(2))
@@ -409,7 +333,7 @@ def rank_blocks(blocks: torch.Tensor, pattern: Pattern) -> torch.Tensor:
     if not pattern.uses_tiers:
         raise ValueError(f"pattern {pattern.name!r} has no tier map; rank_blocks applies to "
                          f"{', '.join(TIERED_KINDS)}")
-    if pattern.ranking == "row" and blocks.dim() == 2:
+    if pattern.per_row and blocks.dim() == 2:
         return torch.stack([_rank_one_group(row, pattern) for row in blocks])
     return _rank_one_group(blocks, pattern)
 
@@ -427,7 +351,7 @@ def _rank_one_group(blocks: torch.Tensor, pattern: Pattern) -> torch.Tensor:
 
 
 def rank_blocks_jointly(blocks: list[torch.Tensor], pattern: Pattern) -> list[torch.Tensor]:
-    """Rank the blocks of several matrices together (``ranking="layer"`` / ``"model"``).
+    """Rank the blocks of several matrices together (``TierPolicy.ranking`` layer / model).
 
     ``blocks`` are block-score maps (see :func:`block_scores`), one per matrix; returns their
     tier maps, in order, with the pattern's ratios met over all blocks together. The scores must
@@ -473,8 +397,8 @@ def build_mask(scores: torch.Tensor, pattern: Pattern, *, unstructured: str = "r
     unstructured: ``"row"`` (Wanda: per output row) or ``"matrix"`` (magnitude: one threshold
         per matrix); ``pattern.use_variant`` picks Wanda's cumulative-score variant instead.
     weight: the weight, needed for ``within_block="magnitude"`` (selection by ``|W|``).
-    tier_map: an explicit tier map for tiered patterns, overriding the ranking (required when
-        ``pattern.ranking`` is ``"layer"`` or ``"model"``).
+    tier_map: an explicit tier map for tiered patterns, overriding the pattern's own ranking
+        (what a planner passes when blocks were ranked across matrices or under a byte budget).
     """
     if scores.dim() != 2:
         raise ValueError(f"scores must be 2-D [out, in], got shape {tuple(scores.shape)}")
@@ -490,12 +414,6 @@ def build_mask(scores: torch.Tensor, pattern: Pattern, *, unstructured: str = "r
         raise ValueError(f"unstructured must be 'row' or 'matrix', got {unstructured!r}")
     if pattern.kind == "nm":
         return sk.nm_mask(scores.float(), pattern.n, pattern.m), None
-    if tier_map is None and pattern.budget is not None:
-        raise ValueError("a byte budget needs the allocated tier_map: pruning.prune allocates "
-                         "it from the method's loss proxy (see pruning.planning.allocation)")
-    if tier_map is None and pattern.ranking not in ("matrix", "row"):
-        raise ValueError(f"ranking={pattern.ranking!r} ranks blocks across matrices: the driver "
-                         f"must pass each matrix's tier_map (see rank_blocks_jointly)")
     selection = None
     if pattern.within_block == "magnitude":
         if weight is None:

@@ -8,13 +8,12 @@ import torch
 import sparse_kernels as sk
 from pruning.planning.allocation import (MatrixCost, allocate, allocate_all, budget_shares,
                                 matrix_costs, minimum_budget, tier_losses)
-from pruning.patterns import parse_pattern
 from sparse_kernels import DENSE, SPARSE_24, TOPK, apply_tier_map
 from sparse_kernels.rules import packed_nbytes, tier_block_nbytes
 
 
-def matrix_cost(proxy, pattern, dtype, name="weight") -> MatrixCost:
-    (cost,) = matrix_costs(proxy, pattern, dtype, name)
+def matrix_cost(proxy, dtype, name="weight", topk=15) -> MatrixCost:
+    (cost,) = matrix_costs(proxy, (topk,), 16, dtype, name)
     return cost
 
 
@@ -68,7 +67,7 @@ def test_tier_losses_of_ragged_blocks_count_real_weights_only():
 def test_packed_bytes_meet_the_budget_within_one_percent(budget, dtype):
     out_f, in_f = 576, 1536
     proxy = llm_like_proxy(out_f, in_f)
-    cost = matrix_cost(proxy, parse_pattern("three_tier", budget=budget), dtype)
+    cost = matrix_cost(proxy, dtype)
     (tiers,) = allocate([cost], budget)
     # Prune a weight by the map and pack it: the bytes the kernels will read.
     weight = apply_tier_map(proxy.sqrt(), tiers, 15, 16, scores=proxy).to(dtype)
@@ -96,7 +95,7 @@ def test_planted_blocks_get_the_known_optimal_tiers():
             else:
                 spots = torch.randperm(256, generator=torch.Generator().manual_seed(br + bc))[:15]
                 block[spots // 16, spots % 16] = 50.0
-    cost = matrix_cost(proxy, parse_pattern("three_tier", budget=0.5), torch.float16)
+    cost = matrix_cost(proxy, torch.float16)
     budget = packed_nbytes(planted, 32, 48, torch.float16) / cost.dense_nbytes
     (tiers,) = allocate([cost], budget)
     assert torch.equal(tiers, planted)
@@ -118,7 +117,7 @@ def _brute_force(cost: MatrixCost, budget: float) -> float:
 @pytest.mark.parametrize("seed", range(4))
 def test_lagrangian_optimality_and_near_brute_force_optimum(seed):
     proxy = llm_like_proxy(32, 64, seed)  # 8 blocks: 3^8 allocations to brute-force
-    cost = matrix_cost(proxy, parse_pattern("three_tier", budget=0.5), torch.float16)
+    cost = matrix_cost(proxy, torch.float16)
     costs = torch.tensor(cost.block_costs, dtype=torch.float64)
     floor = minimum_budget([cost])
     for budget in (floor + 0.05, 0.4, 0.55, 0.7, 0.9):
@@ -142,7 +141,7 @@ def test_lagrangian_optimality_and_near_brute_force_optimum(seed):
 
 def test_loss_never_rises_with_the_budget():
     proxy = llm_like_proxy(96, 160, seed=3)
-    cost = matrix_cost(proxy, parse_pattern("three_tier", budget=0.5), torch.float32)
+    cost = matrix_cost(proxy, torch.float32)
     previous = float("inf")
     for budget in torch.linspace(minimum_budget([cost]), 1.02, 60).tolist():
         (tiers,) = allocate([cost], budget)
@@ -153,8 +152,7 @@ def test_loss_never_rises_with_the_budget():
 
 
 def test_budget_below_the_cheapest_tier_raises_naming_the_minimum():
-    cost = matrix_cost(llm_like_proxy(64, 64), parse_pattern("three_tier", budget=0.5),
-                       torch.float16)
+    cost = matrix_cost(llm_like_proxy(64, 64), torch.float16)
     floor = minimum_budget([cost])
     assert 0.09 < floor < 0.11  # every block top-15: 50 of 512 bytes, plus the row pointers
     with pytest.raises(ValueError, match=f"{floor:.4f}"):
@@ -176,8 +174,7 @@ def test_non_finite_or_negative_proxies_raise(bad):
 
 
 def test_two_tier_option_never_uses_top_k():
-    cost = matrix_cost(llm_like_proxy(128, 256), parse_pattern("three_tier", budget=0.6),
-                       torch.float16)
+    cost = matrix_cost(llm_like_proxy(128, 256), torch.float16)
     for budget in (0.58, 0.6, 0.7, 0.9):
         (tiers,) = allocate([cost], budget, allow_topk=False)
         assert not bool((tiers == TOPK).any())
@@ -185,15 +182,14 @@ def test_two_tier_option_never_uses_top_k():
 
 
 def test_shared_budget_moves_bytes_to_the_matrix_that_loses_more():
-    pattern = parse_pattern("three_tier", budget=0.6)
-    candidates = {"a": matrix_costs(llm_like_proxy(128, 128, 1) * 100, pattern, torch.float16),
-                  "b": matrix_costs(llm_like_proxy(128, 128, 2), pattern, torch.float16)}
-    joint = allocate_all(candidates, pattern)
+    candidates = {"a": matrix_costs(llm_like_proxy(128, 128, 1) * 100, (15,), 16, torch.float16),
+                  "b": matrix_costs(llm_like_proxy(128, 128, 2), (15,), 16, torch.float16)}
+    joint = allocate_all(candidates, 0.6)
     shares = budget_shares(joint, candidates)
     assert shares["a"] > 0.6 > shares["b"]
     assert (shares["a"] + shares["b"]) / 2 <= 0.6  # equal sizes: the mean is the budget
     # Allocated one by one at their shares, they reproduce the joint allocation's loss.
-    alone = {n: allocate_all({n: candidates[n]}, pattern, shares[n])[n] for n in candidates}
+    alone = {n: allocate_all({n: candidates[n]}, shares[n])[n] for n in candidates}
     total = lambda result: sum(loss_of(candidates[n][0], result[n][0])  # noqa: E731
                                for n in candidates)
     assert abs(total(joint) - total(alone)) <= 1e-6 * total(joint)
@@ -211,25 +207,24 @@ def test_each_matrix_gets_the_k_it_loses_least_with():
                 spots = torch.randperm(256, generator=g)[:per_block]
                 proxy[br * 16 + spots // 16, bc * 16 + spots % 16] = 1.0
         proxies[name] = proxy
-    pattern = parse_pattern("three_tier", budget=0.3, topk_choices=(8, 15, 32))
-    candidates = {n: matrix_costs(p, pattern, torch.float16, n) for n, p in proxies.items()}
-    result = allocate_all(candidates, pattern)
+    candidates = {n: matrix_costs(p, (8, 15, 32), 16, torch.float16, n)
+                  for n, p in proxies.items()}
+    result = allocate_all(candidates, 0.3)
     assert {n: k for n, (_, k) in result.items()} == {"a": 32, "b": 8}
     spent = sum(packed_nbytes(t, 64, 128, torch.float16, k) for t, k in result.values())
     assert spent <= 0.3 * 2 * 64 * 128 * 2
 
 
 def test_a_k_that_costs_as_much_as_2_4_is_refused():
-    pattern = parse_pattern("three_tier", budget=0.6, topk_choices=(15, 96))
     with pytest.raises(ValueError, match="K=96 costs 293 bytes.*choose K below 96"):
-        matrix_costs(torch.rand(32, 32), pattern, torch.float16)
+        matrix_costs(torch.rand(32, 32), (15, 96), 16, torch.float16)
 
 
 def test_a_block_is_never_promoted_above_its_cap():
     import dataclasses
 
     proxy = llm_like_proxy(128, 256, seed=5)
-    cost = matrix_cost(proxy, parse_pattern("three_tier", budget=0.5), torch.float16)
+    cost = matrix_cost(proxy, torch.float16)
     g = torch.Generator().manual_seed(0)
     caps = torch.randint(0, 3, cost.losses.shape[:2], generator=g, dtype=torch.int8)
     capped = dataclasses.replace(cost, best_tier=caps)

@@ -183,7 +183,7 @@ def test_allocation_heat_map_of_a_saved_prune(tmp_path):
 
     result = pruning.prune(llama(), calibration_ids(), "wanda", "three_tier", budget=0.6,
                            progress=False)
-    report = {"model": "tiny", "pattern": "three_tier", "pattern_spec": result.pattern.describe(),
+    report = {"model": "tiny", "pattern": "three_tier", "pattern_spec": result.describe(),
               "ppl": {"pruned": 12.0}, "report": result.report}
     path = tmp_path / "report.json"
     path.write_text(json.dumps(report))

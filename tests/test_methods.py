@@ -10,6 +10,8 @@ from pruning.methods import METHODS, LayerPruning, Method, get_method
 from pruning.methods.sparsegpt import obs_saliency, obs_sweep, prepare_obs
 from pruning.patterns import (Pattern, block_scores, build_mask, parse_pattern, rank_blocks,
                               rank_blocks_jointly, wanda_variant_mask)
+from pruning.planning import (ByteBudget, JointRanking, PlanContext, make_planner,
+                              tier_settings)
 from pruning.statistics import LinearStats
 from sparse_kernels.tiers import tier_mask
 from sparse_kernels import DENSE, SPARSE_24, TOPK
@@ -215,14 +217,19 @@ def test_explicit_tier_map_overrides_ranking(method_name):
     weight = torch.randn(40, 72)
     stats, _ = make_stats(72)
     tiers = torch.tensor([[0, 1, 2, 2, 0], [1, 1, 1, 1, 1], [2, 0, 2, 0, 2]], dtype=torch.int8)
-    pattern = parse_pattern("three_tier", ranking="layer")
+    pattern, policy = tier_settings("three_tier", ranking="layer")
     result = get_method(method_name).prune(weight, stats, pattern, tier_map=tiers)
     assert torch.equal(result.tier_map.cpu(), tiers)
     for br, bc, blk in blocks_of(result.mask, 16):
         expected = {0: blk.numel(), 1: blk.numel() // 2, 2: min(15, blk.numel())}
         assert blk.sum() == expected[int(tiers[br, bc])]
-    with pytest.raises(ValueError, match="tier_map"):
-        get_method(method_name).prune(weight, stats, pattern)  # layer ranking needs a map
+    # Layer ranking: the planner gives every matrix of the layer its map.
+    planner = make_planner(pattern, policy)
+    assert isinstance(planner, JointRanking)
+    planner.prepare(PlanContext(None, get_method(method_name), []))
+    layer = {"a": torch.nn.Linear(72, 40), "b": torch.nn.Linear(72, 24)}
+    plan = planner.for_layer("model.layers.0", layer, {"a": stats, "b": stats})
+    assert set(plan) == {"a", "b"} and plan["b"][0].shape == (2, 5)
     with pytest.raises(ValueError, match="no tiers"):
         get_method(method_name).prune(weight, stats, "2:4", tier_map=tiers)
 
@@ -339,7 +346,7 @@ def test_wanda_variant_zero_sparsity():
 ])
 def test_parse_pattern_errors(args, kwargs, match):
     with pytest.raises(ValueError, match=match):
-        parse_pattern(*args, **kwargs)
+        tier_settings(*args, **kwargs)
 
 
 def test_parse_pattern_values():
@@ -466,20 +473,21 @@ def test_tier_sweep_row_weight_moves_top_k_slots_to_heavy_rows():
 
 
 def test_budget_pattern_validation_and_description():
-    pattern = parse_pattern("three_tier", budget=0.6, topk_choices=(64, 15, 15))
-    assert pattern.topk_choices == (15, 64)
-    assert "budget 0.6 (K=15/64" in pattern.describe() and "per matrix" in pattern.describe()
-    assert parse_pattern("three_tier", budget=0.6, allow_topk=False,
-                         budget_dtype=torch.float16).describe().endswith(
-        "dense + 2:4 only, bytes in float16)")
+    pattern, policy = tier_settings("three_tier", budget=0.6, topk=(64, 15, 15))
+    assert policy.topk_choices == (15, 64)
+    assert "budget 0.6 (K=15/64" in policy.describe(pattern)
+    assert "per matrix" in policy.describe(pattern)
+    pattern2, policy2 = tier_settings("three_tier", budget=0.6, allow_topk=False,
+                                      budget_dtype=torch.float16)
+    assert policy2.describe(pattern2).endswith("dense + 2:4 only, bytes in float16)")
     for kwargs, message in ((dict(budget_dtype=torch.float16), "apply to a byte budget"),
                             (dict(budget=0.6, budget_dtype=torch.int8), "floating-point"),
-                            (dict(budget=0.6, topk_choices=()), "topk_choices"),
+                            (dict(budget=0.6, topk=()), "topk_choices"),
                             (dict(budget=-1), "budget")):
         with pytest.raises(ValueError, match=message):
-            parse_pattern("three_tier", **kwargs)
-    with pytest.raises(ValueError, match="needs the allocated tier_map"):
-        get_method("wanda").prune(torch.randn(16, 16), make_stats(16)[0], pattern)
+            tier_settings("three_tier", **kwargs)
+    # A budget's tier maps come from the allocation, never from the method's own ranking.
+    assert isinstance(make_planner(pattern, policy), ByteBudget)
 
 
 @pytest.mark.parametrize("pattern_name", ["unstructured", "2:4", "three_tier", "block_topk"])

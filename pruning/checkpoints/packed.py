@@ -76,7 +76,7 @@ def load_pruned(folder: str | os.PathLike, *, dtype: torch.dtype | None = None,
     folder's masks are its non-zero weights; a structurally pruned model's (``hybrid-prune
     structured --save``) are all True."""
     from ..loading import load_model
-    from ..models import get_weight
+    from ..models import get_weight, named_linears
     from .tier_maps import load_tier_maps
 
     model, tokenizer, _ = load_model(str(folder), dtype=dtype, device=device)
@@ -102,10 +102,8 @@ def load_pruned(folder: str | os.PathLike, *, dtype: torch.dtype | None = None,
             topks[name] = meta["topk"] if isinstance(meta["topk"], int) else meta["topk"][name]
     if not masks and getattr(model.config, "structured_layers", None):
         # Structurally pruned only: nothing inside the matrices is pruned, every weight trains.
-        from ..api import _named_linears
-
         masks = {n: torch.ones_like(get_weight(m), dtype=torch.bool, device="cpu")
-                 for n, m in _named_linears(model).items()}
+                 for n, m in named_linears(model).items()}
     if not masks:
         raise ValueError(f"{str(folder)!r} holds no pruned model: no packed modules, no "
                          f"tier_maps.safetensors and no structured sizes (write it with "

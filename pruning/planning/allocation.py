@@ -28,13 +28,11 @@ from dataclasses import dataclass
 
 import torch
 
-from sparse_kernels import DENSE, SPARSE_24, TOPK
-from sparse_kernels.rules import index_nbytes, packed_nbytes, tier_block_nbytes, tier_grid
-
-from ..patterns import Pattern
+from sparse_kernels.rules import (DEFAULT_BLOCK_SIZE, DEFAULT_TOPK, DENSE, SPARSE_24, TOPK,
+                                  index_nbytes, packed_nbytes, tier_block_nbytes, tier_grid)
 
 __all__ = ["MatrixCost", "tier_losses", "matrix_costs", "allocate", "choose_topk",
-           "allocate_all", "minimum_budget", "budget_shares"]
+           "allocate_all", "minimum_budget", "budget_shares", "check_budget_value"]
 
 
 @dataclass(frozen=True)
@@ -51,8 +49,8 @@ class MatrixCost:
     out_features: int
     in_features: int
     dtype: torch.dtype
-    topk: int = 15
-    block_size: int = 16
+    topk: int = DEFAULT_TOPK
+    block_size: int = DEFAULT_BLOCK_SIZE
     best_tier: torch.Tensor | None = None
 
     @property
@@ -89,8 +87,8 @@ def _check_proxy(proxy: torch.Tensor, name: str) -> torch.Tensor:
     return proxy
 
 
-def tier_losses(proxy: torch.Tensor, topk: int = 15, block_size: int = 16,
-                name: str = "weight") -> torch.Tensor:
+def tier_losses(proxy: torch.Tensor, topk: int = DEFAULT_TOPK,
+                block_size: int = DEFAULT_BLOCK_SIZE, name: str = "weight") -> torch.Tensor:
     """Loss of each block in each tier: float64 ``[nbr, nbc, 3]`` (dense, 2:4, top-K).
 
     proxy: ``[out, in]``, the estimated damage of dropping each weight (>= 0, finite). Dense
@@ -171,22 +169,31 @@ def _upgrades(losses: torch.Tensor, costs: tuple[int, int, int], allow_topk: boo
     return start, block, to, extra, rate
 
 
-def _check_budget(matrices: list[MatrixCost], budget, allow_topk: bool) -> float:
-    """``budget`` as a float, or ``ValueError`` naming what is wrong (and the minimum)."""
+def check_budget_value(budget) -> float:
+    """``budget`` as a float if it is a finite fraction > 0 of the dense bytes, else
+    ``ValueError`` saying so (every entry point that takes a budget checks it here)."""
     try:
-        budget = float(budget)
+        value = float(budget)
     except (TypeError, ValueError):
-        raise ValueError(f"budget must be a number (packed bytes / dense bytes), got "
-                         f"{budget!r}") from None
-    if not budget > 0 or budget != budget or budget == float("inf"):
-        raise ValueError(f"budget must be a finite fraction > 0 of the dense bytes, got {budget}")
+        raise ValueError(f"budget must be a number (packed bytes / dense bytes, e.g. 0.62), "
+                         f"got {budget!r}") from None
+    if not 0.0 < value < float("inf"):  # also rejects NaN
+        raise ValueError(f"budget must be a finite fraction > 0 of the dense bytes (e.g. "
+                         f"0.62), got {budget!r}")
+    return value
+
+
+def _check_budget(matrices: list[MatrixCost], budget, allow_topk: bool) -> tuple[float, float]:
+    """``(budget as a float, the floor of matrices)`` (:func:`minimum_budget`), or
+    ``ValueError`` naming the floor when the budget is below it."""
+    budget = check_budget_value(budget)
     floor = minimum_budget(matrices, allow_topk)
     if budget < floor * (1 - 1e-9):  # (a share computed from bytes may round just below)
         cheapest = f"top-K, K={min(m.topk for m in matrices)}" if allow_topk else "2:4"
         raise ValueError(f"budget {budget:g} is below the smallest these weights can be packed "
                          f"in: {floor:.4f} of the dense bytes (every block {cheapest}); raise "
                          f"the budget to at least {floor:.4f}")
-    return budget
+    return budget, floor
 
 
 def allocate(matrices: list[MatrixCost], budget: float, *, allow_topk: bool = True
@@ -200,8 +207,12 @@ def allocate(matrices: list[MatrixCost], budget: float, *, allow_topk: bool = Tr
     """
     if not matrices:
         return []
-    budget = _check_budget(matrices, budget, allow_topk)
-    floor = minimum_budget(matrices, allow_topk)
+    return _allocate(matrices, *_check_budget(matrices, budget, allow_topk), allow_topk)
+
+
+def _allocate(matrices: list[MatrixCost], budget: float, floor: float,
+              allow_topk: bool) -> list[torch.Tensor]:
+    """:func:`allocate` once the budget is known to be at least ``floor``."""
     starts, blocks, tos, extras, rates, firsts = [], [], [], [], [], []
     offset = 0
     for m in matrices:
@@ -283,17 +294,15 @@ def choose_topk(candidates: list[list[MatrixCost]], budget: float, *,
     return choice(high)[0]
 
 
-def matrix_costs(proxy: torch.Tensor, pattern: Pattern, dtype: torch.dtype,
-                 name: str = "weight") -> list[MatrixCost]:
-    """One :class:`MatrixCost` per candidate K (``pattern.topk_choices``, else ``pattern.topk``)
-    of a weight with loss proxy ``proxy [out, in]``, its bytes counted in
-    ``pattern.budget_dtype`` or else ``dtype`` (the weight's)."""
+def matrix_costs(proxy: torch.Tensor, topks: tuple[int, ...], block_size: int,
+                 dtype: torch.dtype, name: str = "weight") -> list[MatrixCost]:
+    """One :class:`MatrixCost` per candidate K in ``topks`` of a weight with loss proxy
+    ``proxy [out, in]``, its bytes counted in ``dtype``."""
     out_f, in_f = proxy.shape
-    dtype = pattern.budget_dtype or dtype
     costs = []
-    for k in pattern.topk_choices or (pattern.topk,):
-        cost = MatrixCost(tier_losses(proxy, k, pattern.block_size, name), out_f, in_f, dtype,
-                          k, pattern.block_size)
+    for k in topks:
+        cost = MatrixCost(tier_losses(proxy, k, block_size, name), out_f, in_f, dtype, k,
+                          block_size)
         _, two_four, topk = cost.block_costs
         if topk >= two_four:
             per_slot = torch.empty((), dtype=dtype).element_size() + 1
@@ -304,16 +313,15 @@ def matrix_costs(proxy: torch.Tensor, pattern: Pattern, dtype: torch.dtype,
     return costs
 
 
-def allocate_all(candidates: dict[str, list[MatrixCost]], pattern: Pattern,
-                 budget: float | None = None) -> dict[str, tuple[torch.Tensor, int]]:
-    """``{name: (tier map, K)}``: the matrices share ``budget`` (default ``pattern.budget``),
-    each with the K :func:`choose_topk` picks among its candidates (:func:`matrix_costs`)."""
+def allocate_all(candidates: dict[str, list[MatrixCost]], budget: float, *,
+                 allow_topk: bool = True) -> dict[str, tuple[torch.Tensor, int]]:
+    """``{name: (tier map, K)}``: the matrices share ``budget``, each with the K
+    :func:`choose_topk` picks among its candidates (:func:`matrix_costs`)."""
     names = list(candidates)
     cheapest = [min(candidates[n], key=lambda m: m.topk) for n in names]
-    budget = _check_budget(cheapest, pattern.budget if budget is None else budget,
-                           pattern.allow_topk)
-    chosen = choose_topk([candidates[n] for n in names], budget, allow_topk=pattern.allow_topk)
-    maps = allocate(chosen, budget, allow_topk=pattern.allow_topk)
+    budget, _ = _check_budget(cheapest, budget, allow_topk)
+    chosen = choose_topk([candidates[n] for n in names], budget, allow_topk=allow_topk)
+    maps = _allocate(chosen, budget, minimum_budget(chosen, allow_topk), allow_topk)
     return {n: (t, m.topk) for n, t, m in zip(names, maps, chosen)}
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..calibration import calibration_ids
 from ..models import decoder_layers
 from .importance import IMPORTANCES, unit_importance, unit_statistics
 from .io import record_sizes
@@ -41,10 +42,6 @@ def _model_params(model: nn.Module) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
-def _batches(ids: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
-    return [ids[i:i + batch_size] for i in range(0, len(ids), batch_size)]
-
-
 def structured_prune(model: nn.Module, calibration="embedded", ratio: float = 0.2,
                      importance: str = "taylor", *, temperature: float = 0.0, tau: float = 0.0,
                      epsilon: float = 0.0, uniform: bool = False, tokenizer=None,
@@ -61,7 +58,6 @@ def structured_prune(model: nn.Module, calibration="embedded", ratio: float = 0.
     ``unit_statistics`` / ``skip_losses`` of the same unpruned model, to compare settings
     without recomputing them.
     """
-    from ..api import _calibration_ids
 
     if importance not in IMPORTANCES:
         raise ValueError(f"importance must be one of {', '.join(IMPORTANCES)}, got "
@@ -70,10 +66,10 @@ def structured_prune(model: nn.Module, calibration="embedded", ratio: float = 0.
     units = discover_units(model)
     total = _model_params(model)
     needs_data = importance != "magnitude" or temperature > 0
-    ids = _calibration_ids(calibration, tokenizer, nsamples, seqlen, seed) if needs_data \
+    ids = calibration_ids(calibration, tokenizer, nsamples, seqlen, seed) if needs_data \
         else None
     if importance != "magnitude" and statistics is None:
-        statistics = unit_statistics(model, units, _batches(ids, 1),
+        statistics = unit_statistics(model, units, list(ids.split(1)),
                                      gradients=importance.startswith("taylor"),
                                      progress=progress)
     scores_raw = unit_importance(model, units, importance, statistics)
@@ -83,7 +79,7 @@ def structured_prune(model: nn.Module, calibration="embedded", ratio: float = 0.
     factors = {key: 1.0 for key in scores_raw}
     if temperature > 0:
         if losses is None:
-            losses = skip_losses(model, units, _batches(ids[:prior_samples], 4),
+            losses = skip_losses(model, units, list(ids[:prior_samples].split(4)),
                                  progress=progress)
         factors = prior_factors(losses, temperature, tau)
     scores = {key: scores_raw[key] / costs[key] * factors[key] for key in scores_raw}
