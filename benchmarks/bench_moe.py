@@ -70,7 +70,7 @@ def main(argv=None):
         prompt = ids[:1, :8]
         with torch.no_grad():
             masked = model.generate(prompt, max_new_tokens=12, do_sample=False)
-            pack_model(model, result)
+            pack_model(model, result.tier_maps, result.topks, result.block_size)
             packed = model.generate(prompt, max_new_tokens=12, do_sample=False)
         cover = result.report["coverage"]
         rec = {"arch": arch, "experts": args.experts,

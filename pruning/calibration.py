@@ -196,6 +196,7 @@ def _local_text(path: Path) -> str:
 def load_dataset_or_explain(source: str, *args, **kwargs):
     """``datasets.load_dataset`` with errors that say what went wrong and what to do."""
     try:
+        # optional (the hub's text sets), heavy: imported when used
         import datasets
     except ImportError as err:
         raise ImportError(f"source {source!r} is read with the datasets library, which is not "

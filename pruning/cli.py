@@ -8,29 +8,29 @@
   hybrid-prune progressive --schedule steps.csv --save runs/ --epoch-steps 20
   hybrid-prune structured --ratio 0.2 --importance taylor --save smaller/ [--then-three-tier]
 
-This module only parses arguments and calls the functions that do the work (loading.py,
-api.py, eval.py, checkpoint.py, timing.py, finetune.py,
-progressive.py, structured/), which a Python user calls the same way.
+This module only parses arguments into the config dataclasses of ``pruning.workflows`` and
+calls its runs, which a Python user calls the same way.
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import sys
-import time
 
 import torch
 
+from sparse_kernels.rules import DEFAULT_TOPK
+
+from .evaluation import EMBEDDED_TASK
+from .planning import RANKINGS
+from .recovery import LOSSES, MODES, RESEARCH_SCHEDULE, FinetuneConfig, read_schedule
+from .structured import IMPORTANCES
+from .workflows import (DEFAULT_BUDGET, EMBEDDED_NSAMPLES, HUB_NSAMPLES, EvalJob, FinetuneJob,
+                        ModelSource, Perplexity, ProgressiveJob, PruneJob, StructuredJob,
+                        run_eval, run_finetune, run_progressive, run_prune, run_structured)
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DEFAULT_BUDGET = 0.62
-# Calibration samples: the papers' 128 for real models; 32 keeps the embedded model's whole main
-# job (two perplexities, a SparseGPT prune with its gradient pass, the decode timing) within five
-# minutes on two CPU cores.
-EMBEDDED_NSAMPLES, HUB_NSAMPLES = 32, 128
 WANDA_TASKS = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge",
                "openbookqa")
-EMBEDDED_TASK = "embedded_cloze"
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--block-size", type=int, default=16, help="block size B (default 16)")
     p.add_argument("--within-block", choices=("score", "magnitude"), default="score",
                    help="what picks the kept weights inside 2:4 / top-K blocks")
-    p.add_argument("--ranking", choices=("matrix", "row", "layer", "model"), default=None,
+    p.add_argument("--ranking", choices=RANKINGS, default=None,
                    help="where blocks compete for tiers (and share a budget): each matrix, "
                         "each block-row of a matrix (fixed ratios), each decoder layer, or the "
                         "whole model (default: model with a budget, else matrix)")
@@ -133,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--method", default="sparsegpt", help="pruning method (default sparsegpt)")
     g.add_argument("--topk", type=int, default=None,
                    help="K kept per top-K block (default 64 for budget steps, else 15)")
-    g.add_argument("--ranking", choices=("matrix", "row", "layer", "model"), default=None,
+    g.add_argument("--ranking", choices=RANKINGS, default=None,
                    help="where blocks compete (default: model for budget steps, else matrix)")
     g.add_argument("--calibration", default="embedded", help="pruning calibration text")
     g.add_argument("--nsamples", type=int, default=None,
@@ -170,8 +170,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_structured_args(p: argparse.ArgumentParser) -> None:
-    from .structured import IMPORTANCES
-
     p.add_argument("--ratio", type=float, default=0.2,
                    help="fraction of the model's parameters to remove (default 0.2)")
     p.add_argument("--importance", choices=IMPORTANCES, default="taylor",
@@ -210,8 +208,6 @@ def _add_structured_args(p: argparse.ArgumentParser) -> None:
 def _add_finetune_args(p: argparse.ArgumentParser, progressive: bool = False) -> None:
     """Fine-tuning options; ``progressive``: without the length and resume options (a
     schedule's epochs set the length, and the whole run resumes)."""
-    from .recovery.finetune import LOSSES, MODES
-
     p.add_argument("--mode", choices=MODES, default="masked",
                    help="masked: the pruned weights train, masked; lora: adapters merged and "
                         "re-masked at the end")
@@ -255,10 +251,8 @@ def _add_finetune_args(p: argparse.ArgumentParser, progressive: bool = False) ->
     p.add_argument("--seed", type=int, default=0)
 
 
-def finetune_config(args):
+def finetune_config(args) -> FinetuneConfig:
     """The ``FinetuneConfig`` of the command line's fine-tuning arguments."""
-    from .recovery.finetune import FinetuneConfig
-
     return FinetuneConfig(
         mode=args.mode, loss=args.loss,
         max_steps=getattr(args, "max_steps", None) or getattr(args, "epoch_steps", None),
@@ -281,24 +275,20 @@ def _fields(text: str | None) -> dict | None:
         raise SystemExit(f"--fields takes prompt=KEY,answer=KEY[,context=KEY], got {text!r}")
 
 
-def _perplexity(model, tokenizer, args) -> float:
-    from .evaluation.metrics import perplexity
-
-    return perplexity(model, tokenizer, args.ppl_source, seqlen=args.seqlen,
-                      max_windows=args.ppl_windows or None)
+def _model(args) -> ModelSource:
+    return ModelSource(args.model, DTYPES[args.dtype] if args.dtype else None, args.device,
+                       args.offload, args.device_map)
 
 
-def _load(args):
-    from .loading import load_model
-
-    return load_model(args.model, dtype=DTYPES[args.dtype] if args.dtype else None,
-                      device=args.device, offload=args.offload, device_map=args.device_map)
+def _ppl(args) -> Perplexity:
+    return Perplexity(args.ppl_source, args.seqlen, args.ppl_windows or None)
 
 
 def tier_arguments(args) -> dict:
     """prune()'s tier arguments from the command line: a three_tier prune takes a byte budget
     (default ``DEFAULT_BUDGET``, shared by the whole model) unless --tier-ratios asks for the
-    research code's fixed fractions."""
+    research code's fixed fractions. Only the combination of flags is checked here; prune()
+    checks the values."""
     budgeted = args.pattern.strip().lower().replace("-", "_") == "three_tier" \
         and args.tier_ratios is None
     if args.budget is not None and not budgeted:
@@ -306,7 +296,7 @@ def tier_arguments(args) -> dict:
     if not budgeted:
         if args.no_topk or args.budget_dtype:
             raise SystemExit("--no-topk and --budget-dtype apply to a byte budget")
-        topk = args.topk or [15]
+        topk = args.topk or [DEFAULT_TOPK]
         if len(topk) > 1:
             raise SystemExit("several --topk values are chosen between by a byte budget")
         return dict(tier_ratios=None if args.tier_ratios is None else tuple(args.tier_ratios),
@@ -319,308 +309,57 @@ def tier_arguments(args) -> dict:
                 ranking=args.ranking or "model")
 
 
-def run_prune(args) -> dict:
-    from . import prune
-    from sparse_kernels.atomic import check_output_folder
-
-    from .checkpoints.packed import pack_model, save_pruned, write_report
-    from .loading import device_plan
-    from .report import format_report
-    from .evaluation.timing import decode_step_ms
-
+def prune_job(args) -> PruneJob:
     embedded = args.model is None
     eval_ppl = embedded if args.eval_ppl is None else args.eval_ppl
-    timing = embedded if args.sparsify is None else args.sparsify
-    tiers = tier_arguments(args)
-    if args.save:  # refuse a folder that would lose files now, not after an hour of pruning
-        check_output_folder(args.save, overwrite=args.overwrite)
-    plan = device_plan(args.device, args.offload, args.device_map)
-    model, tokenizer, name = _load(args)
-    out = {"model": name, "method": args.method, "pattern": args.pattern,
-           "dtype": str(next(model.parameters()).dtype), "device": plan.model_device}
-    if eval_ppl:
-        out["ppl"] = {"dense": _perplexity(model, tokenizer, args)}
-        print(f"dense perplexity ({args.ppl_source}): {out['ppl']['dense']:.3f}")
-    t0 = time.perf_counter()
-    result = prune(model, args.calibration, args.method, args.pattern, args.sparsity,
-                   **tiers, block_size=args.block_size,
-                   within_block=args.within_block, use_variant=args.use_variant,
-                   sensitivity=None if args.sensitivity == "none" else args.sensitivity,
-                   sensitivity_samples=args.sensitivity_samples, tokenizer=tokenizer,
-                   nsamples=args.nsamples or (EMBEDDED_NSAMPLES if embedded else HUB_NSAMPLES),
-                   seqlen=args.seqlen, seed=args.seed,
-                   batch_size=args.batch_size, device=plan.layer_device)
-    out["prune_seconds"] = round(time.perf_counter() - t0, 1)
-    out["pattern_spec"] = result.describe()
-    out["sparsity"] = result.report["sparsity"]
-    out["report"] = result.report
-    print(format_report(result.report))
-    print(f"pruned ({out['pattern_spec']}) in {out['prune_seconds']} s")
-    packed = result.report.get("packed_bytes")
-    if packed:
-        dtype = (packed["dtype"] or out["dtype"]).replace("torch.", "")
-        print(f"packed bytes: {packed['fraction']:.4f} of the dense {dtype} weights "
-              f"({packed['packed'] / 2**20:.1f} of {packed['dense'] / 2**20:.1f} MiB)")
-    if eval_ppl:
-        out["ppl"]["pruned"] = _perplexity(model, tokenizer, args)
-        print(f"pruned perplexity ({args.ppl_source}): {out['ppl']['pruned']:.3f}")
-    if timing and not result.tier_maps:
-        print(f"no decode timing: pattern {args.pattern!r} has no block tiers for the kernels "
-              "(use three_tier, block, block_topk or 2:4)")
-        timing = False
-    dense_ms = decode_step_ms(model) if timing else None
-    if args.save:
-        save_pruned(args.save, model, tokenizer, result, out, source_model=name,
-                    dense_copy=args.save_dense, overwrite=args.overwrite)
-        size = out["checkpoint"]
-        print(f"saved to {args.save}: {size['bytes'] / 2**20:.1f} MiB, {size['fraction']:.3f} of "
-              f"the dense checkpoint ({size['packed_modules']} modules packed)")
-    if timing:
-        swapped = pack_model(model, result) if not args.save else out["checkpoint"][
-            "packed_modules"]
-        hybrid_ms = decode_step_ms(model)
-        out["decode_step_ms"] = {"dense": round(dense_ms, 3), "hybrid": round(hybrid_ms, 3),
-                                 "speedup": round(dense_ms / hybrid_ms, 3),
-                                 "modules_swapped": swapped, "device": plan.model_device}
-        print(f"one decode step (batch 1): dense {dense_ms:.2f} ms, hybrid {hybrid_ms:.2f} ms "
-              f"({dense_ms / hybrid_ms:.2f}x, {swapped} Linear layers swapped)")
-        if args.save:  # the report gains the speed; everything else is already saved
-            write_report(args.save, out)
-    return out
+    prune_args = dict(method=args.method, pattern=args.pattern, sparsity=args.sparsity,
+                      block_size=args.block_size, within_block=args.within_block,
+                      use_variant=args.use_variant,
+                      sensitivity=None if args.sensitivity == "none" else args.sensitivity,
+                      sensitivity_samples=args.sensitivity_samples, **tier_arguments(args))
+    return PruneJob(_model(args), prune_args, args.calibration, args.nsamples, args.seqlen,
+                    args.seed, args.batch_size, _ppl(args) if eval_ppl else None,
+                    embedded if args.sparsify is None else args.sparsify, args.save,
+                    args.save_dense, args.overwrite)
 
 
-def run_finetune(args) -> dict:
-    import shutil
-    from pathlib import Path
-
-    from sparse_kernels.atomic import check_output_folder
-
-    from .checkpoints.packed import load_pruned, save_pruned
-    from .embedded import EMBEDDED_MODEL_NAME
-    from .recovery.finetune import finetune
-    from .recovery.data import finetune_data
-    from .loading import load_model
-
-    if args.model is None:
-        raise SystemExit("finetune --model DIR: the folder hybrid-prune prune --save wrote")
-    config = finetune_config(args)
-    check_output_folder(args.save, overwrite=args.overwrite)
-    pruned = load_pruned(args.model, dtype=DTYPES[args.dtype] if args.dtype else None,
-                         device=args.device)
-    source = _source_model(args.model)
-    out = {"model": source, "pruned_model": args.model, "finetune": {}, "ppl": {}}
-    teacher = None
-    if config.distills:
-        name = args.teacher or (None if source == EMBEDDED_MODEL_NAME else source)
-        teacher = load_model(name, dtype=DTYPES[args.dtype] if args.dtype else None,
-                             device=args.device)[0]
-    data = finetune_data(args.data, pruned.tokenizer, args.seqlen, args.batch_size, args.seed,
-                         fields=_fields(args.fields))
-
-    def eval_fn(model):
-        return _perplexity(model, pruned.tokenizer, args)
-
-    out["ppl"]["before"] = eval_fn(pruned.model)
-    print(f"perplexity before ({args.ppl_source}): {out['ppl']['before']:.3f}")
-    state = Path(f"{str(args.save).rstrip('/')}-finetune-state")
-    result = finetune(pruned.model, data, pruned.masks, config, teacher=teacher,
-                      eval_fn=eval_fn, checkpoint_dir=state, resume=args.resume)
-    pruned.model = result.model
-    out["ppl"]["after"] = eval_fn(result.model)
-    out["finetune"] = {"config": dataclasses.asdict(config),
-                       "steps": result.steps, "tokens": result.tokens,
-                       "seconds": round(result.seconds, 1), "history": result.history,
-                       "lora": result.lora}
-    print(f"fine-tuned {result.steps} steps on {result.tokens:,} tokens in "
-          f"{result.seconds:.0f} s; perplexity after: {out['ppl']['after']:.3f}")
-    if result.lora:
-        print(f"LoRA merge: the re-mask removed {result.lora['removed_fraction']:.1%} of the "
-              f"update's energy")
-    save_pruned(args.save, pruned.model, pruned.tokenizer, pruned, out, source_model=source,
-                overwrite=args.overwrite)
-    print(f"saved to {args.save}")
-    if state.is_dir():  # only resuming needed it
-        shutil.rmtree(state)
-    return out
+def finetune_job(args) -> FinetuneJob:
+    return FinetuneJob(_model(args), args.save, finetune_config(args), args.data,
+                       _fields(args.fields), args.teacher, args.seqlen, args.batch_size,
+                       args.seed, _ppl(args), args.resume, args.overwrite)
 
 
-def run_progressive(args) -> dict:
-    import copy
-
-    from sparse_kernels.atomic import check_output_folder
-
-    from .calibration import get_calibration
-    from .recovery.data import finetune_data
-    from .recovery.progressive import RESEARCH_SCHEDULE, progress_path, progressive, read_schedule
-
-    schedule = read_schedule(args.schedule) if args.schedule else RESEARCH_SCHEDULE
+def progressive_job(args) -> ProgressiveJob:
     if args.epoch_steps < 1:
         raise SystemExit(f"--epoch-steps must be >= 1, got {args.epoch_steps}")
-    config = finetune_config(args)
-    if not args.resume or not progress_path(args.save).is_file():
-        check_output_folder(args.save)  # a fresh run: an empty or new folder
-    model, tokenizer, name = _load(args)
-    teacher = copy.deepcopy(model).eval() if config.distills else None
-    calibration = get_calibration(
-        args.calibration, tokenizer, nsamples=args.nsamples or (
-            EMBEDDED_NSAMPLES if args.model is None else HUB_NSAMPLES),
-        seqlen=args.seqlen, seed=args.seed)
-    data = finetune_data(args.data, tokenizer, args.seqlen, args.batch_size, args.seed,
-                         fields=_fields(args.fields))
-
-    def eval_fn(m):
-        return _perplexity(m, tokenizer, args)
-
-    budgeted = any(step.budget is not None for step in schedule)
-    reports = progressive(
-        model, tokenizer, calibration, schedule, args.save, data=data, finetune_config=config,
-        method=args.method, topk=args.topk, ranking=args.ranking or (
-            "model" if budgeted else "matrix"),
-        teacher=teacher, eval_fn=eval_fn, resume=args.resume, source_model=name)
-    print(f"{'iteration':>9} {'bytes':>7} {'ppl pruned':>11} {'ppl tuned':>10}")
-    for r in reports:
-        size = (r.get("packed_bytes") or {}).get("fraction")
-        print(f"{r['iteration']:>9} {'-' if size is None else f'{size:.4f}':>7} "
-              f"{r.get('eval_pruned', float('nan')):>11.3f} "
-              f"{r.get('eval_finetuned', float('nan')):>10.3f}")
-    print(f"saved to {args.save}/iteration-<i>; the last is iteration-{len(schedule)}")
-    return {"model": name, "iterations": reports}
+    schedule = read_schedule(args.schedule) if args.schedule else RESEARCH_SCHEDULE
+    return ProgressiveJob(_model(args), args.save, tuple(schedule), finetune_config(args),
+                          args.method, args.topk, args.ranking, args.calibration, args.nsamples,
+                          args.data, _fields(args.fields), args.seqlen, args.batch_size,
+                          args.seed, _ppl(args), args.resume)
 
 
-def run_structured(args) -> dict:
-    from sparse_kernels.atomic import check_output_folder
-
-    from .loading import device_plan
-    from .structured import save_structured, structured_prune, write_structured_outputs
-    from .evaluation.timing import decode_step_ms
-
+def structured_job(args) -> StructuredJob:
     if args.budget is not None and not args.then_three_tier:
         raise SystemExit("--budget applies to --then-three-tier")
     embedded = args.model is None
     eval_ppl = embedded if args.eval_ppl is None else args.eval_ppl
-    timing = embedded if args.time_decode is None else args.time_decode
-    if args.save:
-        check_output_folder(args.save, overwrite=args.overwrite)
-    if args.offload or args.device_map:
-        raise SystemExit("structured pruning takes gradients through the whole model: load it "
-                         "onto one --device (no --offload / --device-map)")
-    plan = device_plan(args.device)
-    model, tokenizer, name = _load(args)
-    out = {"model": name, "dtype": str(next(model.parameters()).dtype),
-           "device": plan.model_device, "ppl": {}, "decode_step_ms": {}}
-    if eval_ppl:
-        out["ppl"]["dense"] = _perplexity(model, tokenizer, args)
-        print(f"dense perplexity ({args.ppl_source}): {out['ppl']['dense']:.3f}")
-    if timing:
-        out["decode_step_ms"]["dense"] = round(decode_step_ms(model), 3)
-    result = structured_prune(model, args.calibration, args.ratio, args.importance,
-                              temperature=args.temperature, tau=args.tau, epsilon=args.epsilon,
-                              uniform=args.uniform, tokenizer=tokenizer, nsamples=args.nsamples,
-                              seqlen=args.seqlen, prior_samples=args.prior_samples,
-                              seed=args.seed)
-    out["structured"] = result.summary
-    summary = result.summary
-    print(f"removed {summary['removed_fraction']:.1%} of {summary['params_before']:,} parameters "
-          f"({summary['importance']}, temperature {summary['temperature']}) in "
-          f"{summary['seconds']} s; collapsed layers: {summary['collapsed_layers'] or 'none'}")
-    print("from_pretrained loads it" if summary["stock_loadable"] else
-          "per-layer sizes: load it with pruning.structured.load_structured (or any "
-          "hybrid-prune --model)")
-    if eval_ppl:
-        out["ppl"]["structured"] = _perplexity(model, tokenizer, args)
-        print(f"structured perplexity ({args.ppl_source}): {out['ppl']['structured']:.3f}")
-    if timing:
-        out["decode_step_ms"]["structured"] = round(decode_step_ms(model), 3)
-    tiers = None
-    if args.then_three_tier:
-        from . import prune
-
-        tiers = prune(model, args.calibration, "sparsegpt", "three_tier",
-                      budget=DEFAULT_BUDGET if args.budget is None else args.budget,
-                      ranking="model", tokenizer=tokenizer, nsamples=args.nsamples,
-                      seqlen=args.seqlen, seed=args.seed)
-        out["three_tier"] = {"packed_bytes": tiers.report.get("packed_bytes"),
-                             "sparsity": tiers.report["sparsity"]}
-        packed = tiers.report["packed_bytes"]
-        print(f"three-tier on what remains: {packed['fraction']:.4f} of its dense bytes")
-        if eval_ppl:
-            out["ppl"]["structured+three_tier"] = _perplexity(model, tokenizer, args)
-            print(f"structured + three-tier perplexity ({args.ppl_source}): "
-                  f"{out['ppl']['structured+three_tier']:.3f}")
-    if args.save:
-        if tiers is None:
-            save_structured(args.save, model, tokenizer, result, out, overwrite=args.overwrite)
-        else:  # packed: the kernels run it
-            from .checkpoints.packed import save_pruned
-
-            save_pruned(args.save, model, tokenizer, tiers, out, source_model=name,
-                        overwrite=args.overwrite,
-                        extra=lambda tmp: write_structured_outputs(tmp, result))
-        print(f"saved to {args.save}")
-    if timing and tiers is not None:
-        from .checkpoints.packed import pack_model
-
-        if not args.save:
-            pack_model(model, tiers)
-        out["decode_step_ms"]["structured+three_tier"] = round(decode_step_ms(model), 3)
-    if timing:
-        ms = out["decode_step_ms"]
-        print("one decode step (batch 1): " + ", ".join(f"{k} {v:.2f} ms" for k, v in ms.items()))
-    if args.save and timing:
-        from .checkpoints.packed import write_report
-
-        write_report(args.save, out)
-    return out
+    return StructuredJob(
+        _model(args), args.ratio, args.importance, args.temperature, args.tau, args.epsilon,
+        args.uniform, args.calibration, args.nsamples, args.prior_samples, args.seqlen,
+        args.seed, args.then_three_tier, DEFAULT_BUDGET if args.budget is None else args.budget,
+        _ppl(args) if eval_ppl else None,
+        embedded if args.time_decode is None else args.time_decode, args.save, args.overwrite)
 
 
-def _source_model(folder: str) -> str:
-    """The model a pruned folder started from, as its report.json names it."""
-    import os
-
-    report = os.path.join(os.path.expanduser(folder), "report.json")
-    if os.path.isfile(report):
-        with open(report) as f:
-            return json.load(f).get("model", folder)
-    return folder
+def eval_job(args) -> EvalJob:
+    return EvalJob(_model(args), None if args.no_ppl else _ppl(args), args.tasks, args.task_dir,
+                   args.limit, args.tier_maps, args.sparsify, args.out)
 
 
-def run_eval(args) -> dict:
-    from .evaluation.metrics import format_zero_shot, zero_shot
-
-    model, tokenizer, name = _load(args)
-    out = {"model": name}
-    if args.sparsify:
-        if not args.tier_maps:
-            raise SystemExit("--sparsify needs --tier-maps (a packed checkpoint needs neither)")
-        from .checkpoints.packed import packable_tier_maps
-        from .checkpoints.tier_maps import load_tier_maps
-
-        import sparse_kernels as sk
-
-        tier_maps, meta = load_tier_maps(args.tier_maps, model)
-        maps = packable_tier_maps(model, tier_maps)
-        topk = meta["topk"] if isinstance(meta["topk"], int) else \
-            {n: meta["topk"][n] for n in maps}
-        sk.sparsify_model(model, maps, topk=topk, block_size=meta["block_size"])
-        out["modules_swapped"] = len(maps)
-    if not args.no_ppl:
-        out["ppl"] = _perplexity(model, tokenizer, args)
-        print(f"perplexity ({args.ppl_source}): {out['ppl']:.3f}")
-    tasks, task_dir = args.tasks, args.task_dir
-    if tasks is None:  # the offline default
-        from .evaluation.tasks import embedded_task_dir
-
-        tasks, task_dir = [EMBEDDED_TASK], task_dir or embedded_task_dir()
-    if tasks:
-        out["zero_shot"] = zero_shot(model, tokenizer, tasks, task_dir=task_dir,
-                                     limit=args.limit)
-        print(format_zero_shot(out["zero_shot"]))
-    if args.out:
-        from sparse_kernels.atomic import atomic_file
-
-        with atomic_file(args.out) as tmp, open(tmp, "w") as f:
-            json.dump(out, f, indent=1)
-    return out
+COMMANDS = {"prune": (prune_job, run_prune), "finetune": (finetune_job, run_finetune),
+            "progressive": (progressive_job, run_progressive), "eval": (eval_job, run_eval),
+            "structured": (structured_job, run_structured)}
 
 
 def main(argv=None) -> int:
@@ -628,10 +367,10 @@ def main(argv=None) -> int:
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
         argv.insert(0, "prune")  # no subcommand: prune
     args = build_parser().parse_args(argv)
+    make_job, run = COMMANDS[args.command]
     try:
-        {"prune": run_prune, "finetune": run_finetune, "progressive": run_progressive,
-         "eval": run_eval, "structured": run_structured}[args.command](args)
-    except (FileNotFoundError, FileExistsError, NotADirectoryError) as err:
+        run(make_job(args))
+    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError) as err:
         raise SystemExit(f"hybrid-prune: {err}") from None
     return 0
 

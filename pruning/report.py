@@ -8,6 +8,8 @@ import torch
 
 from sparse_kernels import TIER_NAMES
 
+from .models import decoder_layers, is_router
+
 
 def _layer_of(name: str) -> str:
     """'model.layers.3.mlp.up_proj' -> 'model.layers.3' (the first '.<index>.' part)."""
@@ -53,8 +55,6 @@ EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
 
 def _why_skipped(name: str, param: torch.Tensor, owner: torch.nn.Module,
                  experts: int | None) -> str:
-    from .models import is_router
-
     if param.dim() < 2:
         return "1-D (a bias or a norm): never pruned"
     if param.dim() == 3:
@@ -73,8 +73,6 @@ def coverage_report(model: torch.nn.Module, masks: dict[str, torch.Tensor]) -> d
     "unpruned_weight_fraction", "per_layer": {layer: {params, prunable, pruned, skipped: [{name,
     shape, params, why}]}}, "largest_skipped"}``.
     """
-    from .models import decoder_layers
-
     path, layers = decoder_layers(model)
     config = getattr(model, "config", None)
     experts = next((getattr(config, k) for k in EXPERT_COUNT_KEYS

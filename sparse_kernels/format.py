@@ -39,7 +39,7 @@ from typing import NamedTuple
 
 import torch
 
-from . import _ops, reference
+from . import _ops
 from .decode_layout import DecodeLayoutCache
 from .atomic import atomic_file
 from .rules import (BLOCK_SIZES, DEFAULT_BLOCK_SIZE, DEFAULT_TOPK, DENSE, SPARSE_24, TIER_NAMES,
@@ -179,7 +179,7 @@ def validate_packed(tensors: dict[str, torch.Tensor], out_features: int, in_feat
                     block_size: int, topk: int, *, where: str = "HybridWeight") -> None:
     """Check packed tensors against the layout contract in O(n), before any kernel reads them.
 
-    ``tensors``: ``tier_map`` and every field of ``PACKED_FIELDS``. Checked: shapes and dtypes
+    ``tensors``: ``tier_map`` and every name of ``PACKED_FIELDS``. Checked: shapes and dtypes
     consistent with ``out_features`` / ``in_features`` / ``block_size`` / ``topk``; row pointers
     starting at 0, non-decreasing and ending at the tier's block count; block columns in range
     and strictly increasing within a block-row; every block in exactly one tier, the one the
@@ -187,9 +187,9 @@ def validate_packed(tensors: dict[str, torch.Tensor], out_features: int, in_feat
     2:4 metadata selecting two distinct ascending columns of every group of 4. Raises
     :class:`CorruptWeightError` naming ``where``, the tensor and the first bad entry.
     """
-    def fail(field, message):  # "s24_cols[3] = ...", "s24_cols has shape ..."
+    def fail(name, message):  # "s24_cols[3] = ...", "s24_cols has shape ..."
         sep = "" if message.startswith("[") else " "
-        raise CorruptWeightError(f"{where}: {field}{sep}{message}")
+        raise CorruptWeightError(f"{where}: {name}{sep}{message}")
 
     b = block_size
     if block_size not in BLOCK_SIZES:
@@ -204,11 +204,11 @@ def validate_packed(tensors: dict[str, torch.Tensor], out_features: int, in_feat
         fail(missing[0], "is missing")
     nbr, nbc = tier_grid(out_features, in_features, b)
     t = tensors
-    for field in ("tier_map",) + PACKED_FIELDS:
-        key = field.split("_", 1)[1] if field.endswith(("rowptr", "cols")) else field
+    for name in ("tier_map",) + PACKED_FIELDS:
+        key = name.split("_", 1)[1] if name.endswith(("rowptr", "cols")) else name
         want = _INDEX_DTYPES.get(key)
-        if want is not None and t[field].dtype != want:
-            fail(field, f"has dtype {t[field].dtype}, expected {want}")
+        if want is not None and t[name].dtype != want:
+            fail(name, f"has dtype {t[name].dtype}, expected {want}")
     values = {t[f].dtype for f in ("dense_vals", "s24_vals", "topk_vals")}
     if len(values) != 1 or not values <= {torch.float32, torch.float16, torch.bfloat16}:
         fail("dense_vals/s24_vals/topk_vals", f"have dtypes {sorted(map(str, values))}; they "
@@ -227,9 +227,9 @@ def validate_packed(tensors: dict[str, torch.Tensor], out_features: int, in_feat
         n = cols.shape[0]
         vals_name, block_shape = value_shapes[prefix]
         extra = {"s24": [("s24_meta", (n, b))], "topk": [("topk_pos", (n, topk))]}
-        for field, shape in [(vals_name, (n, *block_shape))] + extra.get(prefix, []):
-            if tuple(t[field].shape) != shape:
-                fail(field, f"has shape {tuple(t[field].shape)}, expected {shape} "
+        for name, shape in [(vals_name, (n, *block_shape))] + extra.get(prefix, []):
+            if tuple(t[name].shape) != shape:
+                fail(name, f"has shape {tuple(t[name].shape)}, expected {shape} "
                      f"({n} {prefix} blocks)")
         r = rowptr.long()
         if int(r[0]) != 0:

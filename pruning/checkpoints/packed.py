@@ -10,8 +10,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from safetensors import safe_open
+
 import sparse_kernels as sk
 from sparse_kernels.atomic import atomic_file, write_into_folder
+from sparse_kernels.experts import unfuse_where_named
+from sparse_kernels.rules import DEFAULT_BLOCK_SIZE
+
+from ..loading import load_model
+from ..models import get_weight, named_linears
+from .tier_maps import load_tier_maps, save_tier_maps
 
 __all__ = ["PrunedModel", "load_pruned", "unpack_model", "packable_tier_maps", "pack_model",
            "save_pruned", "write_report"]
@@ -32,8 +40,6 @@ class PrunedModel:
     meta: dict = field(default_factory=dict)
 
     def save_tier_maps(self, path, source_model: str | None = None) -> None:
-        from .tier_maps import save_tier_maps
-
         save_tier_maps(path, self.tier_maps, block_size=self.block_size, topk=self.topks,
                        tier_ratios=self.meta.get("tier_ratios"), budget=self.meta.get("budget"),
                        method=self.meta.get("method"), source_model=source_model)
@@ -75,18 +81,11 @@ def load_pruned(folder: str | os.PathLike, *, dtype: torch.dtype | None = None,
     ``tier_maps.safetensors``), as a :class:`PrunedModel` of dense Linears and masks. A dense
     folder's masks are its non-zero weights; a structurally pruned model's (``hybrid-prune
     structured --save``) are all True."""
-    from ..loading import load_model
-    from ..models import get_weight, named_linears
-    from .tier_maps import load_tier_maps
-
     model, tokenizer, _ = load_model(str(folder), dtype=dtype, device=device)
     masks, tier_maps, topks, block_size = unpack_model(model)
     tier_file = Path(folder).expanduser() / "tier_maps.safetensors"
     meta = {}
     if tier_file.is_file():
-        from safetensors import safe_open
-        from sparse_kernels.experts import unfuse_where_named
-
         with safe_open(str(tier_file), framework="pt") as f:  # experts saved fused: unfuse them
             unfuse_where_named(model, list(f.keys()))
         saved, meta = load_tier_maps(tier_file, model)
@@ -99,7 +98,7 @@ def load_pruned(folder: str | os.PathLike, *, dtype: torch.dtype | None = None,
             weight = get_weight(model.get_submodule(name)).detach()
             masks[name] = (weight != 0).cpu()
             tier_maps[name] = tiers
-            topks[name] = meta["topk"] if isinstance(meta["topk"], int) else meta["topk"][name]
+            topks[name] = meta["topks"][name]
     if not masks and getattr(model.config, "structured_layers", None):
         # Structurally pruned only: nothing inside the matrices is pruned, every weight trains.
         masks = {n: torch.ones_like(get_weight(m), dtype=torch.bool, device="cpu")
@@ -118,13 +117,13 @@ def packable_tier_maps(model: nn.Module, tier_maps: dict) -> dict:
             if isinstance(model.get_submodule(n), nn.Linear)}
 
 
-def pack_model(model: nn.Module, tiers) -> int:
-    """Swap the pruned Linears for ``HybridSparseLinear``, in place, one at a time; returns how
-    many. ``tiers``: a ``PruneResult`` or :class:`PrunedModel` (``tier_maps``, ``topks``,
-    ``block_size``); the weights must follow the maps."""
-    maps = packable_tier_maps(model, tiers.tier_maps)
-    sk.sparsify_model(model, maps, topk={n: tiers.topks[n] for n in maps},
-                      block_size=tiers.block_size)
+def pack_model(model: nn.Module, tier_maps: dict[str, torch.Tensor], topks: dict[str, int],
+               block_size: int = DEFAULT_BLOCK_SIZE) -> int:
+    """Swap the pruned Linears named in ``tier_maps`` for ``HybridSparseLinear`` (K of each in
+    ``topks``), in place, one at a time; returns how many. The weights must follow the maps;
+    modules the kernels cannot replace (GPT-2's ``Conv1D``) stay as they are."""
+    maps = packable_tier_maps(model, tier_maps)
+    sk.sparsify_model(model, maps, topk={n: topks[n] for n in maps}, block_size=block_size)
     return len(maps)
 
 
@@ -168,7 +167,7 @@ def save_pruned(folder: str | os.PathLike, model: nn.Module, tokenizer, tiers, r
             tokenizer.save_pretrained(tmp / "dense")
         if tiers.tier_maps and not any(isinstance(m, sk.HybridSparseLinear)
                                        for m in model.modules()):
-            packed_modules = pack_model(model, tiers)
+            packed_modules = pack_model(model, tiers.tier_maps, tiers.topks, tiers.block_size)
         elif tiers.tier_maps:
             packed_modules = sum(isinstance(m, sk.HybridSparseLinear) for m in model.modules())
         model.save_pretrained(tmp)

@@ -5,10 +5,15 @@ import json
 import os
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
+from sparse_kernels import HybridSparseLinear
 from sparse_kernels.atomic import atomic_file
 from sparse_kernels.rules import tier_grid
+
+from ..models import get_weight, is_prunable
 
 FORMAT = "sparse_kernels.tier_maps"
 FORMAT_VERSION = 1
@@ -21,10 +26,8 @@ def save_tier_maps(path: str | os.PathLike, tier_maps: dict[str, torch.Tensor], 
     """Write ``{module name: int8 tier map}`` and what made them; a temp file is renamed in.
 
     topk: K of every module, or ``{module name: K}`` (a byte budget chooses K per matrix); the
-    metadata holds one number when all are equal.
+    file's metadata holds one number when all are equal (:func:`load_tier_maps` expands it).
     """
-    from safetensors.torch import save_file
-
     path = os.fspath(path)
     if isinstance(topk, dict):
         missing = sorted(set(tier_maps) - set(topk))
@@ -43,9 +46,8 @@ def save_tier_maps(path: str | os.PathLike, tier_maps: dict[str, torch.Tensor], 
 
 def load_tier_maps(path: str | os.PathLike, model: nn.Module | None = None):
     """``(tier_maps, metadata)`` from ``save_tier_maps``; checked against ``model`` if given.
-    ``metadata["topk"]`` is one K, or ``{module name: K}``."""
-    from safetensors import safe_open
-
+    ``metadata["topks"]`` is ``{module name: K}`` (what the file stores as ``metadata["topk"]``:
+    one K, or that dict)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no tier-map file at {path!r}")
@@ -58,6 +60,8 @@ def load_tier_maps(path: str | os.PathLike, model: nn.Module | None = None):
             raise ValueError(f"{path!r} has format version {meta['format_version']}; this "
                              f"package reads up to {FORMAT_VERSION}")
         tier_maps = {name: f.get_tensor(name) for name in f.keys()}
+    stored = meta["topk"]
+    meta["topks"] = dict(stored) if isinstance(stored, dict) else dict.fromkeys(tier_maps, stored)
     if model is not None:
         check_against_model(tier_maps, model, meta["block_size"])
     return tier_maps, meta
@@ -66,10 +70,6 @@ def load_tier_maps(path: str | os.PathLike, model: nn.Module | None = None):
 def check_against_model(tier_maps: dict[str, torch.Tensor], model: nn.Module,
                         block_size: int) -> None:
     """Raise naming the first module whose tier map does not fit the model."""
-    from sparse_kernels import HybridSparseLinear
-
-    from ..models import get_weight, is_prunable
-
     modules = dict(model.named_modules())
     for name, tiers in tier_maps.items():
         module = modules.get(name)

@@ -11,6 +11,7 @@ import os
 from typing import Iterable
 
 import torch
+from tqdm.auto import tqdm
 import torch.nn.functional as F
 
 from ..calibration import Source, get_tokens
@@ -59,8 +60,6 @@ def perplexity(model, tokenizer, source: Source = "embedded", seqlen: int = 512,
     run on the end of the text). The model runs in eval mode under ``torch.no_grad()`` and gets
     its training flag back afterwards.
     """
-    from tqdm.auto import tqdm
-
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     windows = eval_windows(tokenizer, source, seqlen, max_windows)
@@ -122,6 +121,7 @@ def zero_shot(model, tokenizer, tasks: str | Iterable[str], task_dir: str | os.P
     the model's device). ``limit``: documents per task (for quick runs).
     """
     try:
+        # optional, heavy: only zero-shot evaluation needs lm-eval
         import lm_eval
         from lm_eval.models.huggingface import HFLM
         from lm_eval.tasks import TaskManager

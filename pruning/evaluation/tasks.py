@@ -19,6 +19,8 @@ from pathlib import Path
 
 from sparse_kernels.atomic import atomic_file
 
+from ..embedded import cache_root, embedded_text
+
 __all__ = ["EMBEDDED_TASK", "cloze_documents", "embedded_task_dir"]
 
 EMBEDDED_TASK = "embedded_cloze"
@@ -67,8 +69,6 @@ def _task_yaml(data: Path) -> str:
 
 def embedded_task_dir(cache_dir: str | Path | None = None) -> Path:
     """The folder holding ``embedded_cloze.yaml`` and its data, written once (atomically)."""
-    from ..embedded import cache_root, embedded_text
-
     folder = (Path(cache_dir) if cache_dir is not None else cache_root()) / \
         f"tasks-v{TASK_VERSION}"
     yaml_path, data = folder / f"{EMBEDDED_TASK}.yaml", folder / f"{EMBEDDED_TASK}.jsonl"

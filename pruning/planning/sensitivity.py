@@ -21,6 +21,7 @@ byte budget uses it to see every matrix before any is pruned.
 from __future__ import annotations
 
 import torch
+from tqdm.auto import tqdm
 from torch import nn
 
 from ..models import (decoder_layers, get_weight, module_device, next_token_loss,
@@ -40,8 +41,6 @@ def unpruned_stats(model: nn.Module, batches: list[torch.Tensor], *, gradients: 
     batches: token ids ``[batch, seqlen]``. The model runs where it is, in its dtype (squares are
     accumulated in fp32); its parameters' ``requires_grad`` and training flag are restored.
     """
-    from tqdm.auto import tqdm
-
     path, layers = decoder_layers(model)
     linears = {f"{path}.{i}.{name}": m for i, layer in enumerate(layers)
                for name, m in prunable_linears(layer).items()}

@@ -34,8 +34,11 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from tqdm.auto import tqdm
 import torch.nn.functional as F
 from torch import nn
+
+from sparse_kernels.atomic import atomic_file
 
 from .data import IGNORE, Batch
 from ..models import get_weight, is_prunable
@@ -192,8 +195,6 @@ def _lora_targets(model: nn.Module, masks: dict, config: FinetuneConfig) -> list
 
 
 def _save_state(folder: Path, state: dict) -> None:
-    from sparse_kernels.atomic import atomic_file
-
     with atomic_file(folder / STATE_FILE) as tmp:
         torch.save(state, tmp)
 
@@ -208,8 +209,6 @@ def finetune(model: nn.Module, data, masks: dict[str, torch.Tensor], config: Fin
     bool [out, in]}``, True = kept, for every pruned Linear (a ``PruneResult.masks``); weights
     outside them are zeroed first. teacher: the dense model, for the distillation losses.
     """
-    from tqdm.auto import tqdm
-
     if config.distills and teacher is None:
         raise ValueError(f"loss={config.loss!r} distils from the dense model: pass teacher=")
     if checkpoint_dir is None and (resume or config.checkpoint_every):
@@ -223,6 +222,7 @@ def finetune(model: nn.Module, data, masks: dict[str, torch.Tensor], config: Fin
 
     base_weights = None
     if config.mode == "lora":
+        # optional: only LoRA needs peft
         from peft import LoraConfig, get_peft_model
 
         base_weights = {n: get_weight(m).detach().clone() for n, m in modules.items()}

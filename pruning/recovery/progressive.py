@@ -25,6 +25,10 @@ from torch import nn
 from sparse_kernels.atomic import atomic_file
 from sparse_kernels.tiers import check_ratios
 
+from ..api import prune
+from ..checkpoints import load_pruned, save_pruned, unpack_model
+from .finetune import finetune
+
 __all__ = ["ScheduleStep", "RESEARCH_SCHEDULE", "read_schedule", "progress_path", "progressive"]
 
 PROGRESS_FILE = "progress.json"
@@ -113,10 +117,6 @@ def progressive(model: nn.Module, tokenizer, calibration, schedule, out_dir: str
     ``calibration``: token ids ``[n, seqlen]`` (the same each iteration). ``prune_args`` go to
     ``prune`` (ranking, sensitivity, nsamples, ...). ``source_model``: the dense model's name,
     recorded in each iteration's report (``hybrid-prune finetune`` distils from it)."""
-    from .. import prune
-    from ..checkpoints.packed import load_pruned, save_pruned, unpack_model
-    from .finetune import finetune
-
     schedule = tuple(schedule)
     check_schedule(schedule)
     if finetune_config.max_steps is None:

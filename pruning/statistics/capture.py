@@ -11,6 +11,7 @@ import dataclasses
 from typing import Callable
 
 import torch
+from tqdm.auto import tqdm
 from torch import nn
 
 from ..models import (capture_layer_inputs, decoder_layers, get_weight, hidden_states_of,
@@ -91,8 +92,6 @@ def layerwise(model: nn.Module, batches: list[torch.Tensor], process_layer: Laye
     the layer's weights: the next layer sees the outputs of the changed layer. sensitivity:
     ``{full module name: [out] tensor}`` set as each Linear's ``LinearStats.out_sensitivity``.
     """
-    from tqdm.auto import tqdm
-
     path, layers = decoder_layers(model)
     inputs = capture_layer_inputs(model, batches)
     was_training = model.training

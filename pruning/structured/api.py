@@ -5,11 +5,13 @@ import csv
 import json
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from torch import nn
+
+from sparse_kernels.atomic import write_into_folder
 
 from ..calibration import calibration_ids
 from ..models import decoder_layers
@@ -123,8 +125,6 @@ def save_structured(folder: str | os.PathLike, model: nn.Module, tokenizer,
     tokenizer (when not None), the outputs of :func:`write_structured_outputs` and
     ``report.json`` (``report``, default the summary) into ``folder``, atomically (see
     :func:`sparse_kernels.atomic.write_into_folder`)."""
-    from sparse_kernels.atomic import write_into_folder
-
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp)
         if tokenizer is not None:
@@ -137,7 +137,8 @@ def save_structured(folder: str | os.PathLike, model: nn.Module, tokenizer,
 
 def write_structured_outputs(folder: str | os.PathLike, result: StructuredResult) -> None:
     """``units.csv`` (one row per unit), ``structured.json`` (settings, totals, per layer, the
-    skip losses) and ``kept.png`` (kept fraction per layer, attention and MLP) into ``folder``."""
+    skip losses) and ``kept.png`` (kept fraction per layer, attention and MLP; skipped with a
+    warning without matplotlib) into ``folder``."""
     folder = Path(folder)
     with open(folder / "units.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(result.units[0]))
@@ -151,12 +152,18 @@ def write_structured_outputs(folder: str | os.PathLike, result: StructuredResult
         f"{result.summary['temperature']}"))
 
 
-def plot_kept(layers: list[dict], path: str | os.PathLike, title: str = "") -> None:
-    """Kept fraction of each layer's attention groups and MLP channels, as bars."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def plot_kept(layers: list[dict], path: str | os.PathLike, title: str = "") -> bool:
+    """Kept fraction of each layer's attention groups and MLP channels, as bars. An optional
+    output: without matplotlib it is skipped with one warning naming the package (False), so a
+    save never fails for want of a plot."""
+    try:  # optional: the plot is skipped without it
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        warnings.warn(f"matplotlib is not installed: {Path(path).name} was not drawn "
+                      f"(pip install matplotlib); everything else was written", stacklevel=2)
+        return False
 
     x = [entry["layer"] for entry in layers]
     fig, ax = plt.subplots(figsize=(max(6, len(x) * 0.3), 3.5))
@@ -171,3 +178,4 @@ def plot_kept(layers: list[dict], path: str | os.PathLike, title: str = "") -> N
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return True

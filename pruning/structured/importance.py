@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from tqdm.auto import tqdm
 from torch import nn
 
 from ..models import decoder_layers, module_device, next_token_loss, statistics_pass
@@ -58,8 +59,6 @@ def unit_statistics(model: nn.Module, units: list[LayerUnits], batches: list[tor
     row one sample with its own backward. Without ``gradients`` only the inputs are recorded
     (enough for ``wanda`` and ``magnitude``). Parameters' ``requires_grad`` and the training
     flag are restored; weights are not changed."""
-    from tqdm.auto import tqdm
-
     projections = _projections(model, units)
     device = module_device(model.get_input_embeddings())
     act_sq = {n: torch.zeros(m.in_features, dtype=torch.float32, device=m.weight.device)

@@ -19,11 +19,15 @@ by itself for such a folder.
 from __future__ import annotations
 
 import copy
+import json
 import os
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
+
+from sparse_kernels.huggingface import install_packed_shells, validate_packed_modules
 
 from ..models import decoder_layers
 from .slicing import resize_linear, set_head_counts
@@ -47,6 +51,7 @@ def _shapes(model: nn.Module) -> dict[str, tuple]:
 
 
 def _build_empty(config, dtype=None) -> nn.Module:
+    # heavy (seconds): imported when a model is built, not by `import pruning`
     from transformers import AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
@@ -93,8 +98,6 @@ def record_sizes(model: nn.Module, sizes: list[dict], head_dim: int, channels: i
 def is_structured(folder: str | os.PathLike) -> bool:
     """Whether ``folder`` holds a model :func:`pruning.structured.structured_prune` saved with
     per-layer sizes that stock transformers cannot build."""
-    import json
-
     path = Path(folder).expanduser() / "config.json"
     if not path.is_file():
         return False
@@ -127,8 +130,6 @@ def _resize_layers(model: nn.Module, sizes: list[dict], where: str) -> None:
 def _load_weights(model: nn.Module, folder: Path, config, dtype) -> None:
     """Load every ``*.safetensors`` of ``folder`` into ``model`` by name; anything missing
     (but a tied output embedding) or unexpected raises."""
-    from safetensors.torch import load_file
-
     state = {}
     for file in sorted(folder.glob("*.safetensors")):
         if file.name != "tier_maps.safetensors":
@@ -152,6 +153,7 @@ def load_structured(folder: str | os.PathLike, *, dtype: torch.dtype | None = No
     """``(model, tokenizer)`` from a folder ``hybrid-prune structured --save`` wrote (any
     per-layer sizes, dense or packed three-tier), in eval mode; dense weights load strictly (a
     missing or mis-shaped tensor raises)."""
+    # heavy (seconds): imported when a model is built, not by `import pruning`
     from transformers import AutoConfig, AutoTokenizer
 
     folder = Path(folder).expanduser()
@@ -167,8 +169,6 @@ def load_structured(folder: str | os.PathLike, *, dtype: torch.dtype | None = No
     model = _build_empty(plain, dtype=dtype or torch.float32)
     _resize_layers(model, sizes, str(folder))
     if packed:  # pruned three-tier as well: the packed modules at the sliced shapes
-        from sparse_kernels.huggingface import install_packed_shells, validate_packed_modules
-
         install_packed_shells(model, sorted(folder.glob("model*.safetensors")),
                               packed["block_size"], dtype)
     _load_weights(model, folder, config, dtype)

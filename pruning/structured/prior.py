@@ -16,6 +16,7 @@ import math
 from contextlib import contextmanager
 
 import torch
+from tqdm.auto import tqdm
 from torch import nn
 
 from ..models import decoder_layers, module_device, next_token_loss
@@ -74,8 +75,6 @@ def skip_losses(model: nn.Module, units: list[LayerUnits], batches: list[torch.T
     hidden states for ``batches``); each skip pass of layer i replays layers before i from
     those records, so the 3L skips cost about 1.5 L full forwards instead of 3 L.
     """
-    from tqdm.auto import tqdm
-
     _, layers = decoder_layers(model)
     outputs: list[list] = [[] for _ in layers]
     handles = _record_outputs(layers, outputs)
