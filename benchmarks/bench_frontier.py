@@ -1,10 +1,10 @@
 """Accuracy per byte: perplexity against packed bytes for every way of filling the format.
 
 On the embedded SmolLM2-135M-Instruct: 2:4 (Wanda, SparseGPT), the research code's fixed tier
-mixes, and byte-budget allocation (``pruning.planning.allocation``) at a range of budgets, per matrix, per
-decoder layer and over the whole model, with Wanda's proxy and with SparseGPT's (OBS proxy and
-update), plus dense + 2:4 only; 50 % unstructured as a reference (no kernel here runs it at
-fewer bytes). Every configuration starts from the dense weights and the same calibration
+mixes, and byte-budget allocation (``pruning.planning.allocation``) at a range of budgets, per
+matrix, per decoder layer and over the whole model, with Wanda's proxy and with SparseGPT's
+(OBS proxy and update), plus dense + 2:4 only; 50 % unstructured as a reference (no kernel
+here runs it at fewer bytes). Every configuration starts from the dense weights and the same calibration
 samples; bytes are measured by packing the pruned weights (``HybridWeight.nbytes``: values,
 2:4 metadata, top-K positions, block index) in ``--budget-dtype`` (fp16: what a GPU runs).
 
@@ -28,6 +28,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (PruneRun, add_prune_run_args, results_path,  # noqa: E402
                     resumed_records, write_results)
+from pruning.workflows import RECIPE  # noqa: E402
 
 BUDGETS = (0.45, 0.50, 0.5625, 0.62, 0.70, 0.80)
 # Byte-budget series: prune() arguments besides the budget. "matrix": every matrix at the budget;
@@ -44,7 +45,7 @@ SERIES = {
 # Budgets a series runs at when not all of BUDGETS (dense + 2:4 cannot go below all-2:4).
 SERIES_BUDGETS = {"sparsegpt-layer": (0.5625, 0.62),
                   "sparsegpt-model-dense+2:4": (0.62, 0.70, 0.80)}
-_RECIPE = dict(method="sparsegpt", pattern="three_tier", ranking="model")
+_RECIPE = RECIPE  # the default recipe's prune() arguments besides the budget (workflows.py)
 # Single configurations: baselines, references, and the choices the recipe made.
 FIXED = {
     "wanda-2:4": dict(method="wanda", pattern="2:4"),

@@ -28,10 +28,11 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (PruneRun, add_prune_run_args, results_path,  # noqa: E402
                     resumed_records, write_results)
+from pruning.workflows import RECIPE  # noqa: E402
 
 # Pruned starts: prune() arguments.
 STARTS = {
-    "recipe@0.62": dict(method="sparsegpt", pattern="three_tier", budget=0.62, ranking="model"),
+    "recipe@0.62": dict(RECIPE, budget=0.62),
     "wanda-mix-0.35/0.45/0.20": dict(method="wanda", pattern="three_tier",
                                      tier_ratios=(0.35, 0.45, 0.20)),
     "sparsegpt-2:4": dict(method="sparsegpt", pattern="2:4"),

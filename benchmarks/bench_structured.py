@@ -200,15 +200,16 @@ def main(argv=None, model=None, tokenizer=None, calibration=None, eval_text="emb
     original = run.model
     smaller, _ = structured(best["importance"], best["temperature"])
     both = copy.deepcopy(smaller)
-    recipe = dict(method="sparsegpt", pattern="three_tier", ranking="model")
-    tiers = pruning.prune(both, ids, budget=args.budget, batch_size=4, progress=False, **recipe)
+    from pruning.workflows import RECIPE
+
+    tiers = pruning.prune(both, ids, budget=args.budget, batch_size=4, progress=False, **RECIPE)
     both_ppl = ppl_of(both)
     pack_model(both, tiers.tier_maps, tiers.topks, tiers.block_size)
     dense_linear = decoder_linear_bytes(original)
     equal_budget = min(0.999, decoder_linear_bytes(both) / dense_linear)
     alone = copy.deepcopy(original)
     alone_tiers = pruning.prune(alone, ids, budget=equal_budget, batch_size=4, progress=False,
-                                **recipe)
+                                **RECIPE)
     alone_ppl = ppl_of(alone)
     pack_model(alone, alone_tiers.tier_maps, alone_tiers.topks, alone_tiers.block_size)
     models = {"dense": (original, dense_ppl), "structured": (smaller, best["ppl"]),

@@ -223,17 +223,17 @@ def prune(model: nn.Module, calibration="embedded", method: str = "wanda",
     three_tier takes either a byte ``budget`` (packed bytes / dense bytes as
     ``HybridWeight.nbytes`` counts them, in ``budget_dtype`` or each weight's dtype): every
     block gets the tier that loses the least of the method's loss proxy for its bytes
-    (:mod:`pruning.planning.allocation`; ``allow_topk=False`` for dense + 2:4 only; ``topk``, K kept by
-    a top-K block, defaults to 64 and may be several candidates, each matrix taking the one its
-    proxy loses least with); or fixed ``tier_ratios`` (dense, 2:4, top-K; default
+    (:mod:`pruning.planning.allocation`; ``allow_topk=False`` for dense + 2:4 only; ``topk``,
+    K kept by a top-K block, defaults to 64 and may be several candidates, each matrix taking
+    the one its proxy loses least with); or fixed ``tier_ratios`` (dense, 2:4, top-K; default
     0.35/0.45/0.20 with K = 15, the research code's mix).
     ``ranking`` says where blocks compete: ``matrix``, ``row`` (each block-row; fixed ratios
     only), ``layer`` or ``model`` (a budget: each decoder layer gets the share of the bytes an
     allocation over the whole unpruned model gives it, then its matrices share that).
 
     sensitivity: ``"gradient"`` weights every output row of every score by its squared loss
-    gradient in the unpruned model (:mod:`pruning.planning.sensitivity`, one forward + backward pass
-    over the first ``sensitivity_samples`` calibration samples), which makes losses comparable
+    gradient in the unpruned model (:mod:`pruning.planning.sensitivity`, one forward + backward
+    pass over the first ``sensitivity_samples`` calibration samples), which makes losses comparable
     across matrices and layers; ``"auto"`` (default) does so where a byte budget is shared
     between matrices (ranking ``layer`` or ``model``), None never.
 

@@ -8,6 +8,13 @@ Public API:
   assign_tiers, tier_mask, apply_tier_map    what a tier map means for a weight (tiers.py)
   available_backends      which backends this install can run (ops_with_kernel: per dispatch key)
   cpu_isa, supported_cpu_isas   the CPU kernels' instruction set (chosen at run time)
+
+Importing the package registers nothing with transformers directly: transformers is an optional
+dependency that takes seconds to import, and the kernels must load without it. But plain
+``from_pretrained`` of a packed checkpoint finds its loader in transformers' quantizer registry,
+which has no hook of its own. So import installs a ``sys.meta_path`` finder that registers the
+loader (``huggingface.register``) the moment transformers itself is imported, and removes
+itself; if transformers is already imported, it registers at once.
 """
 from ._ops import block_topk_mask, compress_24, nm_mask, ops_with_kernel, wanda_scores
 from .backends import available_backends, cpu_isa, supported_cpu_isas

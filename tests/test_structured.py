@@ -394,3 +394,53 @@ def test_the_command_line_composes_structured_and_three_tier(tmp_path, tiny_fold
     assert perplexity(model, tokenizer, "embedded", seqlen=32, max_windows=2,
                       progress=False) == pytest.approx(report["ppl"]["structured+three_tier"],
                                                        rel=1e-4)
+
+
+def test_halves_that_agree_settle_the_ranking_and_disagreement_warns_naming_samples():
+    """Two halves of identical samples make one plan (agreement 1, no excess, no warning);
+    halves whose plans differ warn, naming how many samples would settle the plan."""
+    import warnings
+
+    from pruning.structured.api import warn_if_unsettled
+
+    model = ARCHITECTURES["llama"]()
+    ids = calibration_ids(2, 24, seed=2)
+    twice = torch.cat([ids, ids])  # the first half and the second half: the same samples
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = structured_prune(model, twice, ratio=0.3, importance="taylor", progress=False)
+    stability = result.summary["ranking_stability"]
+    assert stability["agreement"] == 1.0 and abs(stability["excess"]) < 1e-6
+    with pytest.warns(UserWarning, match=r"unstable on these 8 .* agree on 40%.*nsamples=16"):
+        warn_if_unsettled({"agreement": 0.4, "excess": 0.2}, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_if_unsettled({"agreement": 0.7, "excess": 0.08}, 8)  # settled within 5 %
+    magnitude = structured_prune(ARCHITECTURES["llama"](), None, ratio=0.3,
+                                 importance="magnitude", progress=False)
+    assert magnitude.summary["ranking_stability"] is None  # no samples, nothing to settle
+
+
+def test_every_command_saves_without_matplotlib(tmp_path, tiny_folder, monkeypatch):
+    """Plots are optional outputs: with matplotlib unimportable, each command that saves still
+    writes everything else, with one warning naming the package."""
+    import json
+    import sys
+
+    from pruning.cli import main
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises
+    common = ["--seqlen", "32", "--ppl-windows", "2", "--nsamples", "4"]
+    out = tmp_path / "smaller"
+    with pytest.warns(UserWarning, match="matplotlib is not installed.*kept.png"):
+        assert main(["structured", "--model", str(tiny_folder), "--ratio", "0.3",
+                     "--no-eval-ppl", "--no-time-decode", "--save", str(out), *common]) == 0
+    assert (out / "units.csv").is_file() and not (out / "kept.png").exists()
+    assert json.loads((out / "report.json").read_text())["structured"]["removed_fraction"] > 0
+    pruned, tuned = tmp_path / "pruned", tmp_path / "tuned"
+    assert main(["prune", "--model", str(tiny_folder), "--save", str(pruned), *common]) == 0
+    assert main(["finetune", "--model", str(pruned), "--save", str(tuned), "--max-steps", "1",
+                 "--seqlen", "32", "--ppl-windows", "2"]) == 0
+    assert main(["eval", "--model", str(tuned), "--tasks", "--seqlen", "32",
+                 "--ppl-windows", "2"]) == 0
+    assert (tuned / "report.json").is_file() and (pruned / "tier_maps.safetensors").is_file()

@@ -199,6 +199,94 @@ def _save_state(folder: Path, state: dict) -> None:
         torch.save(state, tmp)
 
 
+def _trainable(model: nn.Module, modules: dict, masks: dict, config: FinetuneConfig):
+    """``(trained model, parameters to optimise, gradient hooks, base weights)``: the LoRA model
+    (base weights kept to measure the merge), or the model with only the pruned Linears (and
+    their biases) trainable, their gradients masked by hooks."""
+    if config.mode == "lora":
+        # optional: only LoRA needs peft
+        from peft import LoraConfig, get_peft_model
+
+        base_weights = {n: get_weight(m).detach().clone() for n, m in modules.items()}
+        trained = get_peft_model(model, LoraConfig(
+            r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+            target_modules=_lora_targets(model, masks, config),
+            fan_in_fan_out=any(get_weight(m) is not m.weight for m in modules.values())))
+        return trained, [p for p in trained.parameters() if p.requires_grad], [], base_weights
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params, hooks = [], []
+    for name, module in modules.items():
+        module.weight.requires_grad_(True)
+        mask = _param_mask(module, masks[name])
+        hooks.append(module.weight.register_hook(lambda g, m=mask: g * m))
+        params.append(module.weight)
+        if getattr(module, "bias", None) is not None:
+            module.bias.requires_grad_(True)
+            params.append(module.bias)
+    return model, params, hooks, None
+
+
+def _total_steps(config: FinetuneConfig, data) -> int:
+    """Optimizer steps: ``max_steps``, or the steps ``max_tokens`` takes, whichever is fewer."""
+    tokens_per_step = data.batch(0).tokens * config.grad_accum
+    total = config.max_steps or math.ceil(config.max_tokens / max(1, tokens_per_step))
+    if config.max_steps and config.max_tokens:
+        total = min(total, math.ceil(config.max_tokens / max(1, tokens_per_step)))
+    return total
+
+
+def _training_state(config: FinetuneConfig, progress: dict, trained: nn.Module, optimizer,
+                    schedule) -> dict:
+    """What ``resume`` needs: the progress (step, tokens, history, seconds), the trainable
+    parameters, the optimizer, the schedule and the RNG."""
+    return {"config": dataclasses.asdict(config), **progress, "rng": torch.get_rng_state(),
+            "params": {n: p.detach().cpu() for n, p in trained.named_parameters()
+                       if p.requires_grad},
+            "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()}
+
+
+def _restore(folder: Path, config: FinetuneConfig, trained: nn.Module, optimizer, schedule,
+             device) -> dict:
+    """The progress saved in ``folder`` (parameters, optimizer, schedule and RNG restored)."""
+    state = torch.load(folder / STATE_FILE, map_location=device, weights_only=False)
+    if state["config"] != dataclasses.asdict(config):
+        raise ValueError(f"{folder / STATE_FILE} was written by another configuration: "
+                         f"{state['config']}")
+    named = dict(trained.named_parameters())
+    with torch.no_grad():
+        for name, value in state["params"].items():
+            named[name].copy_(value)
+    optimizer.load_state_dict(state["optimizer"])
+    schedule.load_state_dict(state["schedule"])
+    torch.set_rng_state(state["rng"])
+    return {k: state[k] for k in ("step", "tokens", "history", "seconds")}
+
+
+def _accumulate(trained, teacher, data, config: FinetuneConfig, step: int, device,
+                use_autocast: bool) -> tuple[float, int]:
+    """Forward and backward of one optimizer step's ``grad_accum`` micro-batches; returns
+    ``(loss, tokens)`` of the step."""
+    step_loss, tokens = 0.0, 0
+    hidden = config.distills and config.hidden_weight > 0
+    for micro in range(config.grad_accum):
+        batch = data.batch(step * config.grad_accum + micro)
+        inputs = dict(input_ids=batch.input_ids.to(device),
+                      attention_mask=batch.attention_mask.to(device))
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_autocast):
+            out = trained(**inputs, output_hidden_states=hidden, use_cache=False)
+            teacher_out = None
+            if config.distills:
+                with torch.no_grad():
+                    teacher_out = teacher(**inputs, output_hidden_states=hidden,
+                                          use_cache=False)
+            loss = _loss(config, out, teacher_out, batch) / config.grad_accum
+        loss.backward()
+        step_loss += float(loss.detach())
+        tokens += batch.tokens
+    return step_loss, tokens
+
+
 def finetune(model: nn.Module, data, masks: dict[str, torch.Tensor], config: FinetuneConfig, *,
              teacher: nn.Module | None = None, eval_fn: Callable[[nn.Module], float] | None = None,
              checkpoint_dir: str | os.PathLike | None = None, resume: bool = False,
@@ -219,106 +307,48 @@ def finetune(model: nn.Module, data, masks: dict[str, torch.Tensor], config: Fin
     torch.manual_seed(config.seed)
     if config.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
         model.gradient_checkpointing_enable()
-
-    base_weights = None
-    if config.mode == "lora":
-        # optional: only LoRA needs peft
-        from peft import LoraConfig, get_peft_model
-
-        base_weights = {n: get_weight(m).detach().clone() for n, m in modules.items()}
-        trained = get_peft_model(model, LoraConfig(
-            r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-            target_modules=_lora_targets(model, masks, config),
-            fan_in_fan_out=any(get_weight(m) is not m.weight for m in modules.values())))
-        params = [p for p in trained.parameters() if p.requires_grad]
-        hooks = []
-    else:
-        trained = model
-        for p in model.parameters():
-            p.requires_grad_(False)
-        params, hooks = [], []
-        for name, module in modules.items():
-            module.weight.requires_grad_(True)
-            mask = _param_mask(module, masks[name])
-            hooks.append(module.weight.register_hook(lambda g, m=mask: g * m))
-            params.append(module.weight)
-            if getattr(module, "bias", None) is not None:
-                module.bias.requires_grad_(True)
-                params.append(module.bias)
+    trained, params, hooks, base_weights = _trainable(model, modules, masks, config)
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-
-    tokens_per_step = data.batch(0).tokens * config.grad_accum
-    total = config.max_steps or math.ceil(config.max_tokens / max(1, tokens_per_step))
-    if config.max_steps and config.max_tokens:
-        total = min(total, math.ceil(config.max_tokens / max(1, tokens_per_step)))
+    total = _total_steps(config, data)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config, total))
-    step, tokens, history, seconds = 0, 0, [], 0.0
+    done = {"step": 0, "tokens": 0, "history": [], "seconds": 0.0}
     folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
     if resume and folder is not None and (folder / STATE_FILE).is_file():
-        state = torch.load(folder / STATE_FILE, map_location=device, weights_only=False)
-        if state["config"] != dataclasses.asdict(config):
-            raise ValueError(f"{folder / STATE_FILE} was written by another configuration: "
-                             f"{state['config']}")
-        named = dict(trained.named_parameters())
-        with torch.no_grad():
-            for name, value in state["params"].items():
-                named[name].copy_(value)
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        torch.set_rng_state(state["rng"])
-        step, tokens, history, seconds = (state["step"], state["tokens"], state["history"],
-                                          state["seconds"])
+        done = _restore(folder, config, trained, optimizer, schedule, device)
 
     use_autocast = device.type == "cuda" and next(model.parameters()).dtype == torch.float32
     trained.train()
     if teacher is not None:
         teacher.eval()
-    bar = tqdm(total=total, initial=step, desc=f"fine-tuning ({config.mode}, {config.loss})",
-               disable=not progress)
+    bar = tqdm(total=total, initial=done["step"],
+               desc=f"fine-tuning ({config.mode}, {config.loss})", disable=not progress)
     try:
-        while step < total and (config.max_tokens is None or tokens < config.max_tokens):
+        while done["step"] < total and (config.max_tokens is None
+                                        or done["tokens"] < config.max_tokens):
             started = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
-            step_loss = 0.0
-            for micro in range(config.grad_accum):
-                batch = data.batch(step * config.grad_accum + micro)
-                inputs = dict(input_ids=batch.input_ids.to(device),
-                              attention_mask=batch.attention_mask.to(device))
-                hidden = config.distills and config.hidden_weight > 0
-                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_autocast):
-                    out = trained(**inputs, output_hidden_states=hidden, use_cache=False)
-                    teacher_out = None
-                    if config.distills:
-                        with torch.no_grad():
-                            teacher_out = teacher(**inputs, output_hidden_states=hidden,
-                                                  use_cache=False)
-                    loss = _loss(config, out, teacher_out, batch) / config.grad_accum
-                loss.backward()
-                step_loss += float(loss.detach())
-                tokens += batch.tokens
+            step_loss, tokens = _accumulate(trained, teacher, data, config, done["step"], device,
+                                            use_autocast)
             torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
             optimizer.step()
             schedule.step()
             if config.mode == "masked":
                 _apply_masks(modules, masks)
-            step += 1
-            seconds += time.perf_counter() - started
-            record = {"step": step, "tokens": tokens, "seconds": round(seconds, 2),
-                      "loss": step_loss, "lr": schedule.get_last_lr()[0]}
-            if eval_fn is not None and config.eval_every and step % config.eval_every == 0:
+            done["step"] += 1
+            done["tokens"] += tokens
+            done["seconds"] += time.perf_counter() - started
+            record = {"step": done["step"], "tokens": done["tokens"],
+                      "seconds": round(done["seconds"], 2), "loss": step_loss,
+                      "lr": schedule.get_last_lr()[0]}
+            if eval_fn is not None and config.eval_every and done["step"] % config.eval_every == 0:
                 record["eval"] = eval_fn(trained)
                 trained.train()
-            history.append(record)
+            done["history"].append(record)
             bar.update(1)
             bar.set_postfix(loss=f"{step_loss:.3f}")
             if folder is not None and config.checkpoint_every and \
-                    step % config.checkpoint_every == 0:
-                _save_state(folder, {
-                    "config": dataclasses.asdict(config), "step": step, "tokens": tokens,
-                    "history": history, "seconds": seconds, "rng": torch.get_rng_state(),
-                    "params": {n: p.detach().cpu() for n, p in trained.named_parameters()
-                               if p.requires_grad},
-                    "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()})
+                    done["step"] % config.checkpoint_every == 0:
+                _save_state(folder, _training_state(config, done, trained, optimizer, schedule))
     finally:
         bar.close()
         for hook in hooks:
@@ -331,7 +361,8 @@ def finetune(model: nn.Module, data, masks: dict[str, torch.Tensor], config: Fin
     lora = None
     if config.mode == "lora":
         model, lora = _merge_lora(trained, modules, masks, base_weights, eval_fn)
-    return FinetuneResult(model, step, tokens, seconds, history, lora)
+    return FinetuneResult(model, done["step"], done["tokens"], done["seconds"], done["history"],
+                          lora)
 
 
 @torch.no_grad()

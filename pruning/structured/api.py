@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import time
 import warnings
@@ -44,6 +45,57 @@ def _model_params(model: nn.Module) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
+# A plan whose removed units, measured by independent samples, carry this much more importance
+# than those samples' own plan removes is not settled by its calibration: a warning.
+UNSETTLED_EXCESS = 0.05
+
+
+def _removed(plan: Plan) -> set[tuple]:
+    return {(key, i) for key, indices in plan.removed.items() for i in indices}
+
+
+def ranking_stability(model: nn.Module, units, importance: str, statistics, select,
+                      weight: dict) -> dict | None:
+    """How well the calibration settles which units go, by two-fold cross-validation of the
+    plan: the first and the second half of the samples each make a plan (``select(raw
+    importance) -> Plan``, the rest of the selection), and each plan's removed units are
+    measured by the other half's importance (times ``weight``, the prior per (layer, kind)).
+
+    Returns ``{"agreement": units both plans remove / the larger plan, "excess": importance a
+    plan removes as the other half measures it over what that half's own plan removes, minus
+    one, averaged over the two}``; None when there is no first half to compare."""
+    first = getattr(statistics, "first_half", None)
+    if first is None or first.samples < 1 or statistics.samples - first.samples < 1:
+        return None
+    halves = [unit_importance(model, units, importance, half)
+              for half in (first, statistics.minus(first))]
+    a, b = (_removed(select(imp)) for imp in halves)
+
+    def removed_importance(chosen, imp):
+        return sum(float(imp[key][i]) * weight[key] for key, i in chosen)
+
+    excess = [removed_importance(mine, theirs) / max(removed_importance(own, theirs), 1e-30) - 1
+              for mine, own, theirs in ((a, b, halves[1]), (b, a, halves[0]))]
+    return {"agreement": len(a & b) / max(len(a), len(b), 1), "excess": sum(excess) / 2}
+
+
+def warn_if_unsettled(stability: dict, nsamples: int) -> None:
+    """Warn when the full calibration's plan is expected to remove more than UNSETTLED_EXCESS
+    extra importance. A plan's excess over the best falls like the variance of the importance
+    estimate, 1 / samples: the halves' excess with n / 2 samples each predicts half of it for
+    all n, and the samples that would bring it to UNSETTLED_EXCESS."""
+    expected = stability["excess"] / 2
+    if expected <= UNSETTLED_EXCESS:
+        return
+    enough = int(math.ceil(nsamples * expected / UNSETTLED_EXCESS))
+    warnings.warn(f"the unit ranking is unstable on these {nsamples} calibration samples: the plan "
+                  f"of one half of them removes {stability['excess']:.0%} more importance, as the "
+                  f"other half measures it, than that half's own plan (the two agree on "
+                  f"{stability['agreement']:.0%} of the units); about {enough} samples would "
+                  f"bring this plan within {UNSETTLED_EXCESS:.0%} of its best (nsamples={enough})",
+                  stacklevel=3)
+
+
 def structured_prune(model: nn.Module, calibration="embedded", ratio: float = 0.2,
                      importance: str = "taylor", *, temperature: float = 0.0, tau: float = 0.0,
                      epsilon: float = 0.0, uniform: bool = False, tokenizer=None,
@@ -58,7 +110,9 @@ def structured_prune(model: nn.Module, calibration="embedded", ratio: float = 0.
     (:mod:`.importance`). temperature / tau: the H-GSP prior (:mod:`.prior`; 0 = off).
     epsilon / uniform: :mod:`.select`. ``statistics`` / ``losses``: a previous run's
     ``unit_statistics`` / ``skip_losses`` of the same unpruned model, to compare settings
-    without recomputing them.
+    without recomputing them. The plans of two halves of the samples are cross-checked
+    (:func:`ranking_stability`, ``summary["ranking_stability"]``), with a warning naming the
+    samples that would be enough when the ranking is not settled.
     """
 
     if importance not in IMPORTANCES:
@@ -73,7 +127,7 @@ def structured_prune(model: nn.Module, calibration="embedded", ratio: float = 0.
     if importance != "magnitude" and statistics is None:
         statistics = unit_statistics(model, units, list(ids.split(1)),
                                      gradients=importance.startswith("taylor"),
-                                     progress=progress)
+                                     halfway=True, progress=progress)
     scores_raw = unit_importance(model, units, importance, statistics)
     _, layers = decoder_layers(model)
     costs = {(u.index, kind): u.unit_cost(kind, layers[u.index])
@@ -84,8 +138,17 @@ def structured_prune(model: nn.Module, calibration="embedded", ratio: float = 0.
             losses = skip_losses(model, units, list(ids[:prior_samples].split(4)),
                                  progress=progress)
         factors = prior_factors(losses, temperature, tau)
+
+    def select(raw):
+        scores = {key: raw[key] / costs[key] * factors[key] for key in raw}
+        return select_units(scores, costs, ratio, total, epsilon=epsilon, uniform=uniform)
+
     scores = {key: scores_raw[key] / costs[key] * factors[key] for key in scores_raw}
-    plan = select_units(scores, costs, ratio, total, epsilon=epsilon, uniform=uniform)
+    plan = select(scores_raw)
+    stability = None if importance == "magnitude" else \
+        ranking_stability(model, units, importance, statistics, select, factors)
+    if stability is not None:
+        warn_if_unsettled(stability, statistics.samples)
 
     rows, per_layer = [], []
     for u in units:
@@ -114,6 +177,7 @@ def structured_prune(model: nn.Module, calibration="embedded", ratio: float = 0.
                "params_before": total, "params_after": after,
                "removed_fraction": 1 - after / total, "planned_fraction": plan.fraction,
                "collapsed_layers": plan.collapsed, "stock_loadable": stock,
+               "ranking_stability": stability,
                "seconds": round(time.perf_counter() - t0, 1)}
     return StructuredResult(plan, rows, per_layer, summary, losses, sizes)
 

@@ -42,6 +42,16 @@ class UnitStatistics:
     fisher_units: dict[tuple[int, str], torch.Tensor]
     act_sq: dict[str, torch.Tensor]
     samples: int
+    # The same sums over the first samples only (``unit_statistics(..., halfway=True)``): with
+    # :meth:`minus` the statistics of two independent halves, whose rankings must agree.
+    first_half: UnitStatistics | None = None
+
+    def minus(self, other: UnitStatistics) -> UnitStatistics:
+        """The statistics of the samples in ``self`` but not in ``other`` (sums subtract)."""
+        return UnitStatistics({n: g - other.grad[n] for n, g in self.grad.items()},
+                              {k: f - other.fisher_units[k] for k, f in self.fisher_units.items()},
+                              {n: a - other.act_sq[n] for n, a in self.act_sq.items()},
+                              self.samples - other.samples)
 
 
 def _projections(model: nn.Module, units: list[LayerUnits]) -> dict[str, nn.Linear]:
@@ -54,11 +64,13 @@ def _projections(model: nn.Module, units: list[LayerUnits]) -> dict[str, nn.Line
 
 
 def unit_statistics(model: nn.Module, units: list[LayerUnits], batches: list[torch.Tensor], *,
-                    gradients: bool = True, progress: bool = True) -> UnitStatistics:
+                    gradients: bool = True, halfway: bool = False,
+                    progress: bool = True) -> UnitStatistics:
     """The statistics of the module docstring. ``batches``: token ids ``[batch, seqlen]``, each
     row one sample with its own backward. Without ``gradients`` only the inputs are recorded
-    (enough for ``wanda`` and ``magnitude``). Parameters' ``requires_grad`` and the training
-    flag are restored; weights are not changed."""
+    (enough for ``wanda`` and ``magnitude``); with ``halfway`` the result also holds, as
+    ``first_half``, the sums over the first half of the samples. Parameters' ``requires_grad``
+    and the training flag are restored; weights are not changed."""
     projections = _projections(model, units)
     device = module_device(model.get_input_embeddings())
     act_sq = {n: torch.zeros(m.in_features, dtype=torch.float32, device=m.weight.device)
@@ -76,8 +88,11 @@ def unit_statistics(model: nn.Module, units: list[LayerUnits], batches: list[tor
     handles = [m.register_forward_pre_hook(record_input(n)) for n, m in projections.items()]
     samples = [row[None] for ids in batches for row in ids]
     weights = [m.weight for m in projections.values()] if gradients else []
+    first_half = None
     with statistics_pass(model, handles, trainable=weights):
-        for ids in tqdm(samples, desc="unit statistics", disable=not progress):
+        for i, ids in enumerate(tqdm(samples, desc="unit statistics", disable=not progress)):
+            if halfway and i == len(samples) // 2:
+                first_half = UnitStatistics(_copy(grad), _copy(fisher), _copy(act_sq), i)
             ids = ids.to(device)
             if not gradients:
                 with torch.no_grad():
@@ -93,7 +108,11 @@ def unit_statistics(model: nn.Module, units: list[LayerUnits], batches: list[tor
                 fisher[key] = fisher.get(key, 0) + value
             for m in projections.values():
                 m.weight.grad = None
-    return UnitStatistics(grad, fisher, act_sq, len(samples))
+    return UnitStatistics(grad, fisher, act_sq, len(samples), first_half)
+
+
+def _copy(sums: dict) -> dict:
+    return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in sums.items()}
 
 
 def _unit_sums(model: nn.Module, units: list[LayerUnits], per_weight) -> dict:
