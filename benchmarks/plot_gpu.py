@@ -170,38 +170,50 @@ def default_prefix(summary: dict) -> str:
     return os.path.join(HERE, "results", f"gpu-{name}-{env.get('commit') or 'unknown'}")
 
 
-def plot(summary: dict, path: str) -> bool:
-    """Speedup over the dense baseline against the batch, a panel per shape; False without
-    matplotlib."""
+def speedup_panels(series: dict, path: str, title: str, limits: dict | None = None) -> bool:
+    """Speedup over the dense baseline against the batch, a panel per weight shape: ``series``
+    ``{shape: {kernel: [(batch, speedup), ...]}}``; ``limits`` ``{shape: byte limit}``, drawn
+    dashed. False (nothing drawn) without matplotlib or without points."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    series = {}
-    for r in summary["speedups"]:
-        if r["speedup"]:
-            series.setdefault(r["shape"], {}).setdefault(r["kernel"], []).append(
-                (r["batch"], r["speedup"]))
     if not series:
         return False
+    limits = limits or {}
     fig, axes = plt.subplots(1, len(series), figsize=(4.5 * len(series), 3.8), squeeze=False)
     for ax, (shape, lines) in zip(axes[0], sorted(series.items())):
         for label, points in sorted(lines.items()):
             points.sort()
             ax.plot([b for b, _ in points], [s for _, s in points], marker="o", label=label)
         ax.axhline(1.0, color="grey", linestyle=":", linewidth=1)
+        if shape in limits:
+            ax.axhline(limits[shape], color="grey", linestyle="--", linewidth=1,
+                       label=f"byte limit {limits[shape]:.2f}x")
         ax.set_xscale("log", base=2)
         ax.set_title(shape)
         ax.set_xlabel("rows of x (batch)")
         ax.set_ylabel("speedup over dense")
         ax.legend(fontsize=7)
-    env = summary["env"]
-    fig.suptitle(f"{env.get('gpu') or env.get('cpu')}, commit {env.get('commit')}", fontsize=9)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
     return True
+
+
+def plot(summary: dict, path: str) -> bool:
+    """Our kernels' speedups of a GPU check (:func:`speedup_panels`)."""
+    series = {}
+    for r in summary["speedups"]:
+        if r["speedup"]:
+            series.setdefault(r["shape"], {}).setdefault(r["kernel"], []).append(
+                (r["batch"], r["speedup"]))
+    env = summary["env"]
+    return speedup_panels(series, path, f"{env.get('gpu') or env.get('cpu')}, commit "
+                                        f"{env.get('commit')}")
 
 
 def main(argv=None) -> int:

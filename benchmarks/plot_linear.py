@@ -14,6 +14,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import mix_name  # noqa: E402
+from plot_gpu import speedup_panels  # noqa: E402
 
 
 def kernel_of(rec: dict) -> str:
@@ -44,39 +45,17 @@ def main(argv=None):
     p.add_argument("--mix", default="hybrid", help="tier mix to plot (default hybrid)")
     p.add_argument("--out", default=None, help="PNG path (default: the JSON path with .png)")
     args = p.parse_args(argv)
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise SystemExit("plot_linear.py needs matplotlib: pip install matplotlib")
     with open(args.results) as f:
         payload = json.load(f)
     series = load_series(payload["records"], args.mix)
     if not series:
         raise SystemExit(f"{args.results} has no records for mix {args.mix!r}")
-    limits = byte_limits(payload["records"], args.mix)
-
-    fig, axes = plt.subplots(1, len(series), figsize=(4.5 * len(series), 3.8), squeeze=False)
-    for ax, (shape, lines) in zip(axes[0], sorted(series.items())):
-        for label, points in sorted(lines.items()):
-            points.sort()
-            ax.plot([b for b, _ in points], [s for _, s in points], marker="o", label=label)
-        ax.axhline(1.0, color="grey", linestyle=":", linewidth=1)
-        if shape in limits:
-            ax.axhline(limits[shape], color="grey", linestyle="--", linewidth=1,
-                       label=f"byte limit {limits[shape]:.2f}x")
-        ax.set_xscale("log", base=2)
-        ax.set_title(shape)
-        ax.set_xlabel("rows of x (batch)")
-        ax.set_ylabel("speedup over dense")
-        ax.legend(fontsize=7)
     dtype = payload["records"][0]["dtype"]
-    fig.suptitle(f"{payload['device']}, {dtype}, mix {args.mix}, commit {payload['commit']}",
-                 fontsize=9)
-    fig.tight_layout()
     out = args.out or os.path.splitext(args.results)[0] + ".png"
-    fig.savefig(out, dpi=120)
+    if not speedup_panels(series, out, f"{payload['device']}, {dtype}, mix {args.mix}, commit "
+                                       f"{payload['commit']}",
+                          byte_limits(payload["records"], args.mix)):
+        raise SystemExit("plot_linear.py needs matplotlib: pip install matplotlib")
     print(f"wrote {out}")
     return out
 

@@ -26,6 +26,7 @@ from .recovery import LOSSES, MODES, RESEARCH_SCHEDULE, FinetuneConfig, read_sch
 from .structured import IMPORTANCES
 from .workflows import (DEFAULT_BUDGET, EMBEDDED_NSAMPLES, HUB_NSAMPLES, EvalJob, FinetuneJob,
                         ModelSource, Perplexity, ProgressiveJob, PruneJob, StructuredJob,
+                        TrainingData,
                         run_eval, run_finetune, run_progressive, run_prune, run_structured)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -323,10 +324,13 @@ def prune_job(args) -> PruneJob:
                     args.save_dense, args.overwrite)
 
 
+def _train(args) -> TrainingData:
+    return TrainingData(args.data, _fields(args.fields), args.seqlen, args.batch_size, args.seed)
+
+
 def finetune_job(args) -> FinetuneJob:
-    return FinetuneJob(_model(args), args.save, finetune_config(args), args.data,
-                       _fields(args.fields), args.teacher, args.seqlen, args.batch_size,
-                       args.seed, _ppl(args), args.resume, args.overwrite)
+    return FinetuneJob(_model(args), args.save, finetune_config(args), _train(args),
+                       args.teacher, _ppl(args), args.resume, args.overwrite)
 
 
 def progressive_job(args) -> ProgressiveJob:
@@ -334,9 +338,8 @@ def progressive_job(args) -> ProgressiveJob:
         raise SystemExit(f"--epoch-steps must be >= 1, got {args.epoch_steps}")
     schedule = read_schedule(args.schedule) if args.schedule else RESEARCH_SCHEDULE
     return ProgressiveJob(_model(args), args.save, tuple(schedule), finetune_config(args),
-                          args.method, args.topk, args.ranking, args.calibration, args.nsamples,
-                          args.data, _fields(args.fields), args.seqlen, args.batch_size,
-                          args.seed, _ppl(args), args.resume)
+                          _train(args), args.method, args.topk, args.ranking, args.calibration,
+                          args.nsamples, _ppl(args), args.resume)
 
 
 def structured_job(args) -> StructuredJob:

@@ -43,7 +43,8 @@ RECIPE = dict(method="sparsegpt", pattern="three_tier", ranking="model")
 # minutes on two CPU cores.
 EMBEDDED_NSAMPLES, HUB_NSAMPLES = 32, 128
 
-__all__ = ["ModelSource", "Perplexity", "PruneJob", "FinetuneJob", "ProgressiveJob",
+__all__ = ["ModelSource", "Perplexity", "PruneJob", "TrainingData", "FinetuneJob",
+           "ProgressiveJob",
            "StructuredJob", "EvalJob", "run_prune", "run_finetune", "run_progressive",
            "run_structured", "run_eval", "DEFAULT_BUDGET", "RECIPE", "EMBEDDED_NSAMPLES",
            "HUB_NSAMPLES"]
@@ -168,20 +169,33 @@ def run_prune(job: PruneJob) -> dict:
 
 # ------------------------------------------------------------------------- fine-tune
 @dataclass
+class TrainingData:
+    """What a fine-tune trains on: text or instruction data (``source``, ``fields`` for a local
+    instruction .jsonl; see :func:`pruning.recovery.finetune_data`) in sequences of ``seqlen``
+    tokens, ``batch_size`` per micro-batch."""
+
+    source: str = "embedded"
+    fields: dict | None = None
+    seqlen: int = 512
+    batch_size: int = 4
+    seed: int = 0
+
+    def load(self, tokenizer):
+        return finetune_data(self.source, tokenizer, self.seqlen, self.batch_size, self.seed,
+                             fields=self.fields)
+
+
+@dataclass
 class FinetuneJob:
     """Fine-tune the pruned model in ``model.name`` (a folder ``run_prune`` saved) and save it
-    packed to ``save``. ``data``: text or instruction data (``finetune_data``); ``teacher``: the
-    dense model to distil from (default: the one its report.json names)."""
+    packed to ``save``; ``teacher``: the dense model to distil from (default: the one its
+    report.json names)."""
 
     model: ModelSource
     save: str
     config: FinetuneConfig = field(default_factory=FinetuneConfig)
-    data: str = "embedded"
-    fields: dict | None = None
+    train: TrainingData = field(default_factory=TrainingData)
     teacher: str | None = None
-    seqlen: int = 512
-    batch_size: int = 4
-    seed: int = 0
     ppl: Perplexity = field(default_factory=Perplexity)
     resume: bool = False
     overwrite: bool = False
@@ -207,8 +221,7 @@ def run_finetune(job: FinetuneJob) -> dict:
     if job.config.distills:
         name = job.teacher or (None if source == EMBEDDED_MODEL_NAME else source)
         teacher = loading.load_model(name, dtype=job.model.dtype, device=job.model.device)[0]
-    data = finetune_data(job.data, pruned.tokenizer, job.seqlen, job.batch_size, job.seed,
-                         fields=job.fields)
+    data = job.train.load(pruned.tokenizer)
 
     def eval_fn(model):
         return job.ppl(model, pruned.tokenizer)
@@ -248,16 +261,12 @@ class ProgressiveJob:
     save: str
     schedule: tuple[ScheduleStep, ...]
     config: FinetuneConfig
+    train: TrainingData = field(default_factory=TrainingData)
     method: str = "sparsegpt"
     topk: int | None = None
     ranking: str | None = None
     calibration: str = "embedded"
     nsamples: int | None = None
-    data: str = "embedded"
-    fields: dict | None = None
-    seqlen: int = 512
-    batch_size: int = 4
-    seed: int = 0
     ppl: Perplexity = field(default_factory=Perplexity)
     resume: bool = False
 
@@ -268,10 +277,9 @@ def run_progressive(job: ProgressiveJob) -> dict:
     model, tokenizer, name = job.model.load()
     teacher = copy.deepcopy(model).eval() if job.config.distills else None
     calibration = get_calibration(job.calibration, tokenizer,
-                                  nsamples=job.model.nsamples(job.nsamples), seqlen=job.seqlen,
-                                  seed=job.seed)
-    data = finetune_data(job.data, tokenizer, job.seqlen, job.batch_size, job.seed,
-                         fields=job.fields)
+                                  nsamples=job.model.nsamples(job.nsamples),
+                                  seqlen=job.train.seqlen, seed=job.train.seed)
+    data = job.train.load(tokenizer)
     budgeted = any(step.budget is not None for step in job.schedule)
     reports = progressive(
         model, tokenizer, calibration, job.schedule, job.save, data=data,

@@ -50,21 +50,17 @@ ZERO_BLOCK_META = {b: int("4" * (b // 4), 16) for b in BLOCK_SIZES}
 FORMAT_VERSION = 1
 
 
-class PackedTensors(NamedTuple):
-    """A packed weight's tensors by name, in the argument order of the ``hybrid_linear`` op
-    (and of ``PackedArgs`` / ``PackedView`` in csrc/). Layout: the module docstring."""
+# The packed tensors' names, in the argument order of the hybrid_linear op (and of PackedArgs /
+# PackedView in csrc/).
+PACKED_FIELDS = ("dense_rowptr", "dense_cols", "dense_vals",
+                 "s24_rowptr", "s24_cols", "s24_vals", "s24_meta",
+                 "topk_rowptr", "topk_cols", "topk_vals", "topk_pos")
 
-    dense_rowptr: torch.Tensor
-    dense_cols: torch.Tensor
-    dense_vals: torch.Tensor
-    s24_rowptr: torch.Tensor
-    s24_cols: torch.Tensor
-    s24_vals: torch.Tensor
-    s24_meta: torch.Tensor
-    topk_rowptr: torch.Tensor
-    topk_cols: torch.Tensor
-    topk_vals: torch.Tensor
-    topk_pos: torch.Tensor
+
+class PackedTensors(NamedTuple("PackedTuple", [(name, torch.Tensor) for name in PACKED_FIELDS])):
+    """A packed weight's tensors by name (``PACKED_FIELDS``). Layout: the module docstring."""
+
+    __slots__ = ()
 
     @property
     def topk(self) -> int:
@@ -74,8 +70,6 @@ class PackedTensors(NamedTuple):
     def block_size(self) -> int:
         return self.dense_vals.shape[1]
 
-
-PACKED_FIELDS = PackedTensors._fields
 
 
 def check_tier_map(tier_map: torch.Tensor, out_features: int, in_features: int,
