@@ -32,7 +32,7 @@ from typing import ClassVar
 import torch
 
 import sparse_kernels as sk
-from sparse_kernels import SPARSE_24, TOPK
+from sparse_kernels.rules import DEFAULT_BLOCK_SIZE, DEFAULT_TOPK, SPARSE_24, TOPK
 
 from ..patterns import Pattern, build_mask
 from ..statistics.stats import LinearStats
@@ -89,7 +89,8 @@ def obs_saliency(w: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 def obs_sweep(w: torch.Tensor, u: torch.Tensor, *, mask: torch.Tensor | None = None,
               sparsity: float = 0.0, nm: tuple[int, int] | None = None,
-              tier_map: torch.Tensor | None = None, topk: int = 15, block_size: int = 16,
+              tier_map: torch.Tensor | None = None, topk: int = DEFAULT_TOPK,
+              block_size: int = DEFAULT_BLOCK_SIZE,
               row_weight: torch.Tensor | None = None, blocksize: int = 128):
     """The OBS sweep: returns ``(new weight fp32, kept mask)``; ``w`` is not modified.
 

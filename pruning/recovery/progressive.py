@@ -23,6 +23,7 @@ from pathlib import Path
 from torch import nn
 
 from sparse_kernels.atomic import atomic_file
+from sparse_kernels.rules import RESEARCH_MIX
 from sparse_kernels.tiers import check_ratios
 
 from ..api import prune
@@ -58,7 +59,7 @@ class ScheduleStep:
 RESEARCH_SCHEDULE = (
     ScheduleStep(1, 1, (0.90, 0.10, 0.00)), ScheduleStep(2, 1, (0.80, 0.10, 0.10)),
     ScheduleStep(3, 5, (0.65, 0.20, 0.15)), ScheduleStep(4, 5, (0.50, 0.30, 0.20)),
-    ScheduleStep(5, 10, (0.35, 0.45, 0.20)))
+    ScheduleStep(5, 10, RESEARCH_MIX))
 
 
 def read_schedule(path: str | os.PathLike) -> tuple[ScheduleStep, ...]:
