@@ -12,6 +12,8 @@ also serve the ``CUDA`` key of these ops.
 The thin wrappers at the bottom pick a backend (``backends.py``): ``"torch"`` calls the
 reference directly, ``"triton"`` the Triton op, any other name the dispatched op.
 """
+import warnings
+
 import torch
 
 from . import decode_layout, reference
@@ -38,6 +40,17 @@ _SCHEMAS = {
         "Tensor s24_rowptr, Tensor s24_cols, Tensor s24_vals, Tensor s24_meta, "
         "Tensor topk_rowptr, Tensor topk_cols, Tensor topk_vals, Tensor topk_pos, "
         "int out_features, int in_features) -> Tensor"),
+    # Low-bit values (quant.py): int8 codes, or int4 two per byte, times fp16 group scales.
+    "hybrid_linear_q": (
+        "(Tensor x, Tensor dense_rowptr, Tensor dense_cols, Tensor dense_vals, "
+        "Tensor s24_rowptr, Tensor s24_cols, Tensor s24_vals, Tensor s24_meta, "
+        "Tensor topk_rowptr, Tensor topk_cols, Tensor topk_vals, Tensor topk_pos, "
+        "Tensor scales, int group_size, int out_features, Tensor? bias=None) -> Tensor"),
+    "unpack_hybrid_q": (
+        "(Tensor dense_rowptr, Tensor dense_cols, Tensor dense_vals, "
+        "Tensor s24_rowptr, Tensor s24_cols, Tensor s24_vals, Tensor s24_meta, "
+        "Tensor topk_rowptr, Tensor topk_cols, Tensor topk_vals, Tensor topk_pos, "
+        "Tensor scales, int group_size, int out_features, int in_features) -> Tensor"),
     # The CUDA decode kernel on a prepared layout (decode_layout.py); counters are its split-K
     # scratch (tagged per launch: whatever an earlier launch left there is safe).
     "hybrid_linear_decode": (
@@ -51,8 +64,9 @@ _NATIVE_SCHEMAS = {
     "cpu_isa_detected": "() -> str",
 }
 _REFERENCES = {**{name: getattr(reference, name) for name in _SCHEMAS
-                  if name not in ("hybrid_linear_decode", "unpack_hybrid")},
+                  if name not in ("hybrid_linear_decode", "unpack_hybrid", "unpack_hybrid_q")},
                "unpack_hybrid": reference.unpack_blocks,
+               "unpack_hybrid_q": reference.unpack_blocks_q,
                "hybrid_linear_decode": decode_layout.hybrid_linear_decode}
 
 for _name, _schema in _SCHEMAS.items():
@@ -101,6 +115,19 @@ def _(dense_rowptr, dense_cols, dense_vals, s24_rowptr, s24_cols, s24_vals, s24_
     return dense_vals.new_empty((out_features, in_features))
 
 
+@torch.library.register_fake("sparse_kernels::hybrid_linear_q")
+def _(x, dense_rowptr, dense_cols, dense_vals, s24_rowptr, s24_cols, s24_vals, s24_meta,
+      topk_rowptr, topk_cols, topk_vals, topk_pos, scales, group_size, out_features, bias=None):
+    return x.new_empty((x.shape[0], out_features))
+
+
+@torch.library.register_fake("sparse_kernels::unpack_hybrid_q")
+def _(dense_rowptr, dense_cols, dense_vals, s24_rowptr, s24_cols, s24_vals, s24_meta,
+      topk_rowptr, topk_cols, topk_vals, topk_pos, scales, group_size, out_features,
+      in_features):
+    return scales.new_empty((out_features, in_features), dtype=torch.float32)
+
+
 @torch.library.register_fake("sparse_kernels::hybrid_linear_decode")
 def _(x, stream, tasks, codes, counters, out_features, topk, bias=None):
     return x.new_empty((x.shape[0], out_features))
@@ -118,13 +145,26 @@ def ops_with_kernel(dispatch_key: str) -> list[str]:
                                                              dispatch_key)]
 
 
+_HAS_KERNEL: dict[tuple[str, str], bool] = {}  # (dispatch key, op): a compiled kernel there
+
+
 def call_op(name: str, backend: str | None, device: torch.device, *args):
-    """Run op ``name`` on ``args`` with the backend ``backends.resolve_backend`` picks."""
+    """Run op ``name`` on ``args`` with the backend ``backends.resolve_backend`` picks. Where
+    that backend has no kernel for the op the torch reference serves it, with one warning per
+    op and backend saying so."""
     chosen = resolve_backend(backend, device)
     if chosen == "torch":
         return _REFERENCES[name](*args)
     if chosen == "triton" and name in triton_backend.OPS:
         return triton_backend.OPS[name](*args)
+    key = ("CUDA" if device.type == "cuda" else "CPU", name)
+    if key not in _HAS_KERNEL and not torch.compiler.is_compiling():
+        _HAS_KERNEL[key] = torch._C._dispatch_has_kernel_for_dispatch_key(
+            f"sparse_kernels::{name}", key[0])
+        if not _HAS_KERNEL[key]:
+            warnings.warn(f"the {chosen} backend has no kernel for {name}: the torch reference "
+                          f"serves it (correct, but it rebuilds the dense weight on every call)",
+                          stacklevel=3)
     return _DISPATCHED[name](*args)
 
 

@@ -21,14 +21,17 @@ import torch
 from torch import nn
 
 from .format import validate_packed
+from .rules import DEFAULT_GROUP_SIZE, group_size_for
 from .modules import QUANT_METHOD, HybridSparseLinear
 
 _REGISTERED = False
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+_CODE_BITS = {"I8": 8, "U8": 4}  # low-bit codes' stored dtype -> bits
 
 
-def _tier_maps_and_k(checkpoint_files) -> dict[str, tuple[torch.Tensor, int, bool, torch.dtype]]:
-    """``{module: (tier map, K, has bias, value dtype)}`` of every packed module in the files."""
+def _tier_maps_and_k(checkpoint_files) -> dict[str, tuple]:
+    """``{module: (tier map, K, has bias, float dtype, bits)}`` of every packed module in the
+    files; the float dtype of a low-bit module is its bias's (None without one)."""
     from safetensors import safe_open
 
     found = {}
@@ -44,11 +47,16 @@ def _tier_maps_and_k(checkpoint_files) -> dict[str, tuple[torch.Tensor, int, boo
                 # K from the shape of the top-K values [n_topk, K], without reading them.
                 k = f.get_slice(f"{module}.topk_vals").get_shape()[1]
                 dtype = f.get_slice(f"{module}.dense_vals").get_dtype()
-                if dtype not in _SAFETENSORS_DTYPES:
+                if dtype not in _SAFETENSORS_DTYPES and dtype not in _CODE_BITS:
                     raise ValueError(f"{path}: {module}.dense_vals has dtype {dtype}; packed "
-                                     f"values are F32, F16 or BF16")
-                found[module] = (f.get_tensor(key), int(k), f"{module}.bias" in keys,
-                                 _SAFETENSORS_DTYPES[dtype])
+                                     f"values are F32, F16, BF16, I8 (8-bit codes) or U8 (4-bit)")
+                has_bias = f"{module}.bias" in keys
+                bits = _CODE_BITS.get(dtype, 16)
+                if bits < 16:
+                    k = f.get_slice(f"{module}.topk_pos").get_shape()[1]
+                    dtype = f.get_slice(f"{module}.bias").get_dtype() if has_bias else None
+                found[module] = (f.get_tensor(key), int(k), has_bias,
+                                 _SAFETENSORS_DTYPES.get(dtype), bits)
     return found
 
 
@@ -74,17 +82,20 @@ def _checkpoint_renaming(model: nn.Module):
 
 
 def install_packed_shells(model: nn.Module, checkpoint_files, block_size: int,
-                          dtype: torch.dtype | None = None) -> nn.Module:
+                          dtype: torch.dtype | None = None,
+                          group_size: int = DEFAULT_GROUP_SIZE) -> nn.Module:
     """Replace every ``nn.Linear`` the checkpoint files pack by an empty (meta-device)
-    ``HybridSparseLinear`` of the Linear's shape and the file's tier map, K, bias and value dtype
-    (``dtype`` overrides the latter); the normal loading then fills their buffers by name.
-    Packed experts of a mixture-of-experts layer get their per-expert Linears first."""
+    ``HybridSparseLinear`` of the Linear's shape and the file's tier map, K, bias, value dtype
+    (``dtype`` overrides the latter) and precision (low-bit modules: groups of
+    ``rules.group_size_for(in_features, group_size)``); the normal loading then fills their
+    buffers by name. Packed experts of a mixture-of-experts layer get their per-expert Linears
+    first."""
     from .experts import unfuse_where_named
 
     rename = _checkpoint_renaming(model)
     packed = {rename(name): found for name, found in _tier_maps_and_k(checkpoint_files).items()}
     unfuse_where_named(model, packed)
-    for name, (tier_map, k, has_bias, file_dtype) in packed.items():
+    for name, (tier_map, k, has_bias, file_dtype, bits) in packed.items():
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         old = getattr(parent, attr)
@@ -92,8 +103,9 @@ def install_packed_shells(model: nn.Module, checkpoint_files, block_size: int,
             raise ValueError(f"the checkpoint packs {name!r}, which this model "
                              f"architecture has as a {type(old).__name__}")
         setattr(parent, attr, HybridSparseLinear(
-            old.in_features, old.out_features, tier_map, k, block_size, has_bias,
-            dtype=dtype or file_dtype, device="meta"))
+            old.in_features, old.out_features, tier_map, k, block_size, has_bias, bits=bits,
+            group_size=group_size_for(old.in_features, group_size, block_size),
+            dtype=dtype or file_dtype or old.weight.dtype, device="meta"))
     return model
 
 
@@ -104,7 +116,8 @@ def validate_packed_modules(model: nn.Module) -> None:
         if isinstance(module, HybridSparseLinear):
             weight = module.hybrid_weight
             validate_packed(weight.tensors(), weight.out_features, weight.in_features,
-                            weight.block_size, weight.topk, where=name)
+                            weight.block_size, weight.topk, group_size=weight.group_size,
+                            where=name)
 
 
 def register() -> None:
@@ -121,15 +134,19 @@ def register() -> None:
         """``quantization_config`` of a packed checkpoint (see ``modules.checkpoint_config``)."""
 
         def __init__(self, block_size: int = 16, format: str = "sparse_kernels.HybridWeight",
-                     format_version: int = 1, **kwargs):
+                     format_version: int = 1, bits=(16,), group_size: int = DEFAULT_GROUP_SIZE,
+                     **kwargs):
             self.quant_method = QUANT_METHOD
             self.block_size = block_size
             self.format = format
             self.format_version = format_version
+            self.bits = list(bits)
+            self.group_size = group_size
 
         def to_dict(self):
             return {"quant_method": QUANT_METHOD, "format": self.format,
-                    "format_version": self.format_version, "block_size": self.block_size}
+                    "format_version": self.format_version, "block_size": self.block_size,
+                    "bits": self.bits, "group_size": self.group_size}
 
     @register_quantizer(QUANT_METHOD)
     class HybridSparseQuantizer(HfQuantizer):
@@ -158,7 +175,7 @@ def register() -> None:
                                  "transformers did not pass them to the quantizer")
             return install_packed_shells(model, files, self.quantization_config.block_size,
                                          self._dtype if isinstance(self._dtype, torch.dtype)
-                                         else None)
+                                         else None, self.quantization_config.group_size)
 
         def _process_model_after_weight_loading(self, model, **kwargs):
             validate_packed_modules(model)

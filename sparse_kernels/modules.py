@@ -11,7 +11,7 @@ from .decode_layout import DecodeLayoutCache
 from .experts import unfuse_where_named
 from .format import (FORMAT_VERSION, PACKED_FIELDS, HybridWeight, PackedTensors, check_packable,
                      validate_packed)
-from .rules import DEFAULT_BLOCK_SIZE, DEFAULT_TOPK
+from .rules import DEFAULT_BLOCK_SIZE, DEFAULT_GROUP_SIZE, DEFAULT_TOPK, group_size_for
 from .functional import apply_packed, check_linear_inputs
 
 
@@ -26,21 +26,25 @@ class HybridSparseLinear(nn.Module):
     the masked weight ``W`` it was built from. The packed tensors are buffers (names as in
     ``HybridWeight``), so ``state_dict`` / ``load_state_dict`` round-trip between modules made
     with the same tier map. ``backend`` pins a kernel backend (None: the fastest available).
+    ``bits`` 8 / 4: low-bit values with ``scales`` of ``group_size`` (``format.py``); ``dtype``
+    is then the bias's and the outputs are in x's dtype.
     """
 
     def __init__(self, in_features: int, out_features: int, tier_map: torch.Tensor,
                  topk: int = DEFAULT_TOPK, block_size: int = DEFAULT_BLOCK_SIZE,
-                 bias: bool = True, *,
+                 bias: bool = True, *, bits: int = 16, group_size: int = 0,
                  dtype: torch.dtype | None = None, device=None, backend: str | None = None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.block_size, self.topk, self.backend = block_size, topk, backend
+        self.group_size = group_size if bits < 16 else 0
         # The CUDA decode kernel's prepared layout of the buffers below, built on the first
         # decode-sized call on a GPU and kept beside them (not saved; rebuilt when they change).
         self._decode_cache = DecodeLayoutCache()
         dtype = dtype or torch.get_default_dtype()
         empty = HybridWeight.empty(out_features, in_features, tier_map, topk, block_size,
-                                   dtype=dtype, device=device)
+                                   dtype=dtype, device=device, bits=bits,
+                                   group_size=self.group_size)
         for name, tensor in empty.tensors().items():
             self.register_buffer(name, tensor)
         # Registered even when absent (as nn.Linear does), so forward finds it in _parameters.
@@ -51,9 +55,12 @@ class HybridSparseLinear(nn.Module):
     @classmethod
     def from_weight(cls, weight: HybridWeight, bias: torch.Tensor | None = None, *,
                     backend: str | None = None) -> HybridSparseLinear:
+        float_dtype = weight.dtype if weight.bits == 16 else (
+            bias.dtype if bias is not None else torch.get_default_dtype())
         module = cls(weight.in_features, weight.out_features, weight.tier_map, weight.topk,
-                     weight.block_size, bias is not None, dtype=weight.dtype,
-                     device=weight.device, backend=backend)
+                     weight.block_size, bias is not None, bits=weight.bits,
+                     group_size=weight.group_size, dtype=float_dtype, device=weight.device,
+                     backend=backend)
         for name, tensor in weight.tensors().items():
             getattr(module, name).copy_(tensor)
         if bias is not None:
@@ -62,34 +69,47 @@ class HybridSparseLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, tier_map: torch.Tensor, topk: int = DEFAULT_TOPK,
-                    block_size: int = DEFAULT_BLOCK_SIZE, *,
+                    block_size: int = DEFAULT_BLOCK_SIZE, *, bits: int = 16,
+                    group_size: int | None = None, scales: torch.Tensor | None = None,
                     backend: str | None = None) -> HybridSparseLinear:
-        """Pack a pruned ``nn.Linear`` (its weight must already follow ``tier_map``)."""
+        """Pack a pruned ``nn.Linear`` (its weight must already follow ``tier_map``; with
+        ``bits`` 8 / 4 its values become codes, see ``HybridWeight.from_dense``)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"expected an nn.Linear, got {type(linear).__name__}")
-        weight = HybridWeight.from_dense(linear.weight.detach(), tier_map, topk, block_size)
+        weight = HybridWeight.from_dense(linear.weight.detach(), tier_map, topk, block_size,
+                                         bits=bits, group_size=group_size, scales=scales)
         return cls.from_weight(weight, linear.bias, backend=backend)
 
     def _apply(self, fn, *args, **kwargs):
         # A move or cast (.to, .cuda, .cpu, .half) drops the prepared layout at once, so
         # moving a model off the GPU frees it too; the next decode call prepares a new one.
         self._decode_cache = DecodeLayoutCache()
-        return super()._apply(fn, *args, **kwargs)
+        # Low-bit scales are part of the format (fp16): a cast of the module (say to bf16, which
+        # would round them) moves them to the new device and leaves their dtype alone.
+        scales = self._buffers.pop("scales", None)
+        try:
+            out = super()._apply(fn, *args, **kwargs)
+        finally:
+            if scales is not None:
+                self._buffers["scales"] = scales.to(device=fn(scales[:0]).device)
+        return out
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Validate a complete set of packed tensors before they replace this module's: a corrupt
         # or crafted state dict must raise here, never reach a kernel.
-        fields = ("tier_map",) + PACKED_FIELDS
+        fields = ("tier_map",) + PACKED_FIELDS + (("scales",) if self.group_size else ())
         if all(prefix + f in state_dict for f in fields):
             validate_packed({f: state_dict[prefix + f] for f in fields}, self.out_features,
                             self.in_features, self.block_size, self.topk,
+                            group_size=self.group_size,
                             where=prefix.rstrip(".") or type(self).__name__)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
     def hybrid_weight(self) -> HybridWeight:
         return HybridWeight(self.out_features, self.in_features, self.block_size, self.topk,
-                            **{name: getattr(self, name) for name in ("tier_map",) + PACKED_FIELDS})
+                            **{name: getattr(self, name) for name in ("tier_map",) + PACKED_FIELDS},
+                            scales=self._buffers.get("scales"), group_size=self.group_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Direct dict lookups: nn.Module.__getattr__ costs about 1 us each, and a decode step
@@ -100,13 +120,15 @@ class HybridSparseLinear(nn.Module):
         check_linear_inputs(x, self.in_features, self.out_features, values.dtype, values.device,
                             bias)
         return apply_packed(x, packed, self.out_features, bias, self.backend,
-                            self._decode_cache)
+                            self._decode_cache, buffers.get("scales"), self.group_size)
 
     def extra_repr(self) -> str:
         counts = self.hybrid_weight.tier_counts()
         tiers = ", ".join(f"{name}={n}" for name, n in counts.items())
+        bits = "" if not self.group_size else \
+            f", int{self.hybrid_weight.bits} (group {self.group_size})"
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"block_size={self.block_size}, topk={self.topk}, blocks({tiers}), "
+                f"block_size={self.block_size}, topk={self.topk}{bits}, blocks({tiers}), "
                 f"bias={self.bias is not None}, backend={self.backend or 'auto'}")
 
 
@@ -124,11 +146,17 @@ def _reference_cost_message(device: torch.device) -> str:
 def sparsify_model(model: nn.Module, tier_maps: dict[str, torch.Tensor],
                    topk: int | dict[str, int] = DEFAULT_TOPK,
                    block_size: int = DEFAULT_BLOCK_SIZE, *,
+                   bits: int | dict[str, int] = 16, group_size: int = DEFAULT_GROUP_SIZE,
+                   scales: dict[str, torch.Tensor] | None = None,
                    backend: str | None = None, strict: bool = False) -> nn.Module:
     """Replace the ``nn.Linear`` named in ``tier_maps`` (names as in ``named_modules()``).
 
     Each weight must already follow its tier map (pruned). ``topk``: K of every module, or
-    ``{name: K}`` per module. Every name is checked before any module is replaced (a bad name
+    ``{name: K}`` per module. ``bits``: the values' precision, of every module or per module;
+    8 / 4 store codes in groups of ``rules.group_size_for(in_features, group_size)`` columns,
+    with the module's ``scales`` where given (a joint prune and quantization put the weight on
+    their grid), else rounded to the nearest codes. Every name is checked before any module is
+    replaced (a bad name
     changes nothing); then the modules are packed and swapped one at a time, so the memory peak
     is the model plus one packed module. When only the torch reference backend would serve the
     modules (no compiled kernels for their device) this warns once, naming the cost, or with
@@ -140,6 +168,8 @@ def sparsify_model(model: nn.Module, tier_maps: dict[str, torch.Tensor],
     """
     unfuse_where_named(model, tier_maps)
     topks = topk if isinstance(topk, dict) else dict.fromkeys(tier_maps, topk)
+    precision = bits if isinstance(bits, dict) else dict.fromkeys(tier_maps, bits)
+    scales = scales or {}
     for name in tier_maps:
         try:
             module = model.get_submodule(name)
@@ -147,8 +177,8 @@ def sparsify_model(model: nn.Module, tier_maps: dict[str, torch.Tensor],
             raise KeyError(f"the model has no module named {name!r}") from None
         if not isinstance(module, nn.Linear):
             raise TypeError(f"{name!r} is a {type(module).__name__}, not an nn.Linear")
-        if name not in topks:
-            raise KeyError(f"topk has no K for {name!r}")
+        if name not in topks or name not in precision:
+            raise KeyError(f"topk or bits has no entry for {name!r}")
         try:  # one module's temporaries at a time: the weight must already follow its map
             check_packable(module.weight.detach(), tier_maps[name], topks[name], block_size)
         except ValueError as err:
@@ -163,16 +193,25 @@ def sparsify_model(model: nn.Module, tier_maps: dict[str, torch.Tensor],
     for name, tier_map in tier_maps.items():
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name)
+        linear = getattr(parent, attr)
         setattr(parent, attr, HybridSparseLinear.from_linear(
-            getattr(parent, attr), tier_map, topks[name], block_size, backend=backend))
+            linear, tier_map, topks[name], block_size, bits=precision[name],
+            group_size=group_size_for(linear.in_features, group_size, block_size),
+            scales=scales.get(name), backend=backend))
     config = getattr(model, "config", None)
     if config is not None:
-        config.quantization_config = checkpoint_config(block_size)
+        config.quantization_config = checkpoint_config(
+            block_size, sorted(set(precision[n] for n in tier_maps)), group_size)
     return model
 
 
-def checkpoint_config(block_size: int = DEFAULT_BLOCK_SIZE) -> dict:
+def checkpoint_config(block_size: int = DEFAULT_BLOCK_SIZE, bits=(16,),
+                      group_size: int = DEFAULT_GROUP_SIZE) -> dict:
     """The ``quantization_config`` entry of a packed checkpoint's ``config.json``: it sends
-    ``from_pretrained`` to this package's loader (``sparse_kernels.huggingface``)."""
+    ``from_pretrained`` to this package's loader (``sparse_kernels.huggingface``). ``bits``:
+    the value precisions its modules use (each module's own is in its tensors' dtype);
+    ``group_size``: the preferred G of low-bit modules (each module's own is
+    ``rules.group_size_for`` its input width)."""
     return {"quant_method": QUANT_METHOD, "format": "sparse_kernels.HybridWeight",
-            "format_version": FORMAT_VERSION, "block_size": block_size}
+            "format_version": FORMAT_VERSION, "block_size": block_size, "bits": list(bits),
+            "group_size": group_size}

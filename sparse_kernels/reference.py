@@ -13,9 +13,11 @@ blocks or groups are never selected.
 import torch
 import torch.nn.functional as F
 
+from .quant import expand_scales, unpack_int4
+
 __all__ = [
     "wanda_scores", "block_topk_mask", "nm_mask", "compress_24", "decompress_24",
-    "unpack_blocks", "hybrid_linear",
+    "unpack_blocks", "hybrid_linear", "unpack_blocks_q", "hybrid_linear_q",
 ]
 
 
@@ -180,4 +182,35 @@ def hybrid_linear(x, dense_rowptr, dense_cols, dense_vals, s24_rowptr, s24_cols,
                            s24_meta, topk_rowptr, topk_cols, topk_vals, topk_pos,
                            out_features, x.shape[-1])
     y = F.linear(x.float(), weight.float(), None if bias is None else bias.float())
+    return y.to(x.dtype)
+
+
+def value_codes(values: torch.Tensor, count: int) -> torch.Tensor:
+    """A low-bit tier's stored values as fp32 codes: int8 as they are, uint8 as packed int4
+    (``count`` codes per row)."""
+    return unpack_int4(values, count).float() if values.dtype == torch.uint8 else values.float()
+
+
+def unpack_blocks_q(dense_rowptr, dense_cols, dense_vals, s24_rowptr, s24_cols, s24_vals,
+                    s24_meta, topk_rowptr, topk_cols, topk_vals, topk_pos, scales,
+                    group_size: int, out_features: int, in_features: int) -> torch.Tensor:
+    """The fp32 [out, in] weight a low-bit packed weight stands for: its codes (int8, or int4
+    two per byte) times ``scales [out, ceil(in / group_size)]`` (``quant.py``), exactly."""
+    b = dense_vals.shape[1]
+    codes = unpack_blocks(dense_rowptr, dense_cols, value_codes(dense_vals, b), s24_rowptr,
+                          s24_cols, value_codes(s24_vals, b // 2), s24_meta, topk_rowptr,
+                          topk_cols, value_codes(topk_vals, topk_pos.shape[1]), topk_pos,
+                          out_features, in_features)
+    return codes * expand_scales(scales, group_size, in_features)
+
+
+def hybrid_linear_q(x, dense_rowptr, dense_cols, dense_vals, s24_rowptr, s24_cols, s24_vals,
+                    s24_meta, topk_rowptr, topk_cols, topk_vals, topk_pos, scales,
+                    group_size: int, out_features: int, bias=None) -> torch.Tensor:
+    """``x @ W^T + bias`` for x [M, in] (fp32, bf16 or fp16) and a low-bit packed weight,
+    accumulated in fp32, returned in x's dtype (see :func:`hybrid_linear` on non-finite x)."""
+    weight = unpack_blocks_q(dense_rowptr, dense_cols, dense_vals, s24_rowptr, s24_cols,
+                             s24_vals, s24_meta, topk_rowptr, topk_cols, topk_vals, topk_pos,
+                             scales, group_size, out_features, x.shape[-1])
+    y = F.linear(x.float(), weight, None if bias is None else bias.float())
     return y.to(x.dtype)

@@ -40,14 +40,18 @@ def random_tier_map(out_features, in_features, block_size=16, ratios=(0.35, 0.45
 
 
 def random_hybrid(out_features, in_features, dtype=torch.float32, block_size=16, topk=15,
-                  ratios=(0.35, 0.45, 0.20), tier_map=None, seed=0):
-    """A random weight pruned to a tier map: returns (HybridWeight, masked dense weight)."""
+                  ratios=(0.35, 0.45, 0.20), tier_map=None, seed=0, bits=16, group_size=None):
+    """A random weight pruned to a tier map: returns (HybridWeight, masked dense weight). With
+    ``bits`` 8 / 4 the values are rounded to codes of their groups, and the dense weight
+    returned is the dequantized one (fp32: what the kernels must multiply by)."""
     g = torch.Generator().manual_seed(seed)
     weight = torch.randn(out_features, in_features, generator=g)
     if tier_map is None:
         tier_map = random_tier_map(out_features, in_features, block_size, ratios, g)
     masked = apply_tier_map(weight, tier_map, topk, block_size).to(dtype)
-    return sk.HybridWeight.from_dense(masked, tier_map, topk, block_size), masked
+    packed = sk.HybridWeight.from_dense(masked, tier_map, topk, block_size, bits=bits,
+                                        group_size=group_size)
+    return packed, (masked if bits == 16 else packed.to_dense())
 
 
 def build_host_tool(tmp_path_factory, name: str) -> str:
