@@ -55,7 +55,6 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     import pruning
-    from pruning.checkpoints import pack_model
 
     ids = torch.randint(0, VOCAB, (args.nsamples, args.seqlen),
                         generator=torch.Generator().manual_seed(0))
@@ -70,7 +69,7 @@ def main(argv=None):
         prompt = ids[:1, :8]
         with torch.no_grad():
             masked = model.generate(prompt, max_new_tokens=12, do_sample=False)
-            pack_model(model, result.tier_maps, result.topks, result.block_size)
+            result.pack(model)
             packed = model.generate(prompt, max_new_tokens=12, do_sample=False)
         cover = result.report["coverage"]
         rec = {"arch": arch, "experts": args.experts,

@@ -194,7 +194,6 @@ def main(argv=None, model=None, tokenizer=None, calibration=None, eval_text="emb
 
     # Speed and the composition with three-tier, all measured side by side here.
     import pruning
-    from pruning.checkpoints import pack_model
 
     run.model.load_state_dict(run.dense_state)
     original = run.model
@@ -204,14 +203,14 @@ def main(argv=None, model=None, tokenizer=None, calibration=None, eval_text="emb
 
     tiers = pruning.prune(both, ids, budget=args.budget, batch_size=4, progress=False, **RECIPE)
     both_ppl = ppl_of(both)
-    pack_model(both, tiers.tier_maps, tiers.topks, tiers.block_size)
+    tiers.pack(both)
     dense_linear = decoder_linear_bytes(original)
     equal_budget = min(0.999, decoder_linear_bytes(both) / dense_linear)
     alone = copy.deepcopy(original)
     alone_tiers = pruning.prune(alone, ids, budget=equal_budget, batch_size=4, progress=False,
                                 **RECIPE)
     alone_ppl = ppl_of(alone)
-    pack_model(alone, alone_tiers.tier_maps, alone_tiers.topks, alone_tiers.block_size)
+    alone_tiers.pack(alone)
     models = {"dense": (original, dense_ppl), "structured": (smaller, best["ppl"]),
               "structured+three_tier": (both, both_ppl),
               "three_tier": (alone, alone_ppl)}

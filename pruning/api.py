@@ -17,10 +17,11 @@ import torch
 from torch import nn
 
 from sparse_kernels.experts import ExpertLinears, unfuse_experts
-from sparse_kernels.rules import SPARSE_24, packed_nbytes, tier_grid
+from sparse_kernels.rules import (DEFAULT_GROUP_SIZE, DENSE, SPARSE_24, packed_nbytes,
+                                  tier_grid)
 
 from .calibration import calibration_ids
-from .checkpoints import save_tier_maps
+from .checkpoints import pack_model, save_tier_maps
 from .methods import Method, get_method
 from .models import (decoder_layers, get_weight, is_prunable, module_device, named_linears,
                      prunable_linears, set_weight)
@@ -36,7 +37,9 @@ from .statistics import LinearStats, layerwise
 class PruneResult:
     """What ``prune`` did: masks (True = kept), tier maps and their top-K slot counts (``topks``:
     K per module, which a byte budget with several candidate K chooses per matrix) by module
-    name, the report, and the pattern and policy it followed."""
+    name, the report, and the pattern and policy it followed. ``bits``: each tiered module's
+    value precision; ``scales``: the group scales of each low-bit module (its weight in the
+    model lies on their grid)."""
 
     masks: dict[str, torch.Tensor]
     tier_maps: dict[str, torch.Tensor]
@@ -45,6 +48,8 @@ class PruneResult:
     pattern: Pattern
     topks: dict[str, int] = field(default_factory=dict)
     policy: TierPolicy = field(default_factory=TierPolicy)
+    bits: dict[str, int] = field(default_factory=dict)
+    scales: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def block_size(self) -> int:
@@ -53,11 +58,22 @@ class PruneResult:
     def describe(self) -> str:
         return self.policy.describe(self.pattern)
 
+    @property
+    def group_size(self) -> int:
+        return self.pattern.group_size
+
+    def pack(self, model: nn.Module) -> int:
+        """Swap the pruned Linears of ``model`` (the one pruned) for ``HybridSparseLinear``, in
+        place; returns how many (``checkpoints.pack_model``)."""
+        return pack_model(model, self.tier_maps, self.topks, self.block_size, bits=self.bits,
+                          scales=self.scales, group_size=self.group_size)
+
     def save_tier_maps(self, path: str | os.PathLike, source_model: str | None = None) -> None:
         fixed_ratios = self.pattern.kind == "three_tier" and self.policy.budget is None
         save_tier_maps(path, self.tier_maps, block_size=self.block_size, topk=self.topks,
                        tier_ratios=self.pattern.tier_ratios if fixed_ratios else None,
-                       budget=self.policy.budget, method=self.method, source_model=source_model)
+                       budget=self.policy.budget, method=self.method, source_model=source_model,
+                       bits=self.bits, group_size=self.group_size)
 
 
 SENSITIVITY = (None, "gradient")
@@ -146,6 +162,7 @@ class LayerPruner:
         self.method, self.pattern, self.policy, self.planner = method, pattern, policy, planner
         self.expert_names, self.min_tokens, self.calibrated = expert_names, min_tokens, calibrated
         self.masks, self.tier_maps, self.topks, self.packed = {}, {}, {}, {}
+        self.bits, self.scales = {}, {}
         self.expert_tokens, self.too_few = {}, {}
 
     def __call__(self, layer_name: str, _layer, linears: dict, stats: dict) -> None:
@@ -153,8 +170,9 @@ class LayerPruner:
         for name, module in linears.items():
             full = f"{layer_name}.{name}"
             weight = get_weight(module).detach()
-            tiers, k = plan.get(name, (None, self.pattern.topk))
-            own = self.pattern if k == self.pattern.topk else replace(self.pattern, topk=k)
+            tiers, k, bits = plan.get(name, (None, self.pattern.topk, self.pattern.bits))
+            own = self.pattern if (k, bits) == (self.pattern.topk, self.pattern.bits) \
+                else replace(self.pattern, topk=k, bits=bits)
             used = self.method
             if full in self.expert_names and self.calibrated:
                 self.expert_tokens[full] = stats[name].tokens
@@ -166,13 +184,16 @@ class LayerPruner:
             set_weight(module, new)
             self.masks[full] = result.mask.cpu()
             tier_map = result.tier_map if result.tier_map is not None else \
-                _all_24_tier_map(own, weight.shape)
+                _implied_tier_map(own, weight.shape)
+            if result.scales is not None:
+                self.scales[full] = result.scales.cpu()
             if tier_map is not None:
                 self.tier_maps[full] = tier_map.to(torch.int8).cpu()
-                self.topks[full] = k
+                self.topks[full], self.bits[full] = k, own.bits
                 dtype = self.policy.budget_dtype or new.dtype
                 self.packed[full] = (packed_nbytes(self.tier_maps[full], *new.shape, dtype, k,
-                                                   own.block_size),
+                                                   own.block_size, own.bits,
+                                                   own.group_for(new.shape[1])),
                                      new.numel() * torch.empty((), dtype=dtype).element_size())
 
     def report(self, model: nn.Module) -> dict:
@@ -205,7 +226,8 @@ def prune(model: nn.Module, calibration="embedded", method: str = "wanda",
           tier_ratios=None, topk: int | tuple[int, ...] | None = None, block_size: int = 16,
           within_block: str = "score", ranking: str = "matrix", use_variant: bool = False,
           budget: float | None = None, budget_dtype: torch.dtype | None = None,
-          allow_topk: bool = True, sensitivity: str | None = "auto",
+          allow_topk: bool = True, bits: int | tuple[int, ...] = 16,
+          group_size: int = DEFAULT_GROUP_SIZE, sensitivity: str | None = "auto",
           sensitivity_samples: int = 8, tokenizer=None, nsamples: int = 128,
           seqlen: int | None = None, seed: int = 0, batch_size: int = 1, device=None,
           previous_tier_maps: dict[str, torch.Tensor] | None = None,
@@ -217,8 +239,16 @@ def prune(model: nn.Module, calibration="embedded", method: str = "wanda",
     ``[nsamples, seqlen]`` (then ``nsamples`` / ``seqlen`` are taken from it). method:
     ``magnitude``, ``wanda``, ``sparsegpt`` or ``wanda_obs`` (Wanda's mask + SparseGPT's weight
     update), or a method object with options (``get_method("sparsegpt", proxy="obs")``).
-    pattern: ``unstructured``, ``N:M`` (``2:4``, ``4:8``), ``block``, ``block_topk`` or
-    ``three_tier``.
+    pattern: ``unstructured``, ``N:M`` (``2:4``, ``4:8``), ``block``, ``block_topk``,
+    ``three_tier`` or ``dense`` (nothing pruned).
+
+    bits: the kept values' precision, 16 (as they are), 8 or 4 (symmetric integer codes with one
+    fp16 scale per output row per group of ``group_size`` input columns, 64 where 128 does not
+    divide a matrix's width): the OBS methods quantize inside their sweep (SparseGPT's joint
+    mode; GPTQ with ``pattern="dense"``), the others round to nearest after the mask. Several
+    values with a ``budget``: each matrix takes the precision (and K) that loses least for its
+    bytes, the loss of rounding estimated from the round-to-nearest error weighted as the
+    method's proxy weights a dropped weight.
 
     three_tier takes either a byte ``budget`` (packed bytes / dense bytes as
     ``HybridWeight.nbytes`` counts them, in ``budget_dtype`` or each weight's dtype): every
@@ -261,7 +291,8 @@ def prune(model: nn.Module, calibration="embedded", method: str = "wanda",
     spec, policy = tier_settings(pattern, sparsity=sparsity, tier_ratios=tier_ratios, topk=topk,
                                  block_size=block_size, within_block=within_block,
                                  ranking=ranking, use_variant=use_variant, budget=budget,
-                                 budget_dtype=budget_dtype, allow_topk=allow_topk)
+                                 budget_dtype=budget_dtype, allow_topk=allow_topk, bits=bits,
+                                 group_size=group_size)
     planner = make_planner(spec, policy, previous_tier_maps)
     sensitivity = _resolve_sensitivity(sensitivity, sensitivity_samples, policy)
     meth = get_method(method)
@@ -293,11 +324,14 @@ def prune(model: nn.Module, calibration="embedded", method: str = "wanda",
                    {n: uncalibrated_stats(f"{path}.{i}.{n}", context.row_weights)
                     for n in linears})
     return PruneResult(pruner.masks, pruner.tier_maps, pruner.report(model), meth.name, spec,
-                       pruner.topks, policy)
+                       pruner.topks, policy, pruner.bits, pruner.scales)
 
 
-def _all_24_tier_map(spec: Pattern, shape) -> torch.Tensor | None:
-    """2:4 is the format's middle tier: a 2:4 prune packs with every block 2:4."""
+def _implied_tier_map(spec: Pattern, shape) -> torch.Tensor | None:
+    """The tier map of a pattern the format packs without one of its own: 2:4 (the format's
+    middle tier, every block 2:4) and dense (every block dense: quantization alone)."""
+    if spec.kind == "dense":
+        return torch.full(tier_grid(*shape, spec.block_size), DENSE, dtype=torch.int8)
     if spec.kind != "nm" or (spec.n, spec.m) != (2, 4):
         return None
     return torch.full(tier_grid(*shape, spec.block_size), SPARSE_24, dtype=torch.int8)

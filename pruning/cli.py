@@ -7,6 +7,7 @@
   hybrid-prune finetune --model out/ --save tuned/ --loss lm+distill --max-tokens 200000
   hybrid-prune progressive --schedule steps.csv --save runs/ --epoch-steps 20
   hybrid-prune structured --ratio 0.2 --importance taylor --save smaller/ [--then-three-tier]
+  hybrid-prune quantize --model tuned/ --bits 4 --save tuned-int4/
 
 This module only parses arguments into the config dataclasses of ``pruning.workflows`` and
 calls its runs, which a Python user calls the same way.
@@ -18,15 +19,15 @@ import sys
 
 import torch
 
-from sparse_kernels.rules import DEFAULT_TOPK
+from sparse_kernels.rules import BITS, DEFAULT_GROUP_SIZE, DEFAULT_TOPK
 
 from .evaluation import EMBEDDED_TASK
 from .planning import RANKINGS
 from .recovery import LOSSES, MODES, RESEARCH_SCHEDULE, FinetuneConfig, read_schedule
 from .structured import IMPORTANCES
 from .workflows import (DEFAULT_BUDGET, EMBEDDED_NSAMPLES, HUB_NSAMPLES, EvalJob, FinetuneJob,
-                        ModelSource, Perplexity, ProgressiveJob, PruneJob, StructuredJob,
-                        TrainingData,
+                        ModelSource, Perplexity, ProgressiveJob, PruneJob, QuantizeJob,
+                        StructuredJob, TrainingData, run_quantize,
                         run_eval, run_finetune, run_progressive, run_prune, run_structured)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -81,6 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--topk", type=int, nargs="+", default=None,
                    help="K kept per top-K block; several: each matrix takes the one its proxy "
                         "loses least with (default 64 with a budget, else 15)")
+    p.add_argument("--bits", type=int, nargs="+", choices=BITS, default=None,
+                   help="values of every tier in 16 bits (as they are), int8 or int4 with "
+                        "group scales; several with a budget: each matrix takes the one that "
+                        "loses least for its bytes (default 16)")
+    p.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE,
+                   help=f"int8 / int4: input columns per scale (default {DEFAULT_GROUP_SIZE}; "
+                        f"64 where that does not divide a matrix's width)")
     p.add_argument("--block-size", type=int, default=16, help="block size B (default 16)")
     p.add_argument("--within-block", choices=("score", "magnitude"), default="score",
                    help="what picks the kept weights inside 2:4 / top-K blocks")
@@ -151,6 +159,27 @@ def build_parser() -> argparse.ArgumentParser:
                                           "(a smaller dense model)")
     _add_model_args(s)
     _add_structured_args(s)
+
+    q = sub.add_parser("quantize", help="put a pruned (fine-tuned) model's values on an int8 / "
+                                        "int4 grid, keeping its tiers")
+    _add_model_args(q)
+    q.add_argument("--bits", type=int, choices=(8, 4), default=4)
+    q.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE,
+                   help=f"input columns per scale (default {DEFAULT_GROUP_SIZE})")
+    q.add_argument("--method", default="sparsegpt",
+                   help="sparsegpt / wanda_obs: GPTQ's error feedback in the OBS sweep (needs "
+                        "calibration); magnitude: round to nearest (default sparsegpt)")
+    q.add_argument("--calibration", default="embedded", help="calibration text (as prune)")
+    q.add_argument("--nsamples", type=int, default=None,
+                   help=f"calibration samples (default {EMBEDDED_NSAMPLES} embedded, "
+                        f"{HUB_NSAMPLES} others)")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--batch-size", type=int, default=4)
+    q.add_argument("--eval-ppl", action=argparse.BooleanOptionalAction, default=True,
+                   help="perplexity before and after (default on)")
+    q.add_argument("--save", required=True, metavar="DIR", help="the quantized packed checkpoint")
+    q.add_argument("--overwrite", action="store_true",
+                   help="let --save replace the files it writes in a non-empty DIR")
 
     e = sub.add_parser("eval", help="perplexity / zero-shot accuracy of a (pruned) model")
     _add_model_args(e)
@@ -313,9 +342,12 @@ def tier_arguments(args) -> dict:
 def prune_job(args) -> PruneJob:
     embedded = args.model is None
     eval_ppl = embedded if args.eval_ppl is None else args.eval_ppl
+    bits = args.bits or [16]
     prune_args = dict(method=args.method, pattern=args.pattern, sparsity=args.sparsity,
                       block_size=args.block_size, within_block=args.within_block,
                       use_variant=args.use_variant,
+                      bits=bits[0] if len(bits) == 1 else tuple(bits),
+                      group_size=args.group_size,
                       sensitivity=None if args.sensitivity == "none" else args.sensitivity,
                       sensitivity_samples=args.sensitivity_samples, **tier_arguments(args))
     return PruneJob(_model(args), prune_args, args.calibration, args.nsamples, args.seqlen,
@@ -355,6 +387,12 @@ def structured_job(args) -> StructuredJob:
         embedded if args.time_decode is None else args.time_decode, args.save, args.overwrite)
 
 
+def quantize_job(args) -> QuantizeJob:
+    return QuantizeJob(_model(args), args.save, args.bits, args.group_size, args.method,
+                       args.calibration, args.nsamples, args.seqlen, args.seed, args.batch_size,
+                       _ppl(args) if args.eval_ppl else None, args.overwrite)
+
+
 def eval_job(args) -> EvalJob:
     return EvalJob(_model(args), None if args.no_ppl else _ppl(args), args.tasks, args.task_dir,
                    args.limit, args.tier_maps, args.sparsify, args.out)
@@ -362,7 +400,8 @@ def eval_job(args) -> EvalJob:
 
 COMMANDS = {"prune": (prune_job, run_prune), "finetune": (finetune_job, run_finetune),
             "progressive": (progressive_job, run_progressive), "eval": (eval_job, run_eval),
-            "structured": (structured_job, run_structured)}
+            "structured": (structured_job, run_structured),
+            "quantize": (quantize_job, run_quantize)}
 
 
 def main(argv=None) -> int:

@@ -26,8 +26,9 @@ import torch
 
 import sparse_kernels as sk
 from sparse_kernels.format import check_tier_map
-from sparse_kernels.rules import (DEFAULT_BLOCK_SIZE, DEFAULT_TOPK, DENSE, RESEARCH_MIX, SPARSE_24,
-                                  TOPK, check_block_size, check_topk)
+from sparse_kernels.rules import (DEFAULT_BLOCK_SIZE, DEFAULT_GROUP_SIZE, DEFAULT_TOPK, DENSE,
+                                  RESEARCH_MIX, SPARSE_24, TOPK, check_bits, check_block_size,
+                                  check_topk, group_size_for)
 from sparse_kernels.tiers import assign_tiers, check_ratios, per_entry_tiers, tier_mask
 
 __all__ = [
@@ -37,13 +38,13 @@ __all__ = [
     "tiered_mask", "build_mask",
 ]
 
-PATTERN_KINDS = ("unstructured", "nm", "block", "block_topk", "three_tier")
+PATTERN_KINDS = ("unstructured", "nm", "block", "block_topk", "three_tier", "dense")
 TIERED_KINDS = ("block", "block_topk", "three_tier")
 WITHIN_BLOCK = ("score", "magnitude")
 
 _NM = re.compile(r"^(\d+):(\d+)$")
-_PATTERN_HELP = ("unstructured, N:M (e.g. 2:4 or 4:8, with 1 <= N < M), block, block_topk "
-                 "or three_tier")
+_PATTERN_HELP = ("unstructured, N:M (e.g. 2:4 or 4:8, with 1 <= N < M), block, block_topk, "
+                 "three_tier or dense (nothing pruned: quantization alone)")
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,8 @@ class Pattern:
         ``"block_topk"``: as ``block``, but the cut blocks keep their ``topk`` best weights.
         ``"three_tier"``: each block goes dense, 2:4 or top-K, ranked by score into fixed
         ``tier_ratios`` (or given a tier map a planner chose, e.g. under a byte budget).
+        ``"dense"``: nothing pruned (with ``bits`` 8 / 4: quantization alone, GPTQ with the OBS
+        methods); packs as every block dense.
     sparsity: unstructured: fraction of weights pruned; block: fraction of blocks zeroed;
         block_topk: fraction of blocks cut to their top-K. Unused by nm and three_tier.
     n, m: the N:M pattern (2:4 keeps 2 of every 4).
@@ -72,6 +75,12 @@ class Pattern:
         features gets the ratios (as Wanda compares weights within each output row); default:
         over the whole matrix, as the research code does.
     use_variant: Wanda's per-row cumulative-score variant (unstructured only).
+    bits: the kept values' precision (``sparse_kernels.rules.BITS``): 16 keeps them as they
+        are; 8 / 4 puts them on symmetric integer grids with one scale per output row per
+        group of input columns (the OBS methods quantize inside their sweep, the others round
+        to nearest after the mask).
+    group_size: the preferred group G (a multiple of B); each matrix uses
+        ``rules.group_size_for(in_features, group_size)``.
 
     Tier maps of ``block`` and ``block_topk``: kept blocks are ``DENSE`` (0), removed / cut
     blocks are ``TOPK`` (2). For ``block_topk`` the cut blocks really keep their top-K. For
@@ -93,6 +102,8 @@ class Pattern:
     within_block: str = "score"
     per_row: bool = False
     use_variant: bool = False
+    bits: int = 16
+    group_size: int = DEFAULT_GROUP_SIZE
 
     def __post_init__(self):
         if self.kind not in PATTERN_KINDS:
@@ -113,6 +124,11 @@ class Pattern:
         object.__setattr__(self, "tier_ratios", check_ratios(self.tier_ratios))
         check_block_size(self.block_size)
         check_topk(self.topk, self.block_size)
+        check_bits(self.bits)
+        if not (_is_int(self.group_size) and self.group_size >= self.block_size
+                and self.group_size % self.block_size == 0):
+            raise ValueError(f"group_size must be a positive multiple of the block size "
+                             f"{self.block_size}, got {self.group_size!r}")
         if self.within_block not in WITHIN_BLOCK:
             raise ValueError(f"within_block must be one of {', '.join(WITHIN_BLOCK)}, got "
                              f"{self.within_block!r}")
@@ -150,11 +166,21 @@ class Pattern:
             return 0.5 * self.tier_ratios[1] + (1.0 - self.topk / bb) * self.tier_ratios[2]
         if self.kind == "block_topk":
             return (1.0 - self.topk / bb) * self.sparsity
-        return self.sparsity
+        return 0.0 if self.kind == "dense" else self.sparsity
+
+    def group_for(self, in_features: int) -> int:
+        """The quantization group of a matrix with ``in_features`` columns."""
+        return group_size_for(in_features, self.group_size, self.block_size)
 
     def describe(self, ranking: str | None = None) -> str:
         """A one-line human-readable summary, for logs and reports; ``ranking``: where a
         planner ranked the blocks (``"layer"``, ``"model"``) when not in this matrix."""
+        bits = "" if self.bits == 16 else f", int{self.bits} g{self.group_size}"
+        return self._describe_shape(ranking) + bits
+
+    def _describe_shape(self, ranking: str | None) -> str:
+        if self.kind == "dense":
+            return "dense"
         if self.kind == "unstructured":
             return f"unstructured {self.sparsity:g}" + (" (variant)" if self.use_variant else "")
         if self.kind == "nm":
@@ -178,9 +204,11 @@ def _is_int(x) -> bool:
 def parse_pattern(pattern: str | Pattern, *, sparsity: float = 0.5,
                   tier_ratios=RESEARCH_MIX, topk: int = DEFAULT_TOPK,
                   block_size: int = DEFAULT_BLOCK_SIZE, within_block: str = "score",
-                  per_row: bool = False, use_variant: bool = False) -> Pattern:
+                  per_row: bool = False, use_variant: bool = False, bits: int = 16,
+                  group_size: int = DEFAULT_GROUP_SIZE) -> Pattern:
     """Pattern from a name: ``"unstructured"``, ``"N:M"`` (``"2:4"``, ``"4:8"``, any
-    ``1 <= N < M``), ``"block"``, ``"block_topk"``, ``"three_tier"`` (or ``"three-tier"``).
+    ``1 <= N < M``), ``"block"``, ``"block_topk"``, ``"three_tier"`` (or ``"three-tier"``),
+    ``"dense"``.
 
     Names are case-insensitive and ``-`` reads as ``_``. A :class:`Pattern` passes through
     unchanged. Every bad argument raises ``ValueError`` naming it and what is allowed.
@@ -191,7 +219,8 @@ def parse_pattern(pattern: str | Pattern, *, sparsity: float = 0.5,
         raise ValueError(f"pattern must be a string ({_PATTERN_HELP}), got {pattern!r}")
     key = pattern.strip().lower().replace("-", "_").replace(" ", "")
     common = dict(sparsity=sparsity, tier_ratios=tier_ratios, topk=topk, block_size=block_size,
-                  within_block=within_block, per_row=per_row, use_variant=use_variant)
+                  within_block=within_block, per_row=per_row, use_variant=use_variant,
+                  bits=bits, group_size=group_size)
     nm = _NM.match(key)
     if nm:
         n, m = int(nm.group(1)), int(nm.group(2))
@@ -199,7 +228,7 @@ def parse_pattern(pattern: str | Pattern, *, sparsity: float = 0.5,
             raise ValueError(f"N:M pattern {pattern!r} needs 1 <= N < M (N kept of every M "
                              f"input columns, e.g. 2:4 or 4:8)")
         return Pattern("nm", n=n, m=m, **common)
-    if key in ("unstructured", "block", "block_topk", "three_tier"):
+    if key in ("unstructured", "block", "block_topk", "three_tier", "dense"):
         return Pattern(key, **common)
     raise ValueError(f"unknown pattern {pattern!r}; choose {_PATTERN_HELP}")
 
@@ -412,6 +441,8 @@ def build_mask(scores: torch.Tensor, pattern: Pattern, *, unstructured: str = "r
         if unstructured == "matrix":
             return unstructured_matrix_mask(scores, pattern.sparsity), None
         raise ValueError(f"unstructured must be 'row' or 'matrix', got {unstructured!r}")
+    if pattern.kind == "dense":
+        return torch.ones(scores.shape, dtype=torch.bool, device=scores.device), None
     if pattern.kind == "nm":
         return sk.nm_mask(scores.float(), pattern.n, pattern.m), None
     selection = None

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from sparse_kernels.atomic import atomic_file, check_output_folder
+from sparse_kernels.rules import DEFAULT_GROUP_SIZE
 
 from .api import prune
 from .calibration import get_calibration
@@ -44,7 +45,7 @@ RECIPE = dict(method="sparsegpt", pattern="three_tier", ranking="model")
 EMBEDDED_NSAMPLES, HUB_NSAMPLES = 32, 128
 
 __all__ = ["ModelSource", "Perplexity", "PruneJob", "TrainingData", "FinetuneJob",
-           "ProgressiveJob",
+           "QuantizeJob", "run_quantize", "ProgressiveJob",
            "StructuredJob", "EvalJob", "run_prune", "run_finetune", "run_progressive",
            "run_structured", "run_eval", "DEFAULT_BUDGET", "RECIPE", "EMBEDDED_NSAMPLES",
            "HUB_NSAMPLES"]
@@ -154,8 +155,7 @@ def run_prune(job: PruneJob) -> dict:
         print(f"saved to {job.save}: {size['bytes'] / 2**20:.1f} MiB, {size['fraction']:.3f} of "
               f"the dense checkpoint ({size['packed_modules']} modules packed)")
     if timing:
-        swapped = out["checkpoint"]["packed_modules"] if job.save else pack_model(
-            model, result.tier_maps, result.topks, result.block_size)
+        swapped = out["checkpoint"]["packed_modules"] if job.save else result.pack(model)
         hybrid_ms = decode_step_ms(model)
         out["decode_step_ms"] = {"dense": round(dense_ms, 3), "hybrid": round(hybrid_ms, 3),
                                  "speedup": round(dense_ms / hybrid_ms, 3),
@@ -233,6 +233,11 @@ def run_finetune(job: FinetuneJob) -> dict:
                       eval_fn=eval_fn, checkpoint_dir=state, resume=job.resume)
     pruned.model = result.model
     out["ppl"]["after"] = eval_fn(result.model)
+    if pruned.quantized:  # trained off the grid: saved at full precision
+        pruned.full_precision()
+        print("the fine-tuned weights left their low-bit grid: saved with 16-bit values; "
+              "quantize them again with hybrid-prune quantize --model "
+              f"{job.save} --bits {max(b for b in pruned.bits.values()) if pruned.bits else 4}")
     out["finetune"] = {"config": dataclasses.asdict(job.config),
                        "steps": result.steps, "tokens": result.tokens,
                        "seconds": round(result.seconds, 1), "history": result.history,
@@ -247,6 +252,64 @@ def run_finetune(job: FinetuneJob) -> dict:
     print(f"saved to {job.save}")
     if state.is_dir():  # only resuming needed it
         shutil.rmtree(state)
+    return out
+
+
+# ------------------------------------------------------------------------- quantize
+@dataclass
+class QuantizeJob:
+    """Put the values of a pruned model (``model.name``: a folder ``run_prune`` or
+    ``run_finetune`` saved, at 16 bits) on an int8 / int4 grid, keeping its tier maps: ``method``
+    sparsegpt / wanda_obs quantize in the OBS sweep (GPTQ's error feedback; the pruned zeros stay
+    zero), magnitude / wanda round to nearest. The recovery order this serves: prune -> masked
+    fine-tune at full precision -> quantize."""
+
+    model: ModelSource
+    save: str
+    bits: int = 4
+    group_size: int = DEFAULT_GROUP_SIZE
+    method: str = "sparsegpt"
+    calibration: str = "embedded"
+    nsamples: int | None = None
+    seqlen: int = 512
+    seed: int = 0
+    batch_size: int = 4
+    ppl: Perplexity | None = None
+    overwrite: bool = False
+
+
+def run_quantize(job: QuantizeJob) -> dict:
+    if job.model.name is None:
+        raise ValueError("quantize --model DIR: the folder hybrid-prune prune / finetune --save "
+                         "wrote")
+    check_output_folder(job.save, overwrite=job.overwrite)
+    pruned = load_pruned(job.model.name, dtype=job.model.dtype, device=job.model.device)
+    if pruned.quantized:
+        raise ValueError(f"{job.model.name} already holds int{max(pruned.bits.values())} "
+                         f"values: quantize the 16-bit model it came from")
+    out = {"model": source_model(job.model.name), "quantized_model": job.model.name, "ppl": {},
+           "quantize": {"bits": job.bits, "group_size": job.group_size, "method": job.method}}
+    if job.ppl:
+        out["ppl"]["before"] = _print_ppl("16-bit", job.ppl, job.ppl(pruned.model,
+                                                                      pruned.tokenizer))
+    t0 = time.perf_counter()
+    # Nothing more is pruned ("dense"): the zeros the tier maps left stay zero.
+    result = prune(pruned.model, job.calibration, job.method, "dense", bits=job.bits,
+                   group_size=job.group_size, tokenizer=pruned.tokenizer,
+                   nsamples=job.model.nsamples(job.nsamples), seqlen=job.seqlen, seed=job.seed,
+                   batch_size=job.batch_size)
+    out["quantize"]["seconds"] = round(time.perf_counter() - t0, 1)
+    pruned.bits = {n: job.bits for n in pruned.tier_maps}
+    pruned.scales = {n: result.scales[n] for n in pruned.tier_maps}
+    pruned.group_size = job.group_size
+    if job.ppl:
+        out["ppl"]["after"] = _print_ppl(f"int{job.bits}", job.ppl,
+                                         job.ppl(pruned.model, pruned.tokenizer))
+    save_pruned(job.save, pruned.model, pruned.tokenizer, pruned, out,
+                source_model=out["model"], overwrite=job.overwrite)
+    size = out["checkpoint"]
+    print(f"quantized to int{job.bits} in {out['quantize']['seconds']} s; saved to {job.save}: "
+          f"{size['bytes'] / 2**20:.1f} MiB, {size['fraction']:.3f} of the dense checkpoint")
     return out
 
 
@@ -375,7 +438,7 @@ def run_structured(job: StructuredJob) -> dict:
         print(f"saved to {job.save}")
     if job.time_decode and tiers is not None:
         if not job.save:
-            pack_model(model, tiers.tier_maps, tiers.topks, tiers.block_size)
+            tiers.pack(model)
         out["decode_step_ms"]["structured+three_tier"] = round(decode_step_ms(model), 3)
     if job.time_decode:
         ms = out["decode_step_ms"]

@@ -177,8 +177,10 @@ def sparsify_model(model: nn.Module, tier_maps: dict[str, torch.Tensor],
             raise KeyError(f"the model has no module named {name!r}") from None
         if not isinstance(module, nn.Linear):
             raise TypeError(f"{name!r} is a {type(module).__name__}, not an nn.Linear")
-        if name not in topks or name not in precision:
-            raise KeyError(f"topk or bits has no entry for {name!r}")
+        if name not in topks:
+            raise KeyError(f"topk has no K for {name!r}")
+        if name not in precision:
+            raise KeyError(f"bits has no precision for {name!r}")
         try:  # one module's temporaries at a time: the weight must already follow its map
             check_packable(module.weight.detach(), tier_maps[name], topks[name], block_size)
         except ValueError as err:

@@ -62,13 +62,14 @@ def pack_int4(codes: torch.Tensor) -> torch.Tensor:
     nibbles = (codes.to(torch.int16) & 0xF).to(torch.uint8)
     if n % 2:
         nibbles = torch.nn.functional.pad(nibbles, (0, 1))
-    pairs = nibbles.reshape(*nibbles.shape[:-1], -1, 2)
+    pairs = nibbles.reshape(*nibbles.shape[:-1], nibbles.shape[-1] // 2, 2)
     return (pairs[..., 0] | (pairs[..., 1] << 4)).contiguous()
 
 
 def unpack_int4(packed: torch.Tensor, n: int) -> torch.Tensor:
     """Inverse of :func:`pack_int4`: uint8 ``[..., ceil(n / 2)]`` -> int8 codes ``[..., n]``."""
     low, high = packed & 0xF, packed >> 4
-    nibbles = torch.stack([low, high], dim=-1).reshape(*packed.shape[:-1], -1)[..., :n]
+    nibbles = torch.stack([low, high], dim=-1).reshape(*packed.shape[:-1],
+                                                       2 * packed.shape[-1])[..., :n]
     signed = nibbles.to(torch.int16)
     return torch.where(signed >= 8, signed - 16, signed).to(torch.int8)

@@ -113,6 +113,22 @@ def tier_block_nbytes(dtype: torch.dtype, block_size: int = DEFAULT_BLOCK_SIZE,
             values_nbytes(topk, bits, dtype) + topk + per_block)
 
 
+def scaled_topk(topk: int, bits: int, block_size: int = DEFAULT_BLOCK_SIZE) -> int:
+    """The K that costs low-bit values the same share of a 2:4 block's bytes as ``topk`` costs
+    fp16 values (positions take a byte whatever the values: at the same K a low-bit top-K block
+    is no longer much cheaper than a low-bit 2:4 one); ``topk`` itself for 16 bits."""
+    if bits == 16:
+        return topk
+    fp16 = tier_block_nbytes(torch.float16, block_size, topk)
+    share = fp16[2] / fp16[1]
+    costs = tier_block_nbytes(torch.float16, block_size, 1, bits)
+    best = 1
+    for k in range(1, topk + 1):
+        if tier_block_nbytes(torch.float16, block_size, k, bits)[2] <= share * costs[1]:
+            best = k
+    return best
+
+
 def index_nbytes(out_features: int, in_features: int,
                  block_size: int = DEFAULT_BLOCK_SIZE) -> int:
     """Bytes of the three tiers' int32 row pointers ``[ceil(out/B) + 1]``, whatever the tiers."""

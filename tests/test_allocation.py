@@ -6,8 +6,9 @@ import pytest
 import torch
 
 import sparse_kernels as sk
-from pruning.planning.allocation import (MatrixCost, allocate, allocate_all, budget_shares,
-                                matrix_costs, minimum_budget, tier_losses)
+from pruning.planning.allocation import (MatrixCost, allocate, allocate_all, allocate_choices,
+                                         budget_shares, matrix_costs, minimum_budget,
+                                         tier_losses)
 from sparse_kernels import DENSE, SPARSE_24, TOPK, apply_tier_map
 from sparse_kernels.rules import packed_nbytes, tier_block_nbytes
 
@@ -184,8 +185,8 @@ def test_two_tier_option_never_uses_top_k():
 def test_shared_budget_moves_bytes_to_the_matrix_that_loses_more():
     candidates = {"a": matrix_costs(llm_like_proxy(128, 128, 1) * 100, (15,), 16, torch.float16),
                   "b": matrix_costs(llm_like_proxy(128, 128, 2), (15,), 16, torch.float16)}
-    joint = allocate_all(candidates, 0.6)
-    shares = budget_shares(joint, candidates)
+    joint = allocate_choices(candidates, 0.6)
+    shares = budget_shares(joint)
     assert shares["a"] > 0.6 > shares["b"]
     assert (shares["a"] + shares["b"]) / 2 <= 0.6  # equal sizes: the mean is the budget
     # Allocated one by one at their shares, they reproduce the joint allocation's loss.

@@ -287,7 +287,7 @@ def test_obs_sweep_without_pruning_is_identity():
     weight = torch.randn(8, 40)
     stats, _ = make_stats(40)
     w, u = prepare_obs(weight, stats.hessian)
-    new, mask = obs_sweep(w, u, mask=torch.ones(8, 40, dtype=torch.bool), blocksize=16)
+    new, mask, _ = obs_sweep(w, u, mask=torch.ones(8, 40, dtype=torch.bool), blocksize=16)
     assert mask.all() and torch.equal(new, weight)
 
 
@@ -448,8 +448,8 @@ def test_tier_sweep_chooses_with_the_updated_weights():
         tiers = torch.tensor([[0, 1, 2, 2], [2, 1, 1, 2], [1, 2, 0, 1]], dtype=torch.int8)
         saliency = obs_saliency(w, u)
         up_front = tier_mask(saliency, tiers, 15, 16)
-        fixed, _ = obs_sweep(w, u, mask=up_front)
-        adaptive, mask = obs_sweep(w, u, tier_map=tiers, topk=15)
+        fixed, _, _ = obs_sweep(w, u, mask=up_front)
+        adaptive, mask, _ = obs_sweep(w, u, tier_map=tiers, topk=15)
         check_tier_pattern(mask, tiers, 15)
         changed |= not torch.equal(mask, up_front)
         adaptive_error += float(((weight - adaptive) @ x.t()).pow(2).sum())
@@ -465,8 +465,8 @@ def test_tier_sweep_row_weight_moves_top_k_slots_to_heavy_rows():
     tiers = torch.full((1, 1), TOPK, dtype=torch.int8)
     row_weight = torch.ones(16)
     row_weight[:4] = 1e6  # the first 4 rows matter most
-    _, plain = obs_sweep(w, u, tier_map=tiers, topk=15)
-    _, weighted = obs_sweep(w, u, tier_map=tiers, topk=15, row_weight=row_weight)
+    _, plain, _ = obs_sweep(w, u, tier_map=tiers, topk=15)
+    _, weighted, _ = obs_sweep(w, u, tier_map=tiers, topk=15, row_weight=row_weight)
     assert int(weighted.sum()) == int(plain.sum()) == 15
     assert int(weighted[:4].sum()) == 15 > int(plain[:4].sum())
 

@@ -15,7 +15,7 @@ from safetensors import safe_open
 import sparse_kernels as sk
 from sparse_kernels.atomic import atomic_file, write_into_folder
 from sparse_kernels.experts import unfuse_where_named
-from sparse_kernels.rules import DEFAULT_BLOCK_SIZE
+from sparse_kernels.rules import DEFAULT_BLOCK_SIZE, DEFAULT_GROUP_SIZE
 
 from ..loading import load_model
 from ..models import get_weight, named_linears
@@ -29,7 +29,10 @@ __all__ = ["PrunedModel", "load_pruned", "unpack_model", "packable_tier_maps", "
 class PrunedModel:
     """A pruned model ready for more work (fine-tuning, evaluation): dense ``nn.Linear`` weights
     with ``masks`` (True = the format keeps a slot there), and the ``tier_maps`` / ``topks`` /
-    ``block_size`` to pack it again; ``meta`` is what made them (tier-map file metadata)."""
+    ``block_size`` (and, for low-bit values, ``bits`` / ``scales`` / ``group_size``: the
+    weights lie on the scales' grid) to pack it again; ``meta`` is what made them (tier-map file
+    metadata). Work that moves the weights off their grid (fine-tuning) drops ``bits`` and
+    ``scales`` (:meth:`full_precision`)."""
 
     model: nn.Module
     tokenizer: object
@@ -38,41 +41,72 @@ class PrunedModel:
     topks: dict[str, int]
     block_size: int = 16
     meta: dict = field(default_factory=dict)
+    bits: dict[str, int] = field(default_factory=dict)
+    scales: dict[str, torch.Tensor] = field(default_factory=dict)
+    group_size: int = DEFAULT_GROUP_SIZE
+
+    @property
+    def quantized(self) -> bool:
+        return any(b < 16 for b in self.bits.values())
+
+    def full_precision(self) -> None:
+        """Pack the weights as they are from now on (16-bit values)."""
+        self.bits, self.scales = {}, {}
+
+    def pack(self, model: nn.Module | None = None) -> int:
+        """Swap the pruned Linears (of ``model``, default this one's) for
+        ``HybridSparseLinear``, in place; returns how many (:func:`pack_model`)."""
+        return pack_model(self.model if model is None else model, self.tier_maps, self.topks,
+                          self.block_size, bits=self.bits, scales=self.scales,
+                          group_size=self.group_size)
 
     def save_tier_maps(self, path, source_model: str | None = None) -> None:
         save_tier_maps(path, self.tier_maps, block_size=self.block_size, topk=self.topks,
                        tier_ratios=self.meta.get("tier_ratios"), budget=self.meta.get("budget"),
-                       method=self.meta.get("method"), source_model=source_model)
+                       method=self.meta.get("method"), source_model=source_model,
+                       bits={n: self.bits.get(n, 16) for n in self.tier_maps},
+                       group_size=self.group_size)
 
 
-def unpack_model(model: nn.Module) -> tuple[dict, dict, dict, int]:
+def unpack_model(model: nn.Module) -> PrunedModel:
     """Swap every ``HybridSparseLinear`` back for an ``nn.Linear`` holding its masked weight (in
-    place, one at a time); returns ``(masks, tier maps, K per module, block size)`` with the
-    packing's slots as the masks (see ``HybridWeight.kept_mask``)."""
-    masks, tier_maps, topks, block_size = {}, {}, {}, 16
+    place, one at a time; low-bit values dequantized, in the model's float dtype); returns a
+    :class:`PrunedModel` of it (no tokenizer) with the packing's slots as the masks (see
+    ``HybridWeight.kept_mask``)."""
+    floats = [p.dtype for p in model.parameters() if p.is_floating_point()]
+    model_dtype = floats[0] if floats else torch.get_default_dtype()
+    unpacked = PrunedModel(model, None, {}, {}, {})
     names = [n for n, m in model.named_modules() if isinstance(m, sk.HybridSparseLinear)]
     for name in names:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         packed = getattr(parent, attr)
         weight = packed.hybrid_weight
+        dtype = weight.dtype if weight.bits == 16 else (
+            packed.bias.dtype if packed.bias is not None else model_dtype)
         linear = nn.Linear(packed.in_features, packed.out_features, packed.bias is not None,
-                           device=weight.device, dtype=weight.dtype)
+                           device=weight.device, dtype=dtype)
         with torch.no_grad():
             linear.weight.copy_(weight.to_dense())
             if packed.bias is not None:
                 linear.bias.copy_(packed.bias)
-        masks[name] = weight.kept_mask().cpu()
-        tier_maps[name], topks[name] = weight.tier_map.clone(), weight.topk
-        block_size = weight.block_size
+        unpacked.masks[name] = weight.kept_mask().cpu()
+        unpacked.tier_maps[name], unpacked.topks[name] = weight.tier_map.clone(), weight.topk
+        unpacked.block_size = weight.block_size
+        if weight.bits < 16:
+            unpacked.bits[name], unpacked.scales[name] = weight.bits, weight.scales.cpu()
         setattr(parent, attr, linear)
     config = getattr(model, "config", None)
     if names and config is not None and hasattr(config, "quantization_config"):
+        packed_config = config.quantization_config
+        unpacked.group_size = (packed_config.get("group_size") if isinstance(packed_config, dict)
+                               else getattr(packed_config, "group_size", None)) \
+            or DEFAULT_GROUP_SIZE
         del config.quantization_config  # dense again: a save writes plain weights
     for attr in ("hf_quantizer", "is_quantized", "quantization_method"):
         if hasattr(model, attr):
             delattr(model, attr)
-    return masks, tier_maps, topks, block_size
+    return unpacked
 
 
 def load_pruned(folder: str | os.PathLike, *, dtype: torch.dtype | None = None,
@@ -82,32 +116,32 @@ def load_pruned(folder: str | os.PathLike, *, dtype: torch.dtype | None = None,
     folder's masks are its non-zero weights; a structurally pruned model's (``hybrid-prune
     structured --save``) are all True."""
     model, tokenizer, _ = load_model(str(folder), dtype=dtype, device=device)
-    masks, tier_maps, topks, block_size = unpack_model(model)
+    pruned = unpack_model(model)
+    pruned.tokenizer = tokenizer
     tier_file = Path(folder).expanduser() / "tier_maps.safetensors"
-    meta = {}
     if tier_file.is_file():
         with safe_open(str(tier_file), framework="pt") as f:  # experts saved fused: unfuse them
             unfuse_where_named(model, list(f.keys()))
-        saved, meta = load_tier_maps(tier_file, model)
-        block_size = meta["block_size"]
+        saved, pruned.meta = load_tier_maps(tier_file, model)
+        pruned.block_size = pruned.meta["block_size"]
         for name, tiers in saved.items():
-            if name in masks:
+            if name in pruned.masks:
                 continue
             # Saved dense (a dense checkpoint, or a Conv1D the kernels do not replace): the zeros
             # are the pruning.
             weight = get_weight(model.get_submodule(name)).detach()
-            masks[name] = (weight != 0).cpu()
-            tier_maps[name] = tiers
-            topks[name] = meta["topks"][name]
-    if not masks and getattr(model.config, "structured_layers", None):
+            pruned.masks[name] = (weight != 0).cpu()
+            pruned.tier_maps[name] = tiers
+            pruned.topks[name] = pruned.meta["topks"][name]
+    if not pruned.masks and getattr(model.config, "structured_layers", None):
         # Structurally pruned only: nothing inside the matrices is pruned, every weight trains.
-        masks = {n: torch.ones_like(get_weight(m), dtype=torch.bool, device="cpu")
-                 for n, m in named_linears(model).items()}
-    if not masks:
+        pruned.masks = {n: torch.ones_like(get_weight(m), dtype=torch.bool, device="cpu")
+                        for n, m in named_linears(model).items()}
+    if not pruned.masks:
         raise ValueError(f"{str(folder)!r} holds no pruned model: no packed modules, no "
                          f"tier_maps.safetensors and no structured sizes (write it with "
                          f"hybrid-prune prune --save or hybrid-prune structured --save)")
-    return PrunedModel(model, tokenizer, masks, tier_maps, topks, block_size, meta)
+    return pruned
 
 
 def packable_tier_maps(model: nn.Module, tier_maps: dict) -> dict:
@@ -118,12 +152,18 @@ def packable_tier_maps(model: nn.Module, tier_maps: dict) -> dict:
 
 
 def pack_model(model: nn.Module, tier_maps: dict[str, torch.Tensor], topks: dict[str, int],
-               block_size: int = DEFAULT_BLOCK_SIZE) -> int:
+               block_size: int = DEFAULT_BLOCK_SIZE, *, bits: dict[str, int] | None = None,
+               scales: dict[str, torch.Tensor] | None = None,
+               group_size: int = DEFAULT_GROUP_SIZE) -> int:
     """Swap the pruned Linears named in ``tier_maps`` for ``HybridSparseLinear`` (K of each in
-    ``topks``), in place, one at a time; returns how many. The weights must follow the maps;
+    ``topks``; low-bit values where ``bits`` says so, on the grid of their ``scales`` or rounded
+    to it), in place, one at a time; returns how many. The weights must follow the maps;
     modules the kernels cannot replace (GPT-2's ``Conv1D``) stay as they are."""
     maps = packable_tier_maps(model, tier_maps)
-    sk.sparsify_model(model, maps, topk={n: topks[n] for n in maps}, block_size=block_size)
+    bits = bits or {}
+    sk.sparsify_model(model, maps, topk={n: topks[n] for n in maps}, block_size=block_size,
+                      bits={n: bits.get(n, 16) for n in maps}, group_size=group_size,
+                      scales=scales)
     return len(maps)
 
 
@@ -167,7 +207,7 @@ def save_pruned(folder: str | os.PathLike, model: nn.Module, tokenizer, tiers, r
             tokenizer.save_pretrained(tmp / "dense")
         if tiers.tier_maps and not any(isinstance(m, sk.HybridSparseLinear)
                                        for m in model.modules()):
-            packed_modules = pack_model(model, tiers.tier_maps, tiers.topks, tiers.block_size)
+            packed_modules = tiers.pack(model)
         elif tiers.tier_maps:
             packed_modules = sum(isinstance(m, sk.HybridSparseLinear) for m in model.modules())
         model.save_pretrained(tmp)

@@ -34,6 +34,8 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from sparse_kernels.quant import round_to_grid
+
 from ..patterns import Pattern, parse_pattern
 from ..statistics.stats import LinearStats
 
@@ -47,11 +49,14 @@ class LayerPruning:
         three_tier), else None.
     weight: the updated weight of OBS methods, zeros already applied, in the input weight's
         dtype; None = "apply ``mask`` to the original weight".
+    scales: low-bit patterns only: fp16 ``[out, ceil(in / G)]``, the group scales whose grid
+        ``weight`` lies on (``sparse_kernels.quant``).
     """
 
     mask: torch.Tensor
     tier_map: torch.Tensor | None
     weight: torch.Tensor | None = None
+    scales: torch.Tensor | None = None
 
     def pruned_weight(self, original: torch.Tensor) -> torch.Tensor:
         """The weight to install: ``weight`` if the method updated it, else ``original`` masked."""
@@ -125,6 +130,30 @@ def weight_rows(scores: torch.Tensor, stats: LinearStats | None, power: float) -
     return scores * (row if power == 1 else row.pow(power)).unsqueeze(1)
 
 
+def rounded(weight: torch.Tensor, pruning: LayerPruning, pattern: Pattern) -> LayerPruning:
+    """``pruning`` with a low-bit pattern's values rounded to the nearest codes of their groups
+    (the cheap baseline to the OBS methods' joint sweep); unchanged for 16 bits."""
+    if pattern.bits == 16:
+        return pruning
+    kept = pruning.pruned_weight(weight)
+    grid, scales = round_to_grid(kept, pattern.bits, pattern.group_for(weight.shape[1]))
+    return LayerPruning(pruning.mask, pruning.tier_map, grid.to(weight.dtype), scales)
+
+
+def quant_proxy(proxy: torch.Tensor, weight: torch.Tensor, bits: int,
+                group_size: int) -> torch.Tensor:
+    """The estimated loss of rounding each weight to its ``bits`` grid (groups of
+    ``group_size``): ``proxy * (e / w)^2`` with ``e`` the rounding error, i.e. the method's
+    per-weight loss of dropping the weight scaled to the error actually made (0 for 16 bits
+    and for zeros)."""
+    if bits == 16:
+        return torch.zeros_like(proxy)
+    w = weight.detach().float()
+    error = w - round_to_grid(w, bits, group_size)[0]
+    ratio = torch.where(w != 0, error / torch.where(w != 0, w, torch.ones_like(w)), 0.0)
+    return proxy * ratio.pow(2)
+
+
 def check_pattern(pattern: Pattern | str, tier_map: torch.Tensor | None) -> Pattern:
     """A Pattern from a Pattern or a pattern name (default settings); rejects a tier_map for a
     pattern without tiers."""
@@ -176,4 +205,4 @@ def get_method(name: str | Method, **options) -> Method:
 
 
 __all__ = ["LayerPruning", "Method", "weight_rows", "METHODS", "get_method", "Magnitude", "Wanda",
-           "SparseGPT", "WandaOBS"]
+           "SparseGPT", "WandaOBS", "rounded", "quant_proxy"]

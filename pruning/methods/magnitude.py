@@ -12,7 +12,7 @@ import torch
 
 from ..patterns import Pattern, build_mask
 from ..statistics.stats import LinearStats
-from . import LayerPruning, check_pattern, check_weight, weight_rows
+from . import LayerPruning, check_pattern, check_weight, rounded, weight_rows
 
 
 @dataclass(frozen=True)
@@ -38,4 +38,4 @@ class Magnitude:
         weight = check_weight(weight)
         mask, tiers = build_mask(self.scores(weight, stats), pattern, unstructured="matrix",
                                  weight=weight, tier_map=tier_map)
-        return LayerPruning(mask, tiers, None)
+        return rounded(weight, LayerPruning(mask, tiers, None), pattern)

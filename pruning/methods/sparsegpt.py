@@ -22,6 +22,12 @@ sweep reaches its first column, each 2:4 group of 4 columns its 2 best when the 
 removed), ``within_block="magnitude"`` and any fixed mask (e.g. Wanda's in ``wanda_obs``) sweep
 with the mask fixed up front.
 
+Low-bit patterns quantize inside the same sweep (SparseGPT's joint mode; GPTQ when nothing is
+pruned): when the sweep reaches the first column of a group of ``G`` input columns, each row's
+scale of that group is set from the largest of its current (already updated) weights not yet
+known to be pruned; every column is then pruned and its kept weights rounded to the grid in
+one step, and the error of both is spread over the later columns.
+
 Global torch settings (TF32 and the like) are left alone.
 """
 from __future__ import annotations
@@ -32,7 +38,8 @@ from typing import ClassVar
 import torch
 
 import sparse_kernels as sk
-from sparse_kernels.rules import DEFAULT_BLOCK_SIZE, DEFAULT_TOPK, SPARSE_24, TOPK
+from sparse_kernels.rules import (DEFAULT_BLOCK_SIZE, DEFAULT_TOPK, QMAX, SCALE_DTYPE, SPARSE_24,
+                                  TOPK)
 
 from ..patterns import Pattern, build_mask
 from ..statistics.stats import LinearStats
@@ -91,8 +98,9 @@ def obs_sweep(w: torch.Tensor, u: torch.Tensor, *, mask: torch.Tensor | None = N
               sparsity: float = 0.0, nm: tuple[int, int] | None = None,
               tier_map: torch.Tensor | None = None, topk: int = DEFAULT_TOPK,
               block_size: int = DEFAULT_BLOCK_SIZE,
-              row_weight: torch.Tensor | None = None, blocksize: int = 128):
-    """The OBS sweep: returns ``(new weight fp32, kept mask)``; ``w`` is not modified.
+              row_weight: torch.Tensor | None = None, blocksize: int = 128, bits: int = 16,
+              group_size: int = 128):
+    """The OBS sweep: returns ``(new weight fp32, kept mask, scales)``; ``w`` is not modified.
 
     w: fp32 ``[out, in]`` (from :func:`prepare_obs`); u: the upper Cholesky factor of ``H^-1``.
     Exactly one way of choosing the mask: ``mask`` (bool, True = kept) fixed up front; or
@@ -102,7 +110,9 @@ def obs_sweep(w: torch.Tensor, u: torch.Tensor, *, mask: torch.Tensor | None = N
     ranks by the saliency times ``row_weight [out]`` when given); or else unstructured
     ``sparsity``, chosen per block of ``blocksize`` columns during the sweep.
     Weights outside the mask come back exactly zero, and so do weights that were zero already
-    (never revived by the update, so a progressive prune only ever removes).
+    (never revived by the update, so a progressive prune only ever removes). ``bits`` 8 / 4:
+    the kept weights come back on their grid, ``scales`` fp16 ``[out, ceil(in / group_size)]``
+    (the module docstring); None for 16 bits.
     """
     if sum(x is not None for x in (mask, nm, tier_map)) > 1:
         raise ValueError("obs_sweep: give at most one of a fixed mask, nm or tier_map")
@@ -126,6 +136,9 @@ def obs_sweep(w: torch.Tensor, u: torch.Tensor, *, mask: torch.Tensor | None = N
     if tier_map is not None:
         blocksize = max(block_size, blocksize - blocksize % block_size)
         choose = _TierChoice(tier_map.to(w.device), rows, topk, block_size, row_weight)
+    grid = _Grid(rows, cols, bits, group_size, w.device) if bits < 16 else None
+    if grid is not None:  # a group lies inside one sweep block: its weights are all in w1
+        blocksize = max(group_size, blocksize - blocksize % group_size)
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
         count = i2 - i1
@@ -150,8 +163,14 @@ def obs_sweep(w: torch.Tensor, u: torch.Tensor, *, mask: torch.Tensor | None = N
                 choose(w1, d1, p1, i, i1 + i)
             p1[:, i] |= zero[:, i1 + i]
             col = w1[:, i]
+            if grid is not None:
+                if (i1 + i) % group_size == 0:
+                    width = min(group_size, count - i)
+                    grid.set_scales(w1[:, i:i + width], p1[:, i:i + width] |
+                                    zero[:, i1 + i:i1 + i + width], i1 + i)
+                col = grid.round(col, i1 + i)
             q = col.masked_fill(p1[:, i], 0)
-            err = (col - q) / d1[i]
+            err = (w1[:, i] - q) / d1[i]
             w1[:, i:].addr_(err, u1[i, i:], alpha=-1)
             q1[:, i] = q
             err1[:, i] = err
@@ -159,7 +178,27 @@ def obs_sweep(w: torch.Tensor, u: torch.Tensor, *, mask: torch.Tensor | None = N
         if i2 < cols:
             w[:, i2:].sub_(err1 @ u[i1:i2, i2:])
         pruned[:, i1:i2] = p1
-    return w, ~pruned
+    return w, ~pruned, None if grid is None else grid.scales
+
+
+class _Grid:
+    """The quantization grid as the sweep builds it: a group's scales, set at its first column
+    from the largest of its weights not known to be pruned (``sparse_kernels.quant``'s
+    symmetric codes), and each column rounded to them."""
+
+    def __init__(self, rows: int, cols: int, bits: int, group_size: int, device):
+        self.qmax, self.g = QMAX[bits], group_size
+        self.scales = torch.zeros(rows, -(-cols // group_size), dtype=SCALE_DTYPE, device=device)
+
+    def set_scales(self, weights: torch.Tensor, pruned: torch.Tensor, col: int) -> None:
+        amax = weights.masked_fill(pruned, 0).abs().amax(1)
+        self.scales[:, col // self.g] = (amax / self.qmax).to(SCALE_DTYPE)
+
+    def round(self, column: torch.Tensor, col: int) -> torch.Tensor:
+        s = self.scales[:, col // self.g].float()
+        safe = torch.where(s > 0, s, torch.ones_like(s))
+        codes = (column / safe).round().clamp(-self.qmax, self.qmax)
+        return torch.where(s > 0, codes * s, torch.zeros_like(column))
 
 
 class _TierChoice:
@@ -200,14 +239,16 @@ class _TierChoice:
 
 
 def obs_update(weight: torch.Tensor, hessian: torch.Tensor, mask: torch.Tensor, *,
-               blocksize: int = 128, percdamp: float = 0.01, nsamples: int | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(weight, kept mask)``: ``weight`` pruned to the fixed ``mask`` (True = kept) with
-    SparseGPT's OBS update, in the weight's dtype (a new tensor); the kept mask is ``mask``
-    less any weight that was zero already (see :func:`obs_sweep`)."""
+               blocksize: int = 128, percdamp: float = 0.01, nsamples: int | None = None,
+               bits: int = 16, group_size: int = 128):
+    """``(weight, kept mask, scales)``: ``weight`` pruned to the fixed ``mask`` (True = kept)
+    with SparseGPT's OBS update (and with ``bits`` 8 / 4 quantized in the same sweep), in the
+    weight's dtype (a new tensor); the kept mask is ``mask`` less any weight that was zero
+    already (see :func:`obs_sweep`)."""
     w, u = prepare_obs(weight, hessian, percdamp, nsamples)
-    new, kept = obs_sweep(w, u, mask=mask, blocksize=blocksize)
-    return new.to(weight.dtype), kept
+    new, kept, scales = obs_sweep(w, u, mask=mask, blocksize=blocksize, bits=bits,
+                                  group_size=group_size)
+    return new.to(weight.dtype), kept, scales
 
 
 PROXIES = ("error", "obs")
@@ -262,18 +303,20 @@ class SparseGPT:
                              "not support it (use method 'wanda' or 'wanda_obs')")
         weight, w, u = self._prepare(weight, stats)
         tiers = None
-        if pattern.kind == "unstructured":
-            new, mask = obs_sweep(w, u, sparsity=pattern.sparsity, blocksize=self.blocksize)
+        sweep = dict(blocksize=self.blocksize, bits=pattern.bits,
+                     group_size=pattern.group_for(weight.shape[1]))
+        if pattern.kind in ("unstructured", "dense"):
+            sparsity = pattern.sparsity if pattern.kind == "unstructured" else 0.0
+            new, mask, scales = obs_sweep(w, u, sparsity=sparsity, **sweep)
         elif pattern.kind == "nm":
-            new, mask = obs_sweep(w, u, nm=(pattern.n, pattern.m), blocksize=self.blocksize)
+            new, mask, scales = obs_sweep(w, u, nm=(pattern.n, pattern.m), **sweep)
         else:
             fixed, tiers = build_mask(weight_rows(obs_saliency(w, u), stats, 1), pattern,
                                       weight=w, tier_map=tier_map)
             if pattern.kind == "block" or pattern.within_block == "magnitude":
-                new, mask = obs_sweep(w, u, mask=fixed, blocksize=self.blocksize)
+                new, mask, scales = obs_sweep(w, u, mask=fixed, **sweep)
             else:
-                new, mask = obs_sweep(w, u, tier_map=tiers, topk=pattern.topk,
-                                      block_size=pattern.block_size,
-                                      row_weight=getattr(stats, "out_sensitivity", None),
-                                      blocksize=self.blocksize)
-        return LayerPruning(mask, tiers, new.to(weight.dtype))
+                new, mask, scales = obs_sweep(
+                    w, u, tier_map=tiers, topk=pattern.topk, block_size=pattern.block_size,
+                    row_weight=getattr(stats, "out_sensitivity", None), **sweep)
+        return LayerPruning(mask, tiers, new.to(weight.dtype), scales)

@@ -15,7 +15,7 @@ import sparse_kernels as sk
 
 from ..patterns import Pattern, build_mask
 from ..statistics.stats import LinearStats
-from . import (LayerPruning, check_activations, check_pattern, check_weight,
+from . import (LayerPruning, check_activations, check_pattern, check_weight, rounded,
                weight_rows)
 
 
@@ -43,4 +43,4 @@ class Wanda:
         weight = check_weight(weight)
         mask, tiers = build_mask(self.scores(weight, stats), pattern, unstructured="row",
                                  weight=weight, tier_map=tier_map)
-        return LayerPruning(mask, tiers, None)
+        return rounded(weight, LayerPruning(mask, tiers, None), pattern)

@@ -4,6 +4,7 @@ then SparseGPT's OBS sweep runs with that mask fixed (:func:`.sparsegpt.obs_upda
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -39,7 +40,9 @@ class WandaOBS:
         pattern = check_pattern(pattern, tier_map)
         weight = check_weight(weight)
         hessian = check_hessian(self.name, weight, stats)
-        chosen = Wanda().prune(weight, stats, pattern, tier_map)
-        new, kept = obs_update(weight, hessian, chosen.mask, blocksize=self.blocksize,
-                               percdamp=self.percdamp, nsamples=stats.nsamples)
-        return LayerPruning(kept, chosen.tier_map, new)
+        chosen = Wanda().prune(weight, stats, dataclasses.replace(pattern, bits=16), tier_map)
+        new, kept, scales = obs_update(weight, hessian, chosen.mask, blocksize=self.blocksize,
+                                       percdamp=self.percdamp, nsamples=stats.nsamples,
+                                       bits=pattern.bits,
+                                       group_size=pattern.group_for(weight.shape[1]))
+        return LayerPruning(kept, chosen.tier_map, new, scales)

@@ -28,11 +28,13 @@ from dataclasses import dataclass
 
 import torch
 
-from sparse_kernels.rules import (DEFAULT_BLOCK_SIZE, DEFAULT_TOPK, DENSE, SPARSE_24, TOPK,
-                                  index_nbytes, packed_nbytes, tier_block_nbytes, tier_grid)
+from sparse_kernels.rules import (DEFAULT_BLOCK_SIZE, DEFAULT_GROUP_SIZE, DEFAULT_TOPK, DENSE,
+                                  SPARSE_24, TOPK, fixed_nbytes, packed_nbytes,
+                                  tier_block_nbytes, tier_grid)
 
 __all__ = ["MatrixCost", "tier_losses", "matrix_costs", "allocate", "choose_topk",
-           "allocate_all", "minimum_budget", "budget_shares", "check_budget_value"]
+           "allocate_choices", "allocate_all", "minimum_budget", "budget_shares",
+           "check_budget_value"]
 
 
 @dataclass(frozen=True)
@@ -40,9 +42,11 @@ class MatrixCost:
     """What one matrix's allocation needs: its tier losses and what bytes it is measured in.
 
     losses: float64 ``[nbr, nbc, 3]`` (:func:`tier_losses`). out_features / in_features: the
-    weight's shape. dtype: the value dtype the bytes are counted in. topk, block_size: the
-    format's K and B. best_tier: int8 ``[nbr, nbc]`` or None, the best tier each block may
-    take (a progressive prune never promotes a block it demoted).
+    weight's shape. dtype: the float dtype the bytes are counted in (16-bit values, and the
+    dense weight a budget is a fraction of). topk, block_size: the format's K and B. bits,
+    group_size: the values' precision and (low-bit) the matrix's quantization group.
+    best_tier: int8 ``[nbr, nbc]`` or None, the best tier each block may take (a progressive
+    prune never promotes a block it demoted).
     """
 
     losses: torch.Tensor
@@ -52,10 +56,17 @@ class MatrixCost:
     topk: int = DEFAULT_TOPK
     block_size: int = DEFAULT_BLOCK_SIZE
     best_tier: torch.Tensor | None = None
+    bits: int = 16
+    group_size: int = DEFAULT_GROUP_SIZE
 
     @property
     def block_costs(self) -> tuple[int, int, int]:
-        return tier_block_nbytes(self.dtype, self.block_size, self.topk)
+        return tier_block_nbytes(self.dtype, self.block_size, self.topk, self.bits)
+
+    def nbytes(self, tier_map: torch.Tensor) -> int:
+        """Packed bytes of this matrix with ``tier_map``."""
+        return packed_nbytes(tier_map, self.out_features, self.in_features, self.dtype,
+                             self.topk, self.block_size, self.bits, self.group_size)
 
     @property
     def dense_nbytes(self) -> int:
@@ -65,7 +76,8 @@ class MatrixCost:
 
     @property
     def fixed_nbytes(self) -> int:
-        return index_nbytes(self.out_features, self.in_features, self.block_size)
+        return fixed_nbytes(self.out_features, self.in_features, self.block_size, self.bits,
+                            self.group_size)
 
 
 def _check_proxy(proxy: torch.Tensor, name: str) -> torch.Tensor:
@@ -87,22 +99,30 @@ def _check_proxy(proxy: torch.Tensor, name: str) -> torch.Tensor:
     return proxy
 
 
+def _blocks(t: torch.Tensor, b: int) -> torch.Tensor:
+    """``[out, in]`` -> ``[nbr, nbc, B*B]``, edge blocks zero-padded."""
+    out_f, in_f = t.shape
+    nbr, nbc = tier_grid(out_f, in_f, b)
+    padded = torch.nn.functional.pad(t, (0, nbc * b - in_f, 0, nbr * b - out_f))
+    return padded.reshape(nbr, b, nbc, b).permute(0, 2, 1, 3).reshape(nbr, nbc, b * b)
+
+
 def tier_losses(proxy: torch.Tensor, topk: int = DEFAULT_TOPK,
-                block_size: int = DEFAULT_BLOCK_SIZE, name: str = "weight") -> torch.Tensor:
+                block_size: int = DEFAULT_BLOCK_SIZE, name: str = "weight",
+                quant: torch.Tensor | None = None) -> torch.Tensor:
     """Loss of each block in each tier: float64 ``[nbr, nbc, 3]`` (dense, 2:4, top-K).
 
     proxy: ``[out, in]``, the estimated damage of dropping each weight (>= 0, finite). Dense
     drops nothing (0); 2:4 drops the 2 smallest of every aligned group of 4 input columns of a
     row; top-K drops all but the ``topk`` largest of the block. These are exactly the weights
     ``pruning.tier_mask`` drops when it selects by the same proxy. Edge blocks are padded with
-    zero-loss entries.
+    zero-loss entries. quant: ``[out, in]``, the estimated damage of rounding each weight to a
+    low-bit grid (``pruning.methods.quant_proxy``): every tier adds it over the weights it keeps.
     """
     proxy = _check_proxy(proxy, name)
-    out_f, in_f = proxy.shape
     b = block_size
-    nbr, nbc = tier_grid(out_f, in_f, b)
-    padded = torch.nn.functional.pad(proxy, (0, nbc * b - in_f, 0, nbr * b - out_f))
-    blocks = padded.reshape(nbr, b, nbc, b).permute(0, 2, 1, 3).reshape(nbr, nbc, b * b)
+    blocks = _blocks(proxy, b)
+    nbr, nbc = blocks.shape[:2]
     total = blocks.sum(-1, dtype=torch.float64)
     # The 2 smallest of each group of 4 (a, b, c, d), by a sorting network: the smallest is the
     # lower of min(a, b) and min(c, d); the second is the lower of the other of those two and
@@ -114,9 +134,19 @@ def tier_losses(proxy: torch.Tensor, topk: int = DEFAULT_TOPK,
                                                              torch.minimum(high1, high2)))
     loss_24 = two_smallest.sum(-1, dtype=torch.float64)
     # fp32 selection, fp64 sums: the difference keeps its precision when top-K holds most of it.
-    kept = blocks.topk(min(topk, b * b), dim=-1, sorted=False).values.sum(-1, dtype=torch.float64)
+    best = blocks.topk(min(topk, b * b), dim=-1, sorted=False)
+    kept = best.values.sum(-1, dtype=torch.float64)
     loss_topk = (total - kept).clamp_min(0)
-    return torch.stack([torch.zeros_like(total), loss_24, loss_topk], dim=-1)
+    losses = torch.stack([torch.zeros_like(total), loss_24, loss_topk], dim=-1)
+    if quant is None:
+        return losses
+    q = _blocks(_check_proxy(quant, name).to(proxy.device), b)
+    # The 2 of each group of 4 that 2:4 keeps (the largest proxies) and the top-K kept above.
+    kept_24 = blocks.reshape(nbr, nbc, -1, 4).argsort(dim=-1, descending=True, stable=True)[
+        ..., :2]
+    q_24 = q.reshape(nbr, nbc, -1, 4).gather(-1, kept_24).sum((-1, -2), dtype=torch.float64)
+    q_topk = q.gather(-1, best.indices).sum(-1, dtype=torch.float64)
+    return losses + torch.stack([q.sum(-1, dtype=torch.float64), q_24, q_topk], dim=-1)
 
 
 def minimum_budget(matrices: list[MatrixCost], allow_topk: bool = True) -> float:
@@ -264,7 +294,8 @@ def _lagrangian(m: MatrixCost, lam: float, allow_topk: bool) -> tuple[float, int
 
 def choose_topk(candidates: list[list[MatrixCost]], budget: float, *,
                 allow_topk: bool = True) -> list[MatrixCost]:
-    """For each matrix, which of its candidates (the same weight with different K) to allocate.
+    """For each matrix, which of its candidates (the same weight with different K and / or
+    value precision) to allocate.
 
     Every matrix takes the K whose allocation is cheapest in ``loss + lambda * bytes``, with one
     ``lambda`` for all of them, found by bisection as the smallest that meets ``budget`` (the
@@ -294,44 +325,62 @@ def choose_topk(candidates: list[list[MatrixCost]], budget: float, *,
     return choice(high)[0]
 
 
-def matrix_costs(proxy: torch.Tensor, topks: tuple[int, ...], block_size: int,
-                 dtype: torch.dtype, name: str = "weight") -> list[MatrixCost]:
-    """One :class:`MatrixCost` per candidate K in ``topks`` of a weight with loss proxy
-    ``proxy [out, in]``, its bytes counted in ``dtype``."""
+def matrix_costs(proxy: torch.Tensor, topks, block_size: int, dtype: torch.dtype,
+                 name: str = "weight", *, quant: dict[int, torch.Tensor | None] | None = None,
+                 group_size: int = DEFAULT_GROUP_SIZE) -> list[MatrixCost]:
+    """One :class:`MatrixCost` per candidate of a weight with loss proxy ``proxy [out, in]``:
+    ``topks`` the candidate K (every one with every precision of ``quant``) or ``(K, bits)``
+    pairs; bytes counted in ``dtype`` (16-bit values) or the codes' (low bits, in groups of
+    ``group_size``). ``quant``: ``{bits: the weights' rounding loss [out, in], None for 16}``,
+    default 16 bits only. A candidate whose top-K block is no cheaper than its 2:4 block is
+    refused naming the K that would do, except at low bits while other candidates remain (a K
+    meant for 16-bit values: low-bit values need a smaller one)."""
     out_f, in_f = proxy.shape
-    costs = []
-    for k in topks:
-        cost = MatrixCost(tier_losses(proxy, k, block_size, name), out_f, in_f, dtype, k,
-                          block_size)
+    quant = quant or {16: None}
+    pairs = [p if isinstance(p, tuple) else None for p in topks]
+    pairs = [p for p in pairs if p] or [(k, b) for b in quant for k in topks]
+    costs, refused = [], ""
+    for k, bits in pairs:
+        cost = MatrixCost(tier_losses(proxy, k, block_size, name, quant[bits]), out_f, in_f,
+                          dtype, k, block_size, bits=bits, group_size=group_size)
         _, two_four, topk = cost.block_costs
         if topk >= two_four:
-            per_slot = torch.empty((), dtype=dtype).element_size() + 1
-            raise ValueError(f"a top-K block with K={k} costs {topk} bytes in {dtype}, no less "
-                             f"than a 2:4 block ({two_four}): the top-K tier must be the "
-                             f"cheapest; choose K below {-(-(two_four - topk) // per_slot) + k}")
+            below = next(j for j in range(k, 0, -1)
+                         if tier_block_nbytes(dtype, block_size, j, bits)[2] < two_four) + 1
+            refused = (f"a top-K block with K={k} costs {topk} bytes in "
+                       f"{dtype if bits == 16 else f'int{bits}'}, no less than a 2:4 block "
+                       f"({two_four}): the top-K tier must be the cheapest; choose K below "
+                       f"{below}")
+            if bits == 16:
+                raise ValueError(refused)
+            continue
         costs.append(cost)
+    if not costs:
+        raise ValueError(refused)
     return costs
+
+
+def allocate_choices(candidates: dict[str, list[MatrixCost]], budget: float, *,
+                     allow_topk: bool = True) -> dict[str, tuple[torch.Tensor, MatrixCost]]:
+    """``{name: (tier map, the candidate chosen)}``: the matrices share ``budget``, each with the
+    candidate (K, precision) :func:`choose_topk` picks (:func:`matrix_costs`)."""
+    names = list(candidates)
+    cheapest = [min(candidates[n], key=lambda m: minimum_budget([m], allow_topk))
+                for n in names]
+    budget, _ = _check_budget(cheapest, budget, allow_topk)
+    chosen = choose_topk([candidates[n] for n in names], budget, allow_topk=allow_topk)
+    maps = _allocate(chosen, budget, minimum_budget(chosen, allow_topk), allow_topk)
+    return {n: (t, m) for n, t, m in zip(names, maps, chosen)}
 
 
 def allocate_all(candidates: dict[str, list[MatrixCost]], budget: float, *,
                  allow_topk: bool = True) -> dict[str, tuple[torch.Tensor, int]]:
-    """``{name: (tier map, K)}``: the matrices share ``budget``, each with the K
-    :func:`choose_topk` picks among its candidates (:func:`matrix_costs`)."""
-    names = list(candidates)
-    cheapest = [min(candidates[n], key=lambda m: m.topk) for n in names]
-    budget, _ = _check_budget(cheapest, budget, allow_topk)
-    chosen = choose_topk([candidates[n] for n in names], budget, allow_topk=allow_topk)
-    maps = _allocate(chosen, budget, minimum_budget(chosen, allow_topk), allow_topk)
-    return {n: (t, m.topk) for n, t, m in zip(names, maps, chosen)}
+    """``{name: (tier map, K)}`` of :func:`allocate_choices`."""
+    return {n: (t, m.topk) for n, (t, m) in
+            allocate_choices(candidates, budget, allow_topk=allow_topk).items()}
 
 
-def budget_shares(allocation: dict[str, tuple[torch.Tensor, int]],
-                  candidates: dict[str, list[MatrixCost]]) -> dict[str, float]:
-    """Each matrix's packed bytes / dense bytes in an :func:`allocate_all` result."""
-    shares = {}
-    for name, (tiers, k) in allocation.items():
-        m = next(c for c in candidates[name] if c.topk == k)
-        shares[name] = packed_nbytes(tiers, m.out_features, m.in_features, m.dtype, k,
-                                     m.block_size) / m.dense_nbytes
-    return shares
-
+def budget_shares(choices: dict[str, tuple[torch.Tensor, MatrixCost]]) -> dict[str, float]:
+    """Each matrix's packed bytes / dense bytes in an :func:`allocate_choices` result."""
+    return {name: cost.nbytes(tiers) / cost.dense_nbytes
+            for name, (tiers, cost) in choices.items()}

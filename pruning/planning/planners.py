@@ -4,8 +4,8 @@
 :class:`~pruning.planning.policy.TierPolicy` (:func:`make_planner`). The planner sees the model
 once before the layer loop (``prepare``: model-wide work, such as scoring every matrix of the
 unpruned model) and then each decoder layer in its turn (``for_layer``: ``{name in the layer:
-(tier map int8 [ceil(out/B), ceil(in/B)], K)}``). A matrix it leaves out ranks its own blocks
-by the pattern's rule inside the method (or has no tiers at all).
+MatrixPlan(tier map int8 [ceil(out/B), ceil(in/B)], K, bits)}``). A matrix it leaves out ranks
+its own blocks by the pattern's rule inside the method (or has no tiers at all).
 
 ============  ==========================================  =======================================
 planner       when                                        decides
@@ -25,24 +25,34 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from sparse_kernels.rules import tier_grid
 
-from ..methods import Method, get_method
+from ..methods import Method, get_method, quant_proxy
 from ..models import decoder_layers, get_weight, layer_of, named_linears
 from ..patterns import Pattern, block_scores, demote_tiers, kept_block_scores, rank_blocks_jointly
 from ..statistics import LinearStats, layerwise
-from .allocation import allocate_all, budget_shares, matrix_costs
+from .allocation import allocate_choices, budget_shares, matrix_costs
 from .policy import TierPolicy
 
-__all__ = ["PlanContext", "TierPlanner", "JointRanking", "ByteBudget", "Demotion",
-           "make_planner", "uncalibrated_stats"]
+__all__ = ["PlanContext", "MatrixPlan", "TierPlanner", "JointRanking", "ByteBudget",
+           "Demotion", "make_planner", "uncalibrated_stats"]
 
-# What a planner returns for one decoder layer: {name in the layer: (tier map, K)}.
-LayerPlan = dict[str, tuple[torch.Tensor, int]]
+
+class MatrixPlan(NamedTuple):
+    """What a planner decided for one matrix: its tier map, its K and its values' bits."""
+
+    tier_map: torch.Tensor
+    topk: int
+    bits: int
+
+
+# What a planner returns for one decoder layer: {name in the layer: MatrixPlan}.
+LayerPlan = dict[str, MatrixPlan]
 
 
 @dataclass
@@ -134,14 +144,14 @@ class JointRanking(TierPlanner):
         self.maps = _joint(scores, self.pattern)
 
     def for_layer(self, layer_name, linears, stats) -> LayerPlan:
-        k = self.pattern.topk
+        k, bits = self.pattern.topk, self.pattern.bits
         if self.maps is not None:
             prefix = layer_name + "."
-            return {n[len(prefix):]: (t, k) for n, t in self.maps.items()
+            return {n[len(prefix):]: MatrixPlan(t, k, bits) for n, t in self.maps.items()
                     if n.startswith(prefix)}
         scores = {n: _block_scores(self.method, m, stats[n], self.pattern.block_size)
                   for n, m in linears.items()}
-        return {n: (t, k) for n, t in _joint(scores, self.pattern).items()}
+        return {n: MatrixPlan(t, k, bits) for n, t in _joint(scores, self.pattern).items()}
 
 
 class ByteBudget(TierPlanner):
@@ -164,15 +174,22 @@ class ByteBudget(TierPlanner):
             self.layer_budgets = self._layer_budgets(context)
 
     def _candidates(self, method: Method, linears: dict, stats: dict, prefix: str = "") -> dict:
-        """``{name: [MatrixCost per candidate K]}`` by the method's loss proxy (``prefix`` +
-        name: the full name, for errors and caps)."""
-        topks = self.policy.candidate_topks(self.pattern)
+        """``{name: [MatrixCost per candidate K and bits]}`` by the method's loss proxy, a
+        low-bit candidate adding the estimated loss of rounding the weights it keeps
+        (``quant_proxy``: the round-to-nearest error at the group's scale, weighted as the
+        proxy weights a dropped weight); ``prefix`` + name: the full name, for errors and
+        caps."""
+        pairs = self.policy.candidates(self.pattern)
         candidates = {}
         for name, module in linears.items():
             weight = get_weight(module).detach()
-            costs = matrix_costs(method.loss_proxy(weight, stats[name]).cpu(), topks,
-                                 self.pattern.block_size,
-                                 self.policy.budget_dtype or weight.dtype, prefix + name)
+            proxy = method.loss_proxy(weight, stats[name]).cpu()
+            group = self.pattern.group_for(weight.shape[1])
+            quant = {b: None if b == 16 else quant_proxy(proxy, weight.cpu(), b, group)
+                     for b in self.policy.candidate_bits(self.pattern)}
+            costs = matrix_costs(proxy, pairs, self.pattern.block_size,
+                                 self.policy.budget_dtype or weight.dtype, prefix + name,
+                                 quant=quant, group_size=group)
             cap = self.caps.get(prefix + name)
             candidates[name] = costs if cap is None else \
                 [dataclasses.replace(c, best_tier=cap.to(torch.int8).cpu()) for c in costs]
@@ -187,8 +204,8 @@ class ByteBudget(TierPlanner):
         candidates = self._candidates(proxy_method, linears,
                                       {n: context.unpruned.get(n, LinearStats())
                                        for n in linears})
-        shares = budget_shares(allocate_all(candidates, self.policy.budget,
-                                            allow_topk=self.policy.allow_topk), candidates)
+        shares = budget_shares(allocate_choices(candidates, self.policy.budget,
+                                                allow_topk=self.policy.allow_topk))
         path = decoder_layers(context.model)[0]
         spent, dense = {}, {}
         for name, share in shares.items():
@@ -203,9 +220,11 @@ class ByteBudget(TierPlanner):
         candidates = self._candidates(self.method, linears, stats, layer_name + ".")
         allow_topk = self.policy.allow_topk
         if self.policy.ranking == "matrix":
-            return {n: allocate_all({n: c}, budget, allow_topk=allow_topk)[n]
-                    for n, c in candidates.items()}
-        return allocate_all(candidates, budget, allow_topk=allow_topk)
+            chosen = {n: allocate_choices({n: c}, budget, allow_topk=allow_topk)[n]
+                      for n, c in candidates.items()}
+        else:
+            chosen = allocate_choices(candidates, budget, allow_topk=allow_topk)
+        return {n: MatrixPlan(t, cost.topk, cost.bits) for n, (t, cost) in chosen.items()}
 
 
 class Demotion(TierPlanner):
@@ -226,9 +245,10 @@ class Demotion(TierPlanner):
             scores = self.method.scores(weight, stats[name])
             last = self.previous.get(f"{layer_name}.{name}",
                                      torch.zeros(tier_grid(*weight.shape, b), dtype=torch.int8))
-            plan[name] = (demote_tiers(last.cpu(), block_scores(scores, b).cpu(),
-                                       kept_block_scores(scores, weight, b).cpu(),
-                                       self.pattern.tier_ratios), self.pattern.topk)
+            plan[name] = MatrixPlan(demote_tiers(last.cpu(), block_scores(scores, b).cpu(),
+                                                 kept_block_scores(scores, weight, b).cpu(),
+                                                 self.pattern.tier_ratios),
+                                    self.pattern.topk, self.pattern.bits)
         return plan
 
 

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from sparse_kernels.rules import DEFAULT_TOPK, RESEARCH_MIX, check_topk
+from sparse_kernels.rules import (DEFAULT_GROUP_SIZE, DEFAULT_TOPK, RESEARCH_MIX, check_bits,
+                                  check_topk, scaled_topk)
 
 from ..patterns import TIERED_KINDS, Pattern, parse_pattern
 from .allocation import check_budget_value
@@ -41,6 +42,9 @@ class TierPolicy:
     topk_choices: with a budget, candidate values of K; each matrix gets the one its allocation
         loses least with (one K per matrix: the format's top-K slots are fixed). None: the
         pattern's K.
+    bits_choices: with a budget, candidate value precisions (16, 8, 4); each matrix gets the
+        one (with its K) whose allocation loses least for the bytes: structure and precision
+        chosen together. None: the pattern's bits.
 
     Constructing one validates it alone; :meth:`check` validates it with a pattern.
     """
@@ -50,6 +54,7 @@ class TierPolicy:
     budget_dtype: torch.dtype | None = None
     allow_topk: bool = True
     topk_choices: tuple[int, ...] | None = None
+    bits_choices: tuple[int, ...] | None = None
 
     def __post_init__(self):
         if self.ranking not in ("matrix", "layer", "model"):
@@ -62,10 +67,11 @@ class TierPolicy:
             raise ValueError(f"budget_dtype must be a floating-point torch dtype or None, got "
                              f"{self.budget_dtype!r}")
         if self.budget is None:
-            if not self.allow_topk or self.budget_dtype is not None or self.topk_choices:
-                raise ValueError("allow_topk, budget_dtype and several K (topk_choices) apply "
-                                 "to a byte budget: pass budget= as well (or use tier_ratios "
-                                 "with a 0 top-K share)")
+            if not self.allow_topk or self.budget_dtype is not None or self.topk_choices \
+                    or self.bits_choices:
+                raise ValueError("allow_topk, budget_dtype and several K or bits (topk_choices, "
+                                 "bits_choices) apply to a byte budget: pass budget= as well "
+                                 "(or use tier_ratios with a 0 top-K share)")
             return
         object.__setattr__(self, "budget", check_budget_value(self.budget))
         if self.topk_choices is not None:
@@ -75,6 +81,11 @@ class TierPolicy:
                 raise ValueError(f"topk_choices must be integers in 1..block_size^2, got "
                                  f"{self.topk_choices!r}")
             object.__setattr__(self, "topk_choices", tuple(sorted(set(choices))))
+        if self.bits_choices is not None:
+            if not self.bits_choices:
+                raise ValueError("bits_choices must name at least one of 16, 8, 4")
+            object.__setattr__(self, "bits_choices", tuple(sorted(
+                {check_bits(b) for b in self.bits_choices}, reverse=True)))
 
     def check(self, pattern: Pattern) -> None:
         """``ValueError`` unless this policy applies to ``pattern``."""
@@ -96,19 +107,32 @@ class TierPolicy:
         for k in self.topk_choices or ():
             check_topk(k, pattern.block_size)
 
-    def candidate_topks(self, pattern: Pattern) -> tuple[int, ...]:
-        """The K a budget chooses between for each matrix."""
-        return self.topk_choices or (pattern.topk,)
+    def candidate_bits(self, pattern: Pattern) -> tuple[int, ...]:
+        """The value precisions a budget chooses between for each matrix."""
+        return self.bits_choices or (pattern.bits,)
+
+    def candidates(self, pattern: Pattern) -> list[tuple[int, int]]:
+        """The ``(K, bits)`` a budget chooses between for each matrix: every candidate K with
+        every precision when several K are given, else the pattern's K at 16 bits and, for low
+        bits, the K whose top-K block keeps the same share of a 2:4 block's bytes
+        (``rules.scaled_topk``)."""
+        bits = self.candidate_bits(pattern)
+        if self.topk_choices:
+            return [(k, b) for b in bits for k in self.topk_choices]
+        return [(scaled_topk(pattern.topk, b, pattern.block_size), b) for b in bits]
 
     def describe(self, pattern: Pattern) -> str:
         """A one-line summary of the pattern under this policy, for logs and reports."""
         if self.budget is None:
             return pattern.describe(self.ranking)
         tiers = "" if self.allow_topk else ", dense + 2:4 only"
-        k = "/".join(map(str, self.candidate_topks(pattern)))
+        k = "/".join(map(str, sorted({k for k, _ in self.candidates(pattern)})))
         counted = "" if self.budget_dtype is None else \
             f", bytes in {str(self.budget_dtype).replace('torch.', '')}"
-        return (f"three_tier budget {self.budget:g} (K={k}, B={pattern.block_size}, per "
+        bits = self.candidate_bits(pattern)
+        values = "" if bits == (16,) else \
+            f", int{'/'.join(map(str, bits))} g{pattern.group_size}".replace("int16", "16 bits")
+        return (f"three_tier budget {self.budget:g} (K={k}, B={pattern.block_size}{values}, per "
                 f"{self.ranking}{tiers}{counted})")
 
 
@@ -116,14 +140,15 @@ def tier_settings(pattern: str | Pattern = "three_tier", *, sparsity: float = 0.
                   tier_ratios=None, topk: int | tuple[int, ...] | list[int] | None = None,
                   block_size: int = 16, within_block: str = "score", ranking: str = "matrix",
                   use_variant: bool = False, budget: float | None = None,
-                  budget_dtype: torch.dtype | None = None,
-                  allow_topk: bool = True) -> tuple[Pattern, TierPolicy]:
+                  budget_dtype: torch.dtype | None = None, allow_topk: bool = True,
+                  bits: int | tuple[int, ...] | list[int] = 16,
+                  group_size: int = DEFAULT_GROUP_SIZE) -> tuple[Pattern, TierPolicy]:
     """``(Pattern, TierPolicy)`` from ``pruning.prune``'s arguments, validated together.
 
     ``topk``: one K, or several candidates a byte budget chooses between per matrix (default 64
-    with a budget, else 15). ``ranking="row"`` is the pattern's ``per_row`` with ranking per
-    matrix. ``tier_ratios`` and ``budget`` exclude each other (default ratios: the research
-    code's mix).
+    with a budget, else 15). ``bits``: one precision, or several a byte budget chooses between
+    per matrix. ``ranking="row"`` is the pattern's ``per_row`` with ranking per matrix.
+    ``tier_ratios`` and ``budget`` exclude each other (default ratios: the research code's mix).
     """
     if tier_ratios is not None and budget is not None:
         raise ValueError("give three_tier either a byte budget or tier_ratios, not both")
@@ -137,11 +162,20 @@ def tier_settings(pattern: str | Pattern = "three_tier", *, sparsity: float = 0.
             raise ValueError(f"several K (topk={tuple(topk)}) are chosen between per matrix by "
                              f"a byte budget: pass budget= too, or one K")
         choices, topk = tuple(topk), min(topk) if topk else DEFAULT_TOPK
+    bits_choices = None
+    if isinstance(bits, (tuple, list)):
+        if budget is None and len(set(bits)) > 1:
+            raise ValueError(f"several precisions (bits={tuple(bits)}) are chosen between per "
+                             f"matrix by a byte budget: pass budget= too, or one bits")
+        bits_choices = tuple(bits) if budget is not None else None
+        bits = max(bits) if bits else 16
     spec = parse_pattern(pattern, sparsity=sparsity,
                          tier_ratios=RESEARCH_MIX if tier_ratios is None else tier_ratios,
                          topk=topk, block_size=block_size, within_block=within_block,
-                         per_row=ranking == "row", use_variant=use_variant)
+                         per_row=ranking == "row", use_variant=use_variant, bits=bits,
+                         group_size=group_size)
     policy = TierPolicy(ranking="matrix" if ranking == "row" else ranking, budget=budget,
-                        budget_dtype=budget_dtype, allow_topk=allow_topk, topk_choices=choices)
+                        budget_dtype=budget_dtype, allow_topk=allow_topk, topk_choices=choices,
+                        bits_choices=bits_choices)
     policy.check(spec)
     return spec, policy
