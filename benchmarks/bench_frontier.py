@@ -41,10 +41,19 @@ SERIES = {
     "sparsegpt-model": dict(method="sparsegpt", ranking="model", sensitivity="gradient"),
     "sparsegpt-model-dense+2:4": dict(method="sparsegpt", ranking="model",
                                       sensitivity="gradient", allow_topk=False),
+    # Structure and precision chosen together: each matrix takes its tiers and 16, 8 or 4 bits
+    # (groups of 64: 128 does not divide the embedded model's 576-wide inputs).
+    "sparsegpt-model-bits": dict(method="sparsegpt", ranking="model", sensitivity="gradient",
+                                 bits=(16, 8, 4), group_size=64),
+    "sparsegpt-model-int4": dict(method="sparsegpt", ranking="model", sensitivity="gradient",
+                                 bits=4, group_size=64),
 }
+LOW_BUDGETS = (0.15, 0.20, 0.25, 0.27, 0.30, 0.35, 0.45)
 # Budgets a series runs at when not all of BUDGETS (dense + 2:4 cannot go below all-2:4).
 SERIES_BUDGETS = {"sparsegpt-layer": (0.5625, 0.62),
-                  "sparsegpt-model-dense+2:4": (0.62, 0.70, 0.80)}
+                  "sparsegpt-model-dense+2:4": (0.62, 0.70, 0.80),
+                  "sparsegpt-model-bits": LOW_BUDGETS + (0.62,),
+                  "sparsegpt-model-int4": (0.15, 0.20, 0.25, 0.27)}
 _RECIPE = RECIPE  # the default recipe's prune() arguments besides the budget (workflows.py)
 # Single configurations: baselines, references, and the choices the recipe made.
 FIXED = {
@@ -69,6 +78,18 @@ FIXED = {
     "sparsegpt-model-K15@0.5625": dict(_RECIPE, budget=0.5625, topk=15),
     "sparsegpt-model-K15@0.62": dict(_RECIPE, budget=0.62, topk=15),
     "sparsegpt-model-K15/32/64@0.5625": dict(_RECIPE, budget=0.5625, topk=(15, 32, 64)),
+    # Quantization alone, from the same code (pattern "dense"): GPTQ and round-to-nearest.
+    "gptq-int8-g64": dict(method="sparsegpt", pattern="dense", bits=8, group_size=64),
+    "gptq-int4-g64": dict(method="sparsegpt", pattern="dense", bits=4, group_size=64),
+    "rtn-int4-g64": dict(method="magnitude", pattern="dense", bits=4, group_size=64),
+    "gptq-int4-g128": dict(method="sparsegpt", pattern="dense", bits=4, group_size=128),
+    # The fixed-structure peers with low-bit values: 2:4 + int4 (Sparse-Marlin's format), and
+    # int8 at the structures of the fp16 baselines (int8 must cost them nearly nothing).
+    "sparsegpt-2:4-int4-g64": dict(method="sparsegpt", pattern="2:4", bits=4, group_size=64),
+    "sparsegpt-2:4-int8-g64": dict(method="sparsegpt", pattern="2:4", bits=8, group_size=64),
+    "sparsegpt-mix-0.35/0.45/0.20-int8-g64": dict(method="sparsegpt", pattern="three_tier",
+                                                  tier_ratios=(0.35, 0.45, 0.20), bits=8,
+                                                  group_size=64),
 }
 MAP_CONFIG = "sparsegpt-model@0.62"
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -120,17 +141,21 @@ def measure(run, name: str, arguments: dict, budget_dtype: torch.dtype,
 
 
 def _packed_fraction(model, result, dtype: torch.dtype) -> float:
-    """Packed bytes / dense bytes of the pruned weights, measured by packing them (the report
-    counts them without packing: this checks it)."""
+    """Packed bytes / dense bytes (in ``dtype``) of the pruned weights, measured by packing
+    them (the report counts them without packing: this checks it)."""
     import sparse_kernels as sk
     from pruning.models import get_weight
+    from sparse_kernels.rules import group_size_for
 
     modules = dict(model.named_modules())
     packed = dense = 0
     for name, tiers in result.tier_maps.items():
         weight = get_weight(modules[name]).detach().to(dtype)
-        hw = sk.HybridWeight.from_dense(weight, tiers, result.topks[name], result.block_size)
-        packed, dense = packed + hw.nbytes, dense + hw.dense_nbytes
+        hw = sk.HybridWeight.from_dense(
+            weight, tiers, result.topks[name], result.block_size, bits=result.bits[name],
+            group_size=group_size_for(weight.shape[1], result.group_size, result.block_size),
+            scales=result.scales.get(name))
+        packed, dense = packed + hw.nbytes, dense + weight.numel() * weight.element_size()
     return packed / dense
 
 
