@@ -78,6 +78,8 @@ FIXED = {
     "sparsegpt-model-K15@0.5625": dict(_RECIPE, budget=0.5625, topk=15),
     "sparsegpt-model-K15@0.62": dict(_RECIPE, budget=0.62, topk=15),
     "sparsegpt-model-K15/32/64@0.5625": dict(_RECIPE, budget=0.5625, topk=(15, 32, 64)),
+    # Today's fp16 recipe at its default budget, beside the low-bit series of one run.
+    "sparsegpt-model@0.62": dict(_RECIPE, budget=0.62),
     # Quantization alone, from the same code (pattern "dense"): GPTQ and round-to-nearest.
     "gptq-int8-g64": dict(method="sparsegpt", pattern="dense", bits=8, group_size=64),
     "gptq-int4-g64": dict(method="sparsegpt", pattern="dense", bits=4, group_size=64),
