@@ -24,6 +24,7 @@ time with its host overhead (sync, Python, dispatch) is recorded beside it (``ca
 """
 import argparse
 import contextlib
+import dataclasses
 import os
 import statistics
 import sys
@@ -37,6 +38,8 @@ from common import (TIER_MIXES, CacheFlusher, append_jsonl, default_backends,  #
                     kernel_ms, median_ms, relative_error, results_path, significant,
                     write_results)
 from sparse_kernels import apply_tier_map, assign_tiers  # noqa: E402
+from sparse_kernels.quant import dequantize, group_scales, quantize  # noqa: E402
+from sparse_kernels.rules import QMAX, group_size_for  # noqa: E402
 from sparse_kernels.backends import (CUDA_KERNELS, DECODE_ENV, DECODE_MAX_ROWS,  # noqa: E402
                                      PREFILL_ENV)
 
@@ -56,6 +59,12 @@ def parse_args(argv=None):
     p.add_argument("--mixes", default=",".join(TIER_MIXES),
                    help=f"tier mixes among {', '.join(TIER_MIXES)}")
     p.add_argument("--topk", type=int, default=15, help="K of top-K blocks (default 15)")
+    p.add_argument("--bits", default="16,8,4",
+                   help="precisions of the hybrid values, side by side: 16 (the float dtype), 8 "
+                        "or 4 (codes with fp16 group scales; these also time torch's dense int8 / "
+                        "int4 weight-only CPU kernels); default 16,8,4")
+    p.add_argument("--group-size", type=int, default=128,
+                   help="preferred quantization group (rules.group_size_for; default 128)")
     p.add_argument("--dtype", choices=DTYPES, default=None,
                    help="value dtype (default float32 on cpu, float16 on cuda)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
@@ -102,14 +111,44 @@ def parse_shapes(text):
 
 
 def make_weight(out_f, in_f, ratios, topk, dtype, device):
-    """A random weight pruned to ``ratios`` by Wanda-style block scores (unit activations)."""
+    """A random weight pruned to ``ratios`` by Wanda-style block scores (unit activations):
+    ``(weight, tier map, masked weight, packed)``, the last two on ``device``."""
     g = torch.Generator().manual_seed(out_f * 31 + in_f)
     weight = torch.randn(out_f, in_f, generator=g)
     scores, block_scores = sk.wanda_scores(weight, torch.ones(in_f))
     tiers = assign_tiers(block_scores, ratios)
     masked = apply_tier_map(weight, tiers, topk, scores=scores).to(dtype)
     packed = sk.HybridWeight.from_dense(masked, tiers, topk)
-    return masked.to(device), packed.to(device)
+    return weight, tiers, masked.to(device), packed.to(device)
+
+
+def torch_lowbit_baseline(weight: torch.Tensor, bits: int, group_size: int):
+    """torch's own dense weight-only kernel at ``bits`` on the CPU (the one torchao uses), on the
+    whole unpruned ``weight``: ``((dequantized weight, {x dtype: x -> y}, bytes), None)``, or
+    ``(None, why not)``. int4: symmetric codes in groups of ``group_size`` (stored as code + 8
+    with zero points 0) and bf16 scales; int8: one scale per row."""
+    if weight.device.type != "cpu":
+        return None, "torch's int4 / int8 weight-only kernels here are the CPU ones"
+    w = weight.float()
+    in_f = w.shape[1]
+    # Off these widths torch's kernels read past a row (int8 with bf16 x crashes at 200 columns).
+    if in_f % 32 or bits == 4 and in_f % group_size:
+        return None, (f"torch's int{bits} CPU kernel needs in_features a multiple of 32"
+                      f"{f' and of the group {group_size}' if bits == 4 else ''}, got {in_f}")
+    if bits == 4:
+        scales = group_scales(w, 4, group_size).to(torch.bfloat16)
+        codes = quantize(w, scales, 4, group_size)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.int() + 8, 2)
+        scale_zero = torch.stack([scales.t(), torch.zeros_like(scales.t())], -1).contiguous()
+        calls = {dt: (lambda x, sz=scale_zero.to(dt): torch.ops.aten._weight_int4pack_mm_for_cpu(
+                     x, packed, group_size, sz)) for dt in (torch.float32, torch.bfloat16)}
+        return (dequantize(codes, scales, group_size), calls,
+                packed.numel() + scale_zero.numel() * 2), None
+    scales = (w.abs().amax(1) / QMAX[8]).clamp_min(1e-12)
+    codes = (w / scales[:, None]).round().clamp(-QMAX[8], QMAX[8]).to(torch.int8)
+    calls = {dt: (lambda x, s=scales.to(dt): torch.ops.aten._weight_int8pack_mm(x, codes, s))
+             for dt in (torch.float32, torch.bfloat16)}
+    return (codes.float() * scales[:, None], calls, codes.numel() + scales.numel() * 2), None
 
 
 def semi_structured_baseline(masked: torch.Tensor):
@@ -233,9 +272,22 @@ def kernel_variant(backend, variant, active_isa):
                 os.environ[name] = value
 
 
+def measure_hybrid(hw, reference, x, backend, variant, active_isa, tolerance, timer, dense):
+    """One of our kernels on packed weight ``hw`` (checked against ``reference``, the weight it
+    stands for), with its speedup over the ``dense`` record; v2 also with its layout."""
+    def hybrid(v):
+        return sk.hybrid_linear(v, hw, backend=backend)
+    with kernel_variant(backend, variant, active_isa):
+        rec = with_speedup(measure(hybrid, reference.to(x.dtype), x, tolerance, timer), dense)
+    if kernel_label(backend, variant, x.device) == "cuda-v2" and "ms" in rec:
+        rec.update(decode_layout_fields(hw, x, rec["ms"]))
+    return rec
+
+
 def print_row(rec):
     shape = f"{rec['out_features']}x{rec['in_features']}"
-    start = f"{rec['kernel']:12} {rec['dtype']:9} {shape:>11} {rec['mix']:9} {rec['batch']:>5}"
+    start = (f"{rec['kernel']:12} {rec['dtype']:9} {rec.get('bits', 16):>4} {shape:>11} "
+             f"{rec['mix']:9} {rec['batch']:>5}")
     if not rec["output_ok"]:
         why = rec.get("error") or f"wrong output (max relative error {rec['max_rel_error']:.3g})"
         print(f"{start}  !! {why}: not timed", flush=True)
@@ -245,6 +297,106 @@ def print_row(rec):
     rate = f"  {rec['gb_per_s']:.0f} GB/s, {rec['tasks']} tasks" if "gb_per_s" in rec else ""
     print(f"{start} {rec['ms']:>9.4f} {speedup} "
           f"{rec['packed_bytes'] / rec['dense_bytes']:>12.3f}{calls}{rate}", flush=True)
+
+
+@dataclasses.dataclass
+class Run:
+    """What every measurement of one bench_linear run shares."""
+    device: torch.device
+    dtype: torch.dtype
+    topk: int
+    bits: list
+    group_size: int  # the preferred one (rules.group_size_for picks per input width)
+    batches: list
+    variants: list  # (backend, variant) of the float kernels
+    lowbit_variants: list  # and of the low-bit ones
+    active_isa: str
+    timer: "Timer"
+    keep: object  # record -> None: prints and saves it
+    torch_lowbit_ms: dict = dataclasses.field(default_factory=dict)  # (shape, batch, bits)
+
+
+def bench_shape(run: Run, shape, mix: str, with_baselines: bool) -> None:
+    """Every record of one weight shape and tier mix: per batch the baselines (``F.linear``; with
+    ``with_baselines`` also torch-2:4 and torch's dense int8 / int4), then each of our kernels on
+    the same structure at each precision of ``run.bits``."""
+    device, dtype, tolerance = run.device, run.dtype, TOLERANCE[run.dtype]
+    ratios = TIER_MIXES[mix]
+    group_size = group_size_for(shape[1], run.group_size)
+    weight, tiers, masked, packed = make_weight(*shape, ratios, run.topk, dtype, device)
+    # The same structure at every precision: (the weight it stands for, packed).
+    weights = {16: (masked, packed)} if 16 in run.bits else {}
+    for bits in (b for b in run.bits if b < 16):
+        low = sk.HybridWeight.from_dense(masked.float().cpu(), tiers, run.topk, bits=bits,
+                                         group_size=group_size).to(device)
+        weights[bits] = (low.to_dense(), low)
+    baseline_24, why_not = (semi_structured_baseline(masked) if with_baselines
+                            else (None, None))
+    if why_not:
+        print(f"(no torch-2:4 baseline for {shape}: {why_not})")
+    lowbit_baselines = {}
+    for bits in (b for b in run.bits if b < 16 and with_baselines):
+        lowbit_baselines[bits], why_not = torch_lowbit_baseline(weight, bits, group_size)
+        if why_not:
+            print(f"(no torch int{bits} baseline for {shape}: {why_not})")
+    for batch in run.batches:
+        x = torch.randn(batch, shape[1], device=device).to(dtype)
+        common = dict(record="linear", mix=mix, dtype=str(dtype).removeprefix("torch."), bits=16,
+                      out_features=shape[0], in_features=shape[1], batch=batch,
+                      tier_ratios=list(ratios), topk=run.topk, packed_bytes=packed.nbytes,
+                      ideal_bytes=packed.ideal_nbytes, dense_bytes=packed.dense_nbytes)
+        # The baselines first, each written before any of our kernels runs: a kernel that brings
+        # the process down cannot take them with it.
+        dense = dict(common, kernel=kernel_label("dense", None, device), backend="torch",
+                     **measure(lambda v: F.linear(v, masked), masked, x, tolerance, run.timer))
+        run.keep(dense)
+        if baseline_24 is not None:
+            weight_24, call_24 = baseline_24
+            half = shape[0] * shape[1] * masked.element_size()
+            run.keep(dict(common, kernel="torch-2:4", backend="torch", mix="all-2:4",
+                          tier_ratios=[0.0, 1.0, 0.0], packed_bytes=half // 2 + half // 16,
+                          ideal_bytes=half // 2 + half // 16, dense_bytes=half,
+                          **with_speedup(measure(call_24, weight_24, x, tolerance, run.timer),
+                                         dense)))
+        for bits, baseline in lowbit_baselines.items():
+            if baseline is not None:
+                bench_torch_lowbit(run, baseline, bits, x, common, dense,
+                                   group_size if bits == 4 else shape[1])
+        for bits, (reference, hw) in weights.items():
+            fields = dict(common, bits=bits, packed_bytes=hw.nbytes, ideal_bytes=hw.ideal_nbytes,
+                          dense_bytes=hw.dense_nbytes)
+            if bits < 16:
+                fields["group_size"] = group_size
+            for backend, variant in (run.variants if bits == 16 else run.lowbit_variants):
+                if not applies(backend, variant, batch):
+                    continue
+                rec = measure_hybrid(hw, reference, x, backend, variant, run.active_isa,
+                                     tolerance, run.timer, dense)
+                versus = run.torch_lowbit_ms.get((shape, batch, bits))
+                if versus is not None and "ms" in rec:
+                    rec.update(torch_lowbit_ms=versus,
+                               speedup_vs_torch_lowbit=significant(versus / rec["ms"]))
+                run.keep(dict(fields, kernel=kernel_label(backend, variant, device),
+                              backend=backend, **rec))
+
+
+def bench_torch_lowbit(run: Run, baseline, bits: int, x, common: dict, dense: dict,
+                       group_size: int) -> None:
+    """torch's dense int``bits`` kernel with x in each dtype it takes; keeps its fastest time
+    for our low-bit records of the same shape and batch to compare with."""
+    reference, calls, nbytes = baseline
+    for x_dtype, call in calls.items():
+        xb = x.to(x_dtype)
+        rec = with_speedup(measure(call, reference.to(x_dtype), xb, TOLERANCE[x_dtype],
+                                   run.timer), dense)
+        run.keep(dict(common, kernel=f"torch-int{bits}", backend="torch", mix="all-dense",
+                      dtype=str(x_dtype).removeprefix("torch."), bits=bits,
+                      group_size=group_size, tier_ratios=[1.0, 0.0, 0.0], packed_bytes=nbytes,
+                      ideal_bytes=nbytes, dense_bytes=common["out_features"] * x.shape[1] * 2,
+                      **rec))
+        if "ms" in rec:
+            key = ((common["out_features"], x.shape[1]), x.shape[0], bits)
+            run.torch_lowbit_ms[key] = min(rec["ms"], run.torch_lowbit_ms.get(key, rec["ms"]))
 
 
 def main(argv=None):
@@ -274,10 +426,15 @@ def main(argv=None):
     if unknown:
         raise SystemExit(f"--mixes: unknown {unknown}; choose from {list(TIER_MIXES)}")
     batches = [int(b) for b in args.batches.split(",")]
+    try:
+        bits_list = [sk.rules.check_bits(int(b)) for b in args.bits.split(",")]
+    except ValueError as exc:
+        raise SystemExit(f"--bits: {exc}")
+    # Low-bit values have one CUDA path (hybrid_linear_q), not the three float kernels.
+    lowbit_variants = list(dict.fromkeys((b, None if b == "cuda" else v) for b, v in variants))
     flush = None if args.warm_cache else CacheFlusher(device)
     repeats = args.repeats or (3 if device.type == "cuda" else 1)
     timer = Timer(device, args.warmup, args.iters, flush, repeats)
-    tolerance = TOLERANCE[dtype]
 
     records = []
 
@@ -286,50 +443,15 @@ def main(argv=None):
         append_jsonl(args.jsonl, rec)
         print_row(rec)
 
-    header = (f"{'kernel':12} {'dtype':9} {'shape':>11} {'mix':9} {'batch':>5} {'ms':>9} "
-              f"{'speedup':>7} {'packed/dense':>12}")
+    run = Run(device, dtype, args.topk, bits_list, args.group_size, batches, variants,
+              lowbit_variants, active_isa, timer, keep)
+    header = (f"{'kernel':12} {'dtype':9} {'bits':>4} {'shape':>11} {'mix':9} {'batch':>5} "
+              f"{'ms':>9} {'speedup':>7} {'packed/dense':>12}")
     print(header)
     print("-" * len(header))
     for shape in parse_shapes(args.shapes):
         for mix_index, mix in enumerate(mixes):
-            ratios = TIER_MIXES[mix]
-            masked, packed = make_weight(*shape, ratios, args.topk, dtype, device)
-            baseline_24, why_not = (semi_structured_baseline(masked) if mix_index == 0
-                                    else (None, None))
-            if why_not:
-                print(f"(no torch-2:4 baseline for {shape}: {why_not})")
-            for batch in batches:
-                x = torch.randn(batch, shape[1], device=device).to(dtype)
-                common = dict(record="linear", mix=mix, dtype=str(dtype).removeprefix("torch."),
-                              out_features=shape[0], in_features=shape[1], batch=batch,
-                              tier_ratios=list(ratios), topk=args.topk,
-                              packed_bytes=packed.nbytes, ideal_bytes=packed.ideal_nbytes,
-                              dense_bytes=packed.dense_nbytes)
-                # The baselines first, each written before any of our kernels runs: a kernel
-                # that brings the process down cannot take them with it.
-                dense = dict(common, kernel=kernel_label("dense", None, device), backend="torch",
-                             **measure(lambda v: F.linear(v, masked), masked, x, tolerance, timer))
-                keep(dense)
-                if baseline_24 is not None:
-                    weight_24, call_24 = baseline_24
-                    half = shape[0] * shape[1] * masked.element_size()
-                    keep(dict(common, kernel="torch-2:4", backend="torch", mix="all-2:4",
-                              tier_ratios=[0.0, 1.0, 0.0], packed_bytes=half // 2 + half // 16,
-                              ideal_bytes=half // 2 + half // 16, dense_bytes=half,
-                              **with_speedup(measure(call_24, weight_24, x, tolerance, timer),
-                                             dense)))
-                for backend, variant in variants:
-                    if not applies(backend, variant, batch):
-                        continue
-                    label = kernel_label(backend, variant, device)
-
-                    def hybrid(v, backend=backend):
-                        return sk.hybrid_linear(v, packed, backend=backend)
-                    with kernel_variant(backend, variant, active_isa):
-                        rec = with_speedup(measure(hybrid, masked, x, tolerance, timer), dense)
-                    if label == "cuda-v2" and "ms" in rec:
-                        rec.update(decode_layout_fields(packed, x, rec["ms"]))
-                    keep(dict(common, kernel=label, backend=backend, **rec))
+            bench_shape(run, shape, mix, with_baselines=mix_index == 0)
     path = args.out or results_path(device)
     write_results(path, device, records, threads=torch.get_num_threads(), cpu_isa=active_isa,
                   cache="warm" if args.warm_cache else "cold",

@@ -8,7 +8,8 @@ GPU machine (one command of at most 10 minutes, at most 8 files back from its ou
 Steps, in order of value, each in its own process (a fault in one cannot take another's numbers):
 environment -> build for this GPU only -> backends (the CUDA ops registered, or every CUDA step
 skipped with the reason) -> smoke (the CUDA kernels' outputs) -> decode v2, then v1 (three
-LLaMA-2-7B shapes, batch 1 and 16, against cuBLAS and torch's 2:4) -> the CUDA kernel tests ->
+LLaMA-2-7B shapes, batch 1 and 16, against cuBLAS and torch's 2:4) -> int4 / int8 values decoded
+by Triton (against cuBLAS fp16) -> the CUDA kernel tests ->
 compute-sanitizer -> one ncu reading of v2 -> Triton decode -> prefill 2048 -> whole-model
 decode tokens/s -> pruning kernels.
 
@@ -185,9 +186,10 @@ def plan(python: str, out: str, dry: bool, scratch: str, arch: str | None) -> li
         prune_shape, dry_flag = "4096x11008", []
 
     def linear(name, cap, backends, batches, *extra, needs="cuda", iters=iters):
+        bits = [] if "--bits" in extra else ["--bits", "16"]
         return Step(name, cap, [python, bench, "--device", dev, "--dtype", dtype, "--iters",
                                 iters, "--backends", backends, "--mixes", "hybrid", "--shapes",
-                                shapes, "--batches", batches, *extra, "--jsonl", kernels,
+                                shapes, "--batches", batches, *bits, *extra, "--jsonl", kernels,
                                 "--out", os.path.join(scratch, name.replace(" ", "-") + ".json")],
                     needs=needs)
 
@@ -206,6 +208,8 @@ def plan(python: str, out: str, dry: bool, scratch: str, arch: str | None) -> li
                            "--dtype", dtype, "--backends", native, *smoke, "--jsonl", kernels]),
         linear("decode v2", 90, native, decode, "--cuda-kernels", "v2"),
         linear("decode v1", 90, native, decode, "--cuda-kernels", "v1"),
+        linear("decode int4 / int8 (triton)", 90, "triton", decode, "--bits", "4,8",
+               needs="gpu"),
         Step("tests: cuda kernels", 75,
              [python, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "--maxfail", "10",
               *(["--timeout", "20"] if has_module(python, "pytest_timeout") else []),

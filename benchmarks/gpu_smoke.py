@@ -66,7 +66,7 @@ def check_metadata(backend: str, device: torch.device, dtype: torch.dtype) -> di
 @functools.lru_cache(maxsize=4)
 def shape_weight(shape, topk, dtype, device):
     """(masked, packed) of a shape, built once for every backend, kernel and batch."""
-    return make_weight(*shape, TIER_MIXES["hybrid"], topk, dtype, device)
+    return make_weight(*shape, TIER_MIXES["hybrid"], topk, dtype, device)[2:]
 
 
 def check_shape(backend: str, shape, batch: int, device, dtype, topk: int = 15) -> dict:

@@ -182,7 +182,7 @@ def run_case(kernel: str, dtype_name: str, rows: int, shape: str, device: torch.
 
     dtype = getattr(torch, dtype_name)
     (out_f, in_f), = parse_shapes(shape)
-    masked, packed = make_weight(out_f, in_f, TIER_MIXES["hybrid"], 15, dtype, device)
+    _, _, masked, packed = make_weight(out_f, in_f, TIER_MIXES["hybrid"], 15, dtype, device)
     backend = "cuda" if device.type == "cuda" else None
     worst = 0.0
     with kernel_variant(backend, kernel if backend else None, sk.cpu_isa()):

@@ -1,4 +1,6 @@
 """Backend discovery and selection."""
+import warnings
+
 import pytest
 import torch
 
@@ -60,3 +62,19 @@ def test_cuda_matmul_kernel_follows_rows_and_environment(monkeypatch):
     with pytest.raises(ValueError, match="SPARSE_KERNELS_CUDA_DECODE='v3': expected one of v1, v2"):
         cuda_matmul_kernel(1)
 
+
+
+@needs_cpu_backend
+def test_an_op_without_a_kernel_says_so_once_and_the_reference_serves_it(monkeypatch):
+    from sparse_kernels import _ops, reference
+
+    monkeypatch.setattr(_ops, "_HAS_KERNEL", {})
+    hw, masked = random_hybrid(20, 30)
+    args = (*hw.packed_tensors(), 20, 30)  # the C++ library has no CPU unpack_hybrid
+    with pytest.warns(UserWarning, match="the cpu backend has no kernel for unpack_hybrid: the "
+                                         "torch reference serves it"):
+        got = _ops.call_op("unpack_hybrid", "cpu", torch.device("cpu"), *args)
+    assert torch.equal(got, reference.unpack_blocks(*args)) and torch.equal(got, masked)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _ops.call_op("unpack_hybrid", "cpu", torch.device("cpu"), *args)

@@ -28,7 +28,7 @@ import bench_prune_kernels  # noqa: E402
 def test_bench_linear_writes_side_by_side_records(tmp_path):
     out, lines = tmp_path / "linear.json", tmp_path / "linear.jsonl"
     bench_linear.main(["--shapes", "48x80", "--batches", "1,17", "--mixes", "hybrid,all-dense",
-                       "--iters", "2", "--warmup", "0", "--warm-cache", "--repeats", "2",
+                       "--bits", "16", "--iters", "2", "--warmup", "0", "--warm-cache", "--repeats", "2",
                        "--out", str(out), "--jsonl", str(lines)])
     payload = json.loads(out.read_text())
     assert {"device", "torch", "commit", "records"} <= payload.keys()
@@ -52,7 +52,7 @@ def test_bench_linear_times_each_cpu_isa(tmp_path):
     isas = sk.supported_cpu_isas()
     active = sk.cpu_isa()
     out = tmp_path / "linear.json"
-    bench_linear.main(["--shapes", "48x80", "--batches", "1", "--mixes", "hybrid",
+    bench_linear.main(["--shapes", "48x80", "--batches", "1", "--mixes", "hybrid", "--bits", "16",
                        "--backends", "cpu", "--cpu-isas", ",".join(isas), "--iters", "1",
                        "--warmup", "0", "--warm-cache", "--out", str(out)])
     payload = json.loads(out.read_text())
@@ -64,11 +64,35 @@ def test_bench_linear_times_each_cpu_isa(tmp_path):
         bench_linear.main(["--shapes", "48x80", "--backends", "cpu", "--cpu-isas", "sse9"])
 
 
+@needs_cpu_backend
+def test_bench_linear_low_bit_rows_beside_torch_int8_and_int4(tmp_path):
+    out = tmp_path / "linear.json"
+    bench_linear.main(["--shapes", "48x128,40x80", "--batches", "1", "--mixes", "hybrid",
+                       "--bits", "16,8,4", "--backends", "cpu", "--iters", "1", "--warmup", "0",
+                       "--warm-cache", "--out", str(out)])
+    records = json.loads(out.read_text())["records"]
+    first = [(r["kernel"], r["bits"], r["dtype"]) for r in records if r["out_features"] == 48]
+    ours = f"cpu-{sk.cpu_isa()}"
+    assert first == [("F.linear", 16, "float32"),
+                     ("torch-int8", 8, "float32"), ("torch-int8", 8, "bfloat16"),
+                     ("torch-int4", 4, "float32"), ("torch-int4", 4, "bfloat16"),
+                     (ours, 16, "float32"), (ours, 8, "float32"), (ours, 4, "float32")]
+    assert all(r["output_ok"] for r in records)
+    by_bits = {r["bits"]: r for r in records if r["kernel"] == ours and r["out_features"] == 48}
+    assert by_bits[4]["packed_bytes"] < by_bits[8]["packed_bytes"] < by_bits[16]["packed_bytes"]
+    assert by_bits[4]["group_size"] == 128 and "speedup_vs_torch_lowbit" not in by_bits[16]
+    torch_int4 = min(r["ms"] for r in records if r["kernel"] == "torch-int4")
+    assert by_bits[4]["torch_lowbit_ms"] == torch_int4
+    # 80 columns: no torch baselines (its kernels need multiples of 32), ours all there.
+    second = [(r["kernel"], r["bits"]) for r in records if r["out_features"] == 40]
+    assert second == [("F.linear", 16), (ours, 16), (ours, 8), (ours, 4)]
+
+
 def test_bench_linear_does_not_time_a_wrong_output(tmp_path, monkeypatch):
     real = sk.hybrid_linear
     monkeypatch.setattr(sk, "hybrid_linear", lambda x, w, backend=None: real(x, w) * 1.01)
     out = tmp_path / "linear.json"
-    bench_linear.main(["--shapes", "32x64", "--batches", "3", "--mixes", "hybrid",
+    bench_linear.main(["--shapes", "32x64", "--batches", "3", "--mixes", "hybrid", "--bits", "16",
                        "--iters", "1", "--warmup", "0", "--warm-cache", "--out", str(out)])
     dense, r = json.loads(out.read_text())["records"]
     assert dense["output_ok"] and dense["ms"] > 0
@@ -88,8 +112,8 @@ def test_a_crashing_kernel_leaves_the_baselines_and_the_next_records(tmp_path, m
 
     monkeypatch.setattr(sk, "hybrid_linear", crashes_on_three_rows)
     lines = tmp_path / "linear.jsonl"
-    bench_linear.main(["--shapes", "32x64", "--batches", "3,2", "--mixes", "hybrid", "--iters",
-                       "1", "--warmup", "0", "--warm-cache", "--out", str(tmp_path / "l.json"),
+    bench_linear.main(["--shapes", "32x64", "--batches", "3,2", "--mixes", "hybrid", "--bits",
+                       "16", "--iters", "1", "--warmup", "0", "--warm-cache", "--out", str(tmp_path / "l.json"),
                        "--jsonl", str(lines)])
     records = [json.loads(line) for line in lines.read_text().splitlines()]
     assert [(r["kernel"] == "F.linear", r["batch"], r["output_ok"]) for r in records] == [
@@ -117,7 +141,7 @@ def test_plot_linear_draws_a_png(tmp_path):
     import plot_linear
     results = tmp_path / "linear.json"
     bench_linear.main(["--shapes", "32x48", "--batches", "1,4", "--mixes", "hybrid",
-                       "--iters", "1", "--warmup", "0", "--warm-cache", "--out", str(results)])
+                       "--bits", "16", "--iters", "1", "--warmup", "0", "--warm-cache", "--out", str(results)])
     png = plot_linear.main([str(results)])
     with open(png, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"

@@ -32,6 +32,8 @@ def _check_linear(hw, masked, x, bias, **run_kwargs):
     hw, masked, x = hw.to(device=DEVICE), masked.to(DEVICE), x.to(DEVICE)
     bias = None if bias is None else bias.to(DEVICE)
     if run_kwargs:  # the host function directly, to reach its internal choices
+        if "scales" in run_kwargs:
+            run_kwargs["scales"] = run_kwargs["scales"].to(DEVICE)
         got = sk.triton.hybrid_linear.run(x, *hw.packed_tensors(), hw.out_features, bias,
                                           **run_kwargs)
     else:
@@ -116,6 +118,32 @@ def test_module_under_torch_compile():
 
 
 # --------------------------------------------------------------------------------------------
+# hybrid_linear_q: the same kernels dequantizing int8 / int4 codes as they load
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 3, 17])
+@pytest.mark.parametrize("shape,group,topk", [((37, 70), 32, 41), ((20, 130), 64, 5)])
+def test_low_bit_matches_reference(bits, dtype, rows, shape, group, topk):
+    hw, dense = random_hybrid(*shape, topk=topk, bits=bits, group_size=group, seed=rows)
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, shape[1], generator=g).to(dtype)
+    _check_linear(hw, dense, x, torch.randn(shape[0], generator=g).to(dtype))
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_low_bit_split_k_and_single_tiers(bits):
+    hw, dense = random_hybrid(40, 100, topk=41, bits=bits, group_size=32)
+    x = torch.randn(5, 100)
+    _check_linear(hw, dense, x, None, split=3, scales=hw.scales, group_size=32)
+    for ratios in [(1, 0, 0), (0, 1, 0), (0, 0, 1)]:
+        hw, dense = random_hybrid(48, 80, topk=41, bits=bits, group_size=16, ratios=ratios)
+        for rows in (2, 20):
+            _check_linear(hw, dense, torch.randn(rows, 80).half(), None)
+
+
+# --------------------------------------------------------------------------------------------
 # pruning-side ops, bit-exact
 
 
@@ -182,19 +210,23 @@ def _opcheck_cases():
     g = torch.Generator().manual_seed(8)
     w = torch.randn(20, 36, generator=g)
     hw, _ = random_hybrid(37, 70)
+    low, _ = random_hybrid(37, 70, topk=41, bits=4, group_size=32)
     cases = {
         "triton_wanda_scores": (w, torch.rand(36, generator=g), 8),
         "triton_block_topk_mask": (w, 5, 8),
         "triton_nm_mask": (w, 2, 4),
         "triton_compress_24": (_random_24_blocks(3, 8, torch.float32, seed=9),),
         "triton_hybrid_linear": (torch.randn(3, 70), *hw.packed_tensors(), 37, torch.randn(37)),
+        "triton_hybrid_linear_q": (torch.randn(3, 70), *low.packed_tensors(), low.scales, 32, 37,
+                                   torch.randn(37)),
     }
     return {name: tuple(a.to(DEVICE) if isinstance(a, torch.Tensor) else a for a in args)
             for name, args in cases.items()}
 
 
 @pytest.mark.parametrize("op", ["triton_wanda_scores", "triton_block_topk_mask",
-                                "triton_nm_mask", "triton_compress_24", "triton_hybrid_linear"])
+                                "triton_nm_mask", "triton_compress_24", "triton_hybrid_linear",
+                                "triton_hybrid_linear_q"])
 def test_opcheck(op):
     torch.library.opcheck(getattr(torch.ops.sparse_kernels, op).default, _opcheck_cases()[op])
 

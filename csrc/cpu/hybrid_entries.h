@@ -2,8 +2,8 @@
 // runs one thread's range [begin, end) of block-rows into y, the fp32 output [M][out_features]:
 //  * row_dot_task16<T, M>: decode, M = 1..3 rows of x (xf [M][in_pad] and their pair tables);
 //  * outer_task16<T>: M >= 4 rows of x as chunks of x^T, xt [ceil(M / 16)][in_pad][16].
-// T: float, bf16_t or fp16_t (packed_view.h). All three sets exist in every build; off x86-64 the
-// avx2 / avx512 ones are plain copies that are never picked.
+// T: float, bf16_t, fp16_t, q8_t or q4_t (packed_view.h). All three sets exist in every build;
+// off x86-64 the avx2 / avx512 ones are plain copies that are never picked.
 #pragma once
 
 #include <cstdint>

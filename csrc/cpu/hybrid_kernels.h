@@ -90,6 +90,67 @@ inline float hsum8(f32x8 v) {
   return s;
 }
 
+// ------------------------------------------------------------------------------------------
+// Values by element index e of a tier's value tensor: the float formats convert, low-bit codes
+// widen to fp32 (their group scale is applied per block row, block_scales below).
+template <typename T>
+inline f32x8 values8(const T* base, int64_t e) { return load8(base + e); }
+template <typename T>
+inline float value1(const T* base, int64_t e) { return load_f32(base + e); }
+
+inline f32x8 values8(const q8_t* base, int64_t e) {
+#if SK_ISA_HAS_AVX2
+  return reinterpret_cast<f32x8>(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
+      _mm_loadl_epi64(reinterpret_cast<const __m128i*>(base + e)))));
+#else
+  typedef int8_t i8x8 __attribute__((vector_size(8)));
+  i8x8 v;
+  std::memcpy(&v, base + e, sizeof(v));
+  return __builtin_convertvector(v, f32x8);
+#endif
+}
+inline float value1(const q8_t* base, int64_t e) { return static_cast<float>(base[e].code); }
+
+// 8 int4 codes from element e (even: a whole byte boundary), the low nibble first.
+inline f32x8 values8(const q4_t* base, int64_t e) {
+  uint32_t word;
+  std::memcpy(&word, base + e / 2, sizeof(word));
+#if SK_ISA_HAS_AVX2
+  const __m256i nibbles = _mm256_and_si256(
+      _mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(word)),
+                        _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28)),
+      _mm256_set1_epi32(15));
+  const __m256i eight = _mm256_set1_epi32(8);  // (n ^ 8) - 8: the nibble as a signed code
+  return reinterpret_cast<f32x8>(_mm256_cvtepi32_ps(
+      _mm256_sub_epi32(_mm256_xor_si256(nibbles, eight), eight)));
+#else
+  typedef int32_t i32x8 __attribute__((vector_size(32)));
+  const i32x8 shifts = {0, 4, 8, 12, 16, 20, 24, 28};
+  const i32x8 nibbles = (static_cast<int32_t>(word) >> shifts) & 15;
+  return __builtin_convertvector((nibbles ^ 8) - 8, f32x8);
+#endif
+}
+inline float value1(const q4_t* base, int64_t e) {
+  const int nibble = (base[e / 2].pair >> (4 * (e & 1))) & 15;
+  return static_cast<float>((nibble ^ 8) - 8);
+}
+
+// The scales of block-row br's 16 rows in the group of block column bc (low-bit values only),
+// reloaded only when the group changes (`group` is the one s holds); rows past the weight's
+// last one get 0.
+template <typename T>
+inline void block_scales(const PackedView<T>& p, int64_t br, int64_t bc, float (&s)[16],
+                         int64_t& group) {
+  const int64_t g = bc / p.group_blocks;
+  if (g == group) return;
+  group = g;
+  const fp16_t* scales = reinterpret_cast<const fp16_t*>(p.scales);
+  for (int i = 0; i < 16; ++i) {
+    const int64_t row = br * 16 + i;
+    s[i] = row < p.out_features ? load_f32(scales + row * p.n_groups + g) : 0.f;
+  }
+}
+
 // Column (inside its block) of each kept slot j of one 2:4 row: 4 * (j / 2) + (2-bit position).
 template <int B>
 inline void slot_columns(int16_t meta, int (&col)[B / 2]) {
@@ -142,16 +203,22 @@ inline void load_block_x(const float* xc, int64_t in_pad, f32x8 (&lo)[M], f32x8 
   }
 }
 
-// acc[m][i] += row i of a 16x16 block of values U (T, or fp32 for a spread top-K tile) times the
-// block's x, as one 8-wide product per row (the two halves folded into one).
+// acc[m][i] += row i of a 16x16 block of values U (T, or fp32 for a spread top-K tile; element
+// off of base) times the block's x, as one 8-wide product per row (the two halves folded into
+// one); low-bit values times their row's scale.
 template <typename U, int M>
-inline void dense_block_rows16(const U* blk, const float* xc, int64_t in_pad,
-                               f32x8 (&acc)[M][16]) {
+inline void dense_block_rows16(const U* base, int64_t off, const float* xc, int64_t in_pad,
+                               f32x8 (&acc)[M][16], const float* scale = nullptr) {
   f32x8 x_lo[M], x_hi[M];
   load_block_x<M>(xc, in_pad, x_lo, x_hi);
   for (int i = 0; i < 16; ++i) {
-    const f32x8 w_lo = load8(blk + i * 16), w_hi = load8(blk + i * 16 + 8);
-    for (int m = 0; m < M; ++m) acc[m][i] += w_lo * x_lo[m] + w_hi * x_hi[m];
+    const f32x8 w_lo = values8(base, off + i * 16), w_hi = values8(base, off + i * 16 + 8);
+    if constexpr (is_low_bit<U>) {
+      const f32x8 s = splat8(scale[i]);
+      for (int m = 0; m < M; ++m) acc[m][i] += s * (w_lo * x_lo[m] + w_hi * x_hi[m]);
+    } else {
+      for (int m = 0; m < M; ++m) acc[m][i] += w_lo * x_lo[m] + w_hi * x_hi[m];
+    }
   }
 }
 
@@ -167,28 +234,35 @@ void row_dot_block_row16(const PackedView<T>& p, int64_t br, const float* xf, in
   constexpr int B = 16;
   f32x8 acc[M][B] = {};
   float acc_topk[M][B] = {};
+  float scale[B] = {};  // low-bit values: the rows' scales of the current group
+  int64_t group = -1;
 
   for (int32_t e = p.dense_rowptr[br]; e < p.dense_rowptr[br + 1]; ++e) {
-    dense_block_rows16<T, M>(p.dense_vals + static_cast<int64_t>(e) * B * B,
-                             xf + static_cast<int64_t>(p.dense_cols[e]) * B, in_pad, acc);
+    const int64_t bc = p.dense_cols[e];
+    if constexpr (is_low_bit<T>) block_scales(p, br, bc, scale, group);
+    dense_block_rows16<T, M>(p.dense_vals, static_cast<int64_t>(e) * B * B, xf + bc * B, in_pad,
+                             acc, scale);
   }
 
   for (int32_t e = p.s24_rowptr[br]; e < p.s24_rowptr[br + 1]; ++e) {
-    const T* blk = p.s24_vals + static_cast<int64_t>(e) * B * (B / 2);
+    const int64_t off = static_cast<int64_t>(e) * B * (B / 2), bc = p.s24_cols[e];
     const int16_t* meta = p.s24_meta + static_cast<int64_t>(e) * B;
+    if constexpr (is_low_bit<T>) block_scales(p, br, bc, scale, group);
 #if SK_ISA_HAS_AVX2
     f32x8 x_lo[M], x_hi[M];
-    load_block_x<M>(xf + static_cast<int64_t>(p.s24_cols[e]) * B, in_pad, x_lo, x_hi);
+    load_block_x<M>(xf + bc * B, in_pad, x_lo, x_hi);
     for (int i = 0; i < B; ++i) {
       const __m256i lanes = slot_lanes(static_cast<uint16_t>(meta[i]));
-      const f32x8 w = load8(blk + i * (B / 2));
+      f32x8 w = values8(p.s24_vals, off + i * (B / 2));
+      if constexpr (is_low_bit<T>) w *= splat8(scale[i]);
       for (int m = 0; m < M; ++m) acc[m][i] += w * gather_slots(lanes, x_lo[m], x_hi[m]);
     }
 #else
-    const int64_t group0 = static_cast<int64_t>(p.s24_cols[e]) * (B / 4);
+    const int64_t group0 = bc * (B / 4);
     for (int i = 0; i < B; ++i) {
       const uint32_t code = static_cast<uint16_t>(meta[i]);
-      const f32x8 w = load8(blk + i * (B / 2));
+      f32x8 w = values8(p.s24_vals, off + i * (B / 2));
+      if constexpr (is_low_bit<T>) w *= splat8(scale[i]);
       for (int m = 0; m < M; ++m) {
         const uint64_t* t = pairs + m * pair_stride + group0 * 16;
         const u64x4 q = {t[code & 15], t[16 + ((code >> 4) & 15)], t[32 + ((code >> 8) & 15)],
@@ -206,18 +280,25 @@ void row_dot_block_row16(const PackedView<T>& p, int64_t br, const float* xf, in
   // the block is spread into a zeroed 16x16 tile and multiplied like a dense block instead.
   alignas(32) float tile[B * B];
   for (int32_t e = p.topk_rowptr[br]; e < p.topk_rowptr[br + 1]; ++e) {
-    const float* xc = xf + static_cast<int64_t>(p.topk_cols[e]) * B;
-    const T* vals = p.topk_vals + e * p.topk;
+    const int64_t bc = p.topk_cols[e];
+    const float* xc = xf + bc * B;
+    const int64_t vals = e * p.topk_stride;
     const uint8_t* pos = p.topk_pos + e * p.topk;
+    if constexpr (is_low_bit<T>) block_scales(p, br, bc, scale, group);
     if (p.topk >= kTopkAsTile) {
       std::memset(tile, 0, sizeof(tile));
-      for (int64_t s = 0; s < p.topk; ++s) tile[pos[s]] = load_f32(vals + s);
-      dense_block_rows16<float, M>(tile, xc, in_pad, acc);
+      for (int64_t s = 0; s < p.topk; ++s) {
+        float w = value1(p.topk_vals, vals + s);
+        if constexpr (is_low_bit<T>) w *= scale[pos[s] / B];
+        tile[pos[s]] = w;
+      }
+      dense_block_rows16<float, M>(tile, 0, xc, in_pad, acc);
       continue;
     }
     for (int64_t s = 0; s < p.topk; ++s) {
-      const float w = load_f32(vals + s);
       const int row = pos[s] / B, col = pos[s] % B;
+      float w = value1(p.topk_vals, vals + s);
+      if constexpr (is_low_bit<T>) w *= scale[row];
       for (int m = 0; m < M; ++m) acc_topk[m][row] += w * xc[m * in_pad + col];
     }
   }
@@ -235,15 +316,23 @@ template <typename T, int V>
 void outer_block_row16(const PackedView<T>& p, int64_t br, const float* xt, float* out) {
   constexpr int B = 16, W = 16;
   f32x8 acc[B][V] = {};
+  float scale[B] = {};  // low-bit values: the rows' scales of the current group
+  int64_t group = -1;
+  // A value as it multiplies: low-bit codes times their row's scale.
+  const auto weight = [&](float v, int row) {
+    if constexpr (is_low_bit<T>) return v * scale[row];
+    return v;
+  };
 
   for (int32_t e = p.dense_rowptr[br]; e < p.dense_rowptr[br + 1]; ++e) {
-    const T* blk = p.dense_vals + static_cast<int64_t>(e) * B * B;
-    const float* xc = xt + static_cast<int64_t>(p.dense_cols[e]) * B * W;
+    const int64_t blk = static_cast<int64_t>(e) * B * B, bc = p.dense_cols[e];
+    const float* xc = xt + bc * B * W;
+    if constexpr (is_low_bit<T>) block_scales(p, br, bc, scale, group);
     for (int i = 0; i < B; ++i) {
       f32x8 a[V];
       for (int v = 0; v < V; ++v) a[v] = acc[i][v];
       for (int c = 0; c < B; ++c) {
-        const f32x8 w = splat8(load_f32(blk + i * B + c));
+        const f32x8 w = splat8(weight(value1(p.dense_vals, blk + i * B + c), i));
         for (int v = 0; v < V; ++v) a[v] += w * load8(xc + c * W + v * 8);
       }
       for (int v = 0; v < V; ++v) acc[i][v] = a[v];
@@ -251,16 +340,17 @@ void outer_block_row16(const PackedView<T>& p, int64_t br, const float* xt, floa
   }
 
   for (int32_t e = p.s24_rowptr[br]; e < p.s24_rowptr[br + 1]; ++e) {
-    const T* blk = p.s24_vals + static_cast<int64_t>(e) * B * (B / 2);
+    const int64_t blk = static_cast<int64_t>(e) * B * (B / 2), bc = p.s24_cols[e];
     const int16_t* meta = p.s24_meta + static_cast<int64_t>(e) * B;
-    const float* xc = xt + static_cast<int64_t>(p.s24_cols[e]) * B * W;
+    const float* xc = xt + bc * B * W;
+    if constexpr (is_low_bit<T>) block_scales(p, br, bc, scale, group);
     for (int i = 0; i < B; ++i) {
       int c[B / 2];
       slot_columns<B>(meta[i], c);
       f32x8 a[V];
       for (int v = 0; v < V; ++v) a[v] = acc[i][v];
       for (int j = 0; j < B / 2; ++j) {
-        const f32x8 w = splat8(load_f32(blk + i * (B / 2) + j));
+        const f32x8 w = splat8(weight(value1(p.s24_vals, blk + i * (B / 2) + j), i));
         for (int v = 0; v < V; ++v) a[v] += w * load8(xc + c[j] * W + v * 8);
       }
       for (int v = 0; v < V; ++v) acc[i][v] = a[v];
@@ -268,12 +358,14 @@ void outer_block_row16(const PackedView<T>& p, int64_t br, const float* xt, floa
   }
 
   for (int32_t e = p.topk_rowptr[br]; e < p.topk_rowptr[br + 1]; ++e) {
-    const float* xc = xt + static_cast<int64_t>(p.topk_cols[e]) * B * W;
-    const T* vals = p.topk_vals + e * p.topk;
+    const int64_t bc = p.topk_cols[e];
+    const float* xc = xt + bc * B * W;
+    const int64_t vals = e * p.topk_stride;
     const uint8_t* pos = p.topk_pos + e * p.topk;
+    if constexpr (is_low_bit<T>) block_scales(p, br, bc, scale, group);
     for (int64_t s = 0; s < p.topk; ++s) {
-      const f32x8 w = splat8(load_f32(vals + s));
       const int row = pos[s] / B, col = pos[s] % B;
+      const f32x8 w = splat8(weight(value1(p.topk_vals, vals + s), row));
       for (int v = 0; v < V; ++v) acc[row][v] += w * load8(xc + col * W + v * 8);
     }
   }
@@ -287,27 +379,40 @@ void outer_block_row16(const PackedView<T>& p, int64_t br, const float* xt, floa
 template <typename T, int B>
 void decompress_block_row(const PackedView<T>& p, int64_t br, int64_t in_pad, float* panel) {
   constexpr int H = B / 2;
+  // The fp32 value of element e of a tier for row i of the block at block column bc.
+  const auto weight = [&](const T* base, int64_t e, int64_t bc, int i) {
+    const float v = value1(base, e);
+    if constexpr (is_low_bit<T>) {
+      const int64_t row = br * B + i;
+      return row < p.out_features
+          ? v * load_f32(reinterpret_cast<const fp16_t*>(p.scales) + row * p.n_groups +
+                         bc / p.group_blocks)
+          : 0.f;
+    }
+    return v;
+  };
   for (int32_t e = p.dense_rowptr[br]; e < p.dense_rowptr[br + 1]; ++e) {
-    const T* blk = p.dense_vals + static_cast<int64_t>(e) * B * B;
-    float* dst = panel + static_cast<int64_t>(p.dense_cols[e]) * B;
+    const int64_t blk = static_cast<int64_t>(e) * B * B, bc = p.dense_cols[e];
+    float* dst = panel + bc * B;
     for (int i = 0; i < B; ++i)
-      for (int c = 0; c < B; ++c) dst[i * in_pad + c] = load_f32(blk + i * B + c);
+      for (int c = 0; c < B; ++c) dst[i * in_pad + c] = weight(p.dense_vals, blk + i * B + c, bc, i);
   }
   for (int32_t e = p.s24_rowptr[br]; e < p.s24_rowptr[br + 1]; ++e) {
-    const T* blk = p.s24_vals + static_cast<int64_t>(e) * B * H;
+    const int64_t blk = static_cast<int64_t>(e) * B * H, bc = p.s24_cols[e];
     const int16_t* meta = p.s24_meta + static_cast<int64_t>(e) * B;
-    float* dst = panel + static_cast<int64_t>(p.s24_cols[e]) * B;
+    float* dst = panel + bc * B;
     for (int i = 0; i < B; ++i) {
       int c[H];
       slot_columns<B>(meta[i], c);
-      for (int j = 0; j < H; ++j) dst[i * in_pad + c[j]] = load_f32(blk + i * H + j);
+      for (int j = 0; j < H; ++j) dst[i * in_pad + c[j]] = weight(p.s24_vals, blk + i * H + j, bc, i);
     }
   }
   for (int32_t e = p.topk_rowptr[br]; e < p.topk_rowptr[br + 1]; ++e) {
-    float* dst = panel + static_cast<int64_t>(p.topk_cols[e]) * B;
+    const int64_t bc = p.topk_cols[e];
+    float* dst = panel + bc * B;
     for (int64_t s = 0; s < p.topk; ++s) {
       const int pos = p.topk_pos[e * p.topk + s];
-      dst[(pos / B) * in_pad + pos % B] = load_f32(p.topk_vals + e * p.topk + s);
+      dst[(pos / B) * in_pad + pos % B] = weight(p.topk_vals, e * p.topk_stride + s, bc, pos / B);
     }
   }
 }

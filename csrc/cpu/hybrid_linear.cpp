@@ -102,27 +102,113 @@ void run_outer16(const PackedView<T>& p, const at::Tensor& x, at::Tensor& y, int
 }
 
 // The op's packed arguments by name (the order of PackedTensors in sparse_kernels/format.py),
-// each contiguous; the copies, where one was needed, live until the end of the call.
+// each contiguous; the copies, where one was needed, live until the end of the call. B is the
+// block size, codes_per_element 2 for int4 values (two codes a byte) and 1 otherwise.
 struct PackedArgs {
   at::Tensor dense_rowptr, dense_cols, dense_vals;
   at::Tensor s24_rowptr, s24_cols, s24_vals, s24_meta;
   at::Tensor topk_rowptr, topk_cols, topk_vals, topk_pos;
+  int64_t B = 16, codes_per_element = 1;
 };
 
 template <typename T>
 PackedView<T> view_of(const PackedArgs& a) {
-  return {a.dense_rowptr.data_ptr<int32_t>(),
-          a.dense_cols.data_ptr<int32_t>(),
-          reinterpret_cast<const T*>(a.dense_vals.data_ptr()),
-          a.s24_rowptr.data_ptr<int32_t>(),
-          a.s24_cols.data_ptr<int32_t>(),
-          reinterpret_cast<const T*>(a.s24_vals.data_ptr()),
-          a.s24_meta.data_ptr<int16_t>(),
-          a.topk_rowptr.data_ptr<int32_t>(),
-          a.topk_cols.data_ptr<int32_t>(),
-          reinterpret_cast<const T*>(a.topk_vals.data_ptr()),
-          a.topk_pos.data_ptr<uint8_t>(),
-          a.topk_vals.size(1)};
+  PackedView<T> p{a.dense_rowptr.data_ptr<int32_t>(),
+                  a.dense_cols.data_ptr<int32_t>(),
+                  reinterpret_cast<const T*>(a.dense_vals.data_ptr()),
+                  a.s24_rowptr.data_ptr<int32_t>(),
+                  a.s24_cols.data_ptr<int32_t>(),
+                  reinterpret_cast<const T*>(a.s24_vals.data_ptr()),
+                  a.s24_meta.data_ptr<int16_t>(),
+                  a.topk_rowptr.data_ptr<int32_t>(),
+                  a.topk_cols.data_ptr<int32_t>(),
+                  reinterpret_cast<const T*>(a.topk_vals.data_ptr()),
+                  a.topk_pos.data_ptr<uint8_t>(),
+                  a.topk_pos.size(1)};
+  p.topk_stride = a.topk_vals.size(1) * a.codes_per_element;
+  return p;
+}
+
+// Checks the packed tensors' structure (dtypes of the indices, shapes of every tier with the
+// values' last dimension divided by codes_per_element, rounded up) and returns them contiguous.
+PackedArgs packed_args(const char* op, int64_t codes_per_element, const at::Tensor& dense_rowptr,
+                       const at::Tensor& dense_cols, const at::Tensor& dense_vals,
+                       const at::Tensor& s24_rowptr, const at::Tensor& s24_cols,
+                       const at::Tensor& s24_vals, const at::Tensor& s24_meta,
+                       const at::Tensor& topk_rowptr, const at::Tensor& topk_cols,
+                       const at::Tensor& topk_vals, const at::Tensor& topk_pos,
+                       int64_t out_features) {
+  const int64_t c = codes_per_element;
+  TORCH_CHECK(dense_vals.dim() == 3 && dense_vals.size(2) * c == dense_vals.size(1),
+              op, ": dense_vals must be [n, B, B", c == 2 ? " / 2" : "", "], got ",
+              dense_vals.sizes());
+  const int64_t B = dense_vals.size(1);
+  TORCH_CHECK(B == 4 || B == 8 || B == 12 || B == 16, op,
+              ": block size must be 4, 8, 12 or 16, got ", B);
+  const int64_t nbr = ceil_div(out_features, B);
+  for (const at::Tensor* v : {&dense_vals, &s24_vals, &topk_vals}) check_cpu(*v, op);
+  for (const at::Tensor* r : {&dense_rowptr, &s24_rowptr, &topk_rowptr}) {
+    TORCH_CHECK(r->scalar_type() == at::kInt && r->dim() == 1 && r->numel() == nbr + 1, op,
+                ": each rowptr must be int32 [ceil(out/B) + 1] = [", nbr + 1, "], got ",
+                r->scalar_type(), " ", r->sizes());
+  }
+  TORCH_CHECK(dense_cols.scalar_type() == at::kInt && s24_cols.scalar_type() == at::kInt &&
+                  topk_cols.scalar_type() == at::kInt,
+              op, ": block column indices must be int32");
+  TORCH_CHECK(s24_vals.dim() == 3 && s24_vals.size(1) == B && s24_vals.size(2) == B / 2 / c, op,
+              ": s24_vals must be [n, ", B, ", ", B / 2 / c, "], got ", s24_vals.sizes());
+  TORCH_CHECK(s24_meta.scalar_type() == at::kShort && s24_meta.dim() == 2 &&
+                  s24_meta.size(0) == s24_vals.size(0) && s24_meta.size(1) == B,
+              op, ": s24_meta must be int16 [", s24_vals.size(0), ", ", B, "], got ",
+              s24_meta.scalar_type(), " ", s24_meta.sizes());
+  TORCH_CHECK(topk_pos.scalar_type() == at::kByte && topk_pos.dim() == 2, op,
+              ": topk_pos must be uint8 [n, K], got ", topk_pos.scalar_type(), " ",
+              topk_pos.sizes());
+  const int64_t K = topk_pos.size(1);
+  TORCH_CHECK(topk_vals.dim() == 2 && topk_vals.size(0) == topk_pos.size(0) &&
+                  topk_vals.size(1) == ceil_div(K, c),
+              op, ": topk_vals must be [", topk_pos.size(0), ", ", ceil_div(K, c),
+              "] for K = ", K, ", got ", topk_vals.sizes());
+  TORCH_CHECK(dense_cols.numel() == dense_vals.size(0) && s24_cols.numel() == s24_vals.size(0) &&
+                  topk_cols.numel() == topk_vals.size(0),
+              op, ": each tier needs one block column per block of values");
+  return {dense_rowptr.contiguous(), dense_cols.contiguous(), dense_vals.contiguous(),
+          s24_rowptr.contiguous(),   s24_cols.contiguous(),   s24_vals.contiguous(),
+          s24_meta.contiguous(),     topk_rowptr.contiguous(), topk_cols.contiguous(),
+          topk_vals.contiguous(),    topk_pos.contiguous(),   B, c};
+}
+
+// y [M, out] fp32 = x @ W^T through the path for the block size and M (see the top of the file).
+template <typename T>
+void run_hybrid(const PackedView<T>& p, int64_t B, const at::Tensor& x, at::Tensor& y) {
+  const int64_t M = x.size(0), nbr = ceil_div(y.size(1), B);
+  if (M == 0) return;
+  switch (B) {
+    case 4: run_decompress_mm<T, 4>(p, x, y, nbr); break;
+    case 8: run_decompress_mm<T, 8>(p, x, y, nbr); break;
+    case 12: run_decompress_mm<T, 12>(p, x, y, nbr); break;
+    default:
+      if (M == 1) run_row_dot16<T, 1>(p, x, y, nbr);
+      else if (M == 2) run_row_dot16<T, 2>(p, x, y, nbr);
+      else if (M == 3) run_row_dot16<T, 3>(p, x, y, nbr);
+      else run_outer16<T>(p, x, y, nbr);
+  }
+}
+
+// y in x's dtype, plus the bias.
+at::Tensor finish(at::Tensor y, const at::Tensor& x, const std::optional<at::Tensor>& bias) {
+  if (bias) y.add_(*bias);
+  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+}
+
+void check_x_and_bias(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& bias,
+                      int64_t out_features) {
+  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D [M, in_features], got ", x.sizes());
+  check_cpu(x, op);
+  if (bias) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out_features, op, ": bias must be [",
+                out_features, "], got ", bias->sizes());
+  }
 }
 
 at::Tensor hybrid_linear(const at::Tensor& x, const at::Tensor& dense_rowptr,
@@ -132,85 +218,78 @@ at::Tensor hybrid_linear(const at::Tensor& x, const at::Tensor& dense_rowptr,
                          const at::Tensor& topk_rowptr, const at::Tensor& topk_cols,
                          const at::Tensor& topk_vals, const at::Tensor& topk_pos,
                          int64_t out_features, const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK(x.dim() == 2, "hybrid_linear: x must be 2-D [M, in_features], got ", x.sizes());
-  check_cpu(x, "hybrid_linear: x");
-  TORCH_CHECK(dense_vals.dim() == 3 && dense_vals.size(1) == dense_vals.size(2),
-              "hybrid_linear: dense_vals must be [n, B, B], got ", dense_vals.sizes());
-  const int64_t B = dense_vals.size(1);
-  TORCH_CHECK(B == 4 || B == 8 || B == 12 || B == 16,
-              "hybrid_linear: block size must be 4, 8, 12 or 16, got ", B);
-  const int64_t nbr = ceil_div(out_features, B);
+  constexpr const char* op = "hybrid_linear";
+  check_x_and_bias(op, x, bias, out_features);
   for (const at::Tensor* v : {&dense_vals, &s24_vals, &topk_vals}) {
-    TORCH_CHECK(v->scalar_type() == x.scalar_type(), "hybrid_linear: x is ", x.scalar_type(),
+    TORCH_CHECK(v->scalar_type() == x.scalar_type(), op, ": x is ", x.scalar_type(),
                 " but packed values are ", v->scalar_type());
-    check_cpu(*v, "hybrid_linear: packed values");
   }
-  for (const at::Tensor* r : {&dense_rowptr, &s24_rowptr, &topk_rowptr}) {
-    TORCH_CHECK(r->scalar_type() == at::kInt && r->dim() == 1 && r->numel() == nbr + 1,
-                "hybrid_linear: each rowptr must be int32 [ceil(out/B) + 1] = [", nbr + 1,
-                "], got ", r->scalar_type(), " ", r->sizes());
-  }
-  TORCH_CHECK(dense_cols.scalar_type() == at::kInt && s24_cols.scalar_type() == at::kInt &&
-                  topk_cols.scalar_type() == at::kInt,
-              "hybrid_linear: block column indices must be int32");
-  TORCH_CHECK(s24_vals.dim() == 3 && s24_vals.size(1) == B && s24_vals.size(2) == B / 2,
-              "hybrid_linear: s24_vals must be [n, ", B, ", ", B / 2, "], got ", s24_vals.sizes());
-  TORCH_CHECK(s24_meta.scalar_type() == at::kShort && s24_meta.dim() == 2 &&
-                  s24_meta.size(0) == s24_vals.size(0) && s24_meta.size(1) == B,
-              "hybrid_linear: s24_meta must be int16 [", s24_vals.size(0), ", ", B, "], got ",
-              s24_meta.scalar_type(), " ", s24_meta.sizes());
-  TORCH_CHECK(topk_vals.dim() == 2, "hybrid_linear: topk_vals must be [n, K], got ",
-              topk_vals.sizes());
-  TORCH_CHECK(topk_pos.scalar_type() == at::kByte && topk_pos.sizes() == topk_vals.sizes(),
-              "hybrid_linear: topk_pos must be uint8 of topk_vals' shape ", topk_vals.sizes(),
-              ", got ", topk_pos.scalar_type(), " ", topk_pos.sizes());
-  TORCH_CHECK(dense_cols.numel() == dense_vals.size(0) && s24_cols.numel() == s24_vals.size(0) &&
-                  topk_cols.numel() == topk_vals.size(0),
-              "hybrid_linear: each tier needs one block column per block of values");
-  if (bias) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out_features,
-                "hybrid_linear: bias must be [", out_features, "], got ", bias->sizes());
-  }
+  const PackedArgs packed =
+      packed_args(op, 1, dense_rowptr, dense_cols, dense_vals, s24_rowptr, s24_cols, s24_vals,
+                  s24_meta, topk_rowptr, topk_cols, topk_vals, topk_pos, out_features);
+  at::Tensor y = at::empty({x.size(0), out_features}, x.options().dtype(at::kFloat));
+  dispatch_float(x, "hybrid_linear: x", [&](auto tag) {
+    using C10 = decltype(tag);  // float, c10::BFloat16 or c10::Half
+    using T = std::conditional_t<std::is_same_v<C10, float>, float,
+                                 std::conditional_t<std::is_same_v<C10, c10::Half>, fp16_t,
+                                                    bf16_t>>;
+    run_hybrid<T>(view_of<T>(packed), packed.B, x, y);
+  });
+  return finish(y, x, bias);
+}
 
-  const int64_t M = x.size(0);
-  PackedArgs packed;
-  packed.dense_rowptr = dense_rowptr.contiguous();
-  packed.dense_cols = dense_cols.contiguous();
-  packed.dense_vals = dense_vals.contiguous();
-  packed.s24_rowptr = s24_rowptr.contiguous();
-  packed.s24_cols = s24_cols.contiguous();
-  packed.s24_vals = s24_vals.contiguous();
-  packed.s24_meta = s24_meta.contiguous();
-  packed.topk_rowptr = topk_rowptr.contiguous();
-  packed.topk_cols = topk_cols.contiguous();
-  packed.topk_vals = topk_vals.contiguous();
-  packed.topk_pos = topk_pos.contiguous();
-  at::Tensor y = at::empty({M, out_features}, x.options().dtype(at::kFloat));
-  if (M > 0) {
-    dispatch_float(x, "hybrid_linear: x", [&](auto tag) {
-      using C10 = decltype(tag);  // float, c10::BFloat16 or c10::Half
-      using T = std::conditional_t<std::is_same_v<C10, float>, float,
-                                   std::conditional_t<std::is_same_v<C10, c10::Half>, fp16_t,
-                                                      bf16_t>>;
-      const PackedView<T> p = view_of<T>(packed);
-      switch (B) {
-        case 4: run_decompress_mm<T, 4>(p, x, y, nbr); break;
-        case 8: run_decompress_mm<T, 8>(p, x, y, nbr); break;
-        case 12: run_decompress_mm<T, 12>(p, x, y, nbr); break;
-        default:
-          if (M == 1) run_row_dot16<T, 1>(p, x, y, nbr);
-          else if (M == 2) run_row_dot16<T, 2>(p, x, y, nbr);
-          else if (M == 3) run_row_dot16<T, 3>(p, x, y, nbr);
-          else run_outer16<T>(p, x, y, nbr);
-      }
-    });
-  }
-  if (bias) y.add_(*bias);
-  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+// Low-bit values (sparse_kernels/quant.py): int8 codes, or int4 two per byte (uint8), times the
+// fp16 scales [out, ceil(in / group_size)]; x of any float dtype, accumulated in fp32.
+at::Tensor hybrid_linear_q(const at::Tensor& x, const at::Tensor& dense_rowptr,
+                           const at::Tensor& dense_cols, const at::Tensor& dense_vals,
+                           const at::Tensor& s24_rowptr, const at::Tensor& s24_cols,
+                           const at::Tensor& s24_vals, const at::Tensor& s24_meta,
+                           const at::Tensor& topk_rowptr, const at::Tensor& topk_cols,
+                           const at::Tensor& topk_vals, const at::Tensor& topk_pos,
+                           const at::Tensor& scales, int64_t group_size, int64_t out_features,
+                           const std::optional<at::Tensor>& bias) {
+  constexpr const char* op = "hybrid_linear_q";
+  check_x_and_bias(op, x, bias, out_features);
+  const at::ScalarType codes = dense_vals.scalar_type();
+  TORCH_CHECK(codes == at::kChar || codes == at::kByte, op,
+              ": packed values must be int8 (8-bit codes) or uint8 (4-bit codes two per byte), "
+              "got ", codes);
+  TORCH_CHECK(s24_vals.scalar_type() == codes && topk_vals.scalar_type() == codes, op,
+              ": the three tiers' values must share one dtype, got ", dense_vals.scalar_type(),
+              ", ", s24_vals.scalar_type(), ", ", topk_vals.scalar_type());
+  const PackedArgs packed = packed_args(op, codes == at::kByte ? 2 : 1, dense_rowptr, dense_cols,
+                                        dense_vals, s24_rowptr, s24_cols, s24_vals, s24_meta,
+                                        topk_rowptr, topk_cols, topk_vals, topk_pos, out_features);
+  TORCH_CHECK(group_size > 0 && group_size % packed.B == 0, op,
+              ": group_size must be a positive multiple of the block size ", packed.B, ", got ",
+              group_size);
+  const int64_t n_groups = ceil_div(x.size(1), group_size);
+  TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.dim() == 2 &&
+                  scales.size(0) == out_features && scales.size(1) == n_groups,
+              op, ": scales must be float16 [out_features, ceil(in_features / group_size)] = [",
+              out_features, ", ", n_groups, "], got ", scales.scalar_type(), " ", scales.sizes());
+  check_cpu(scales, op);
+  const at::Tensor scales_c = scales.contiguous();
+  at::Tensor y = at::empty({x.size(0), out_features}, x.options().dtype(at::kFloat));
+  const auto run = [&](auto tag) {
+    using T = decltype(tag);
+    PackedView<T> p = view_of<T>(packed);
+    p.scales = reinterpret_cast<const uint16_t*>(scales_c.data_ptr());
+    p.n_groups = n_groups;
+    p.group_blocks = group_size / packed.B;
+    p.out_features = out_features;
+    run_hybrid<T>(p, packed.B, x, y);
+  };
+  if (codes == at::kChar) run(q8_t{});
+  else run(q4_t{});
+  return finish(y, x, bias);
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(sparse_kernels, CPU, m) { m.impl("hybrid_linear", &hybrid_linear); }
+TORCH_LIBRARY_IMPL(sparse_kernels, CPU, m) {
+  m.impl("hybrid_linear", &hybrid_linear);
+  m.impl("hybrid_linear_q", &hybrid_linear_q);
+}
 
 }  // namespace sparse_kernels_cpu

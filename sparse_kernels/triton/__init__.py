@@ -17,6 +17,7 @@ log = logging.getLogger("sparse_kernels")
 #: Op name -> "module:function" of its Triton implementation (each a ``triton_op``).
 _IMPLEMENTATIONS = {
     "hybrid_linear": "hybrid_linear:hybrid_linear",
+    "hybrid_linear_q": "hybrid_linear:hybrid_linear_q",
     "wanda_scores": "scores:wanda_scores",
     "block_topk_mask": "select:block_topk_mask",
     "nm_mask": "select:nm_mask",

@@ -32,30 +32,44 @@ _PACKED = ["d_rowptr", "d_cols", "d_vals", "s_rowptr", "s_cols", "s_vals", "s_me
 _PACKED_INDEX_TYPES = {"d_rowptr": "*i32", "d_cols": "*i32", "s_rowptr": "*i32",
                        "s_cols": "*i32", "s_meta": "*i16", "t_rowptr": "*i32", "t_cols": "*i32",
                        "t_pos": "*u8"}
-_TILES16 = dict(B=16, BP=16, HP=8, TOPK=15, HAS_BIAS=True)
+_TILES16 = dict(B=16, BP=16, HP=8, TOPK=15, TOPK_STRIDE=15, BITS=16, HAS_BIAS=True)
+# Low-bit values: (pointer type of the codes, K, K's stride in elements) per bits.
+_CODES = {8: ("*i8", 52, 52), 4: ("*u8", 41, 42)}
 
 
-def _packed_signature(dtype: str) -> dict:
-    return {name: _PACKED_INDEX_TYPES.get(name, f"*{dtype}") for name in _PACKED}
+def _packed_signature(values: str) -> dict:
+    return {name: _PACKED_INDEX_TYPES.get(name, values) for name in _PACKED}
 
 
 def _cases(dtype: str) -> list[tuple]:
     """(name, kernel, signature, constexprs) for every kernel at one value dtype."""
     linear_io = {"x": f"*{dtype}", "out": f"*{dtype}", "bias": f"*{dtype}"}
-    dims = {"M": "i32", "N": "i32", "K_in": "i32", "stride_xm": "i32"}
+    dims = {"M": "i32", "N": "i32", "K_in": "i32", "stride_xm": "i32", "N_GROUPS": "i32",
+            "GS": "i32"}
+    gemm_kernel = hybrid_linear.gemm_fp32 if dtype == "fp32" else hybrid_linear.gemm_16bit
     gemm = {**linear_io, "tiers": "*i8", "slots": "*i32", "d_vals": f"*{dtype}",
             "s_vals": f"*{dtype}", "s_meta": "*i16", "t_dense": f"*{dtype}",
-            **dims, "NBR": "i32", "NBC": "i32"}
-    decode = {**linear_io, "partials": "*fp32", "counters": "*i32", **_packed_signature(dtype),
-              **dims, "split": "i32"}
+            "scales": f"*{dtype}", **dims, "NBR": "i32", "NBC": "i32"}
+    decode = {**linear_io, "partials": "*fp32", "counters": "*i32", "scales": f"*{dtype}",
+              **_packed_signature(f"*{dtype}"), **dims, "split": "i32"}
+    int4, k4, stride4 = _CODES[4]
+    int8, k8, stride8 = _CODES[8]
     return [
-        ("hybrid_linear gemm", hybrid_linear.gemm_fp32 if dtype == "fp32"
-         else hybrid_linear.gemm_16bit, gemm,
-         dict(B=16, BP=16, HAS_BIAS=True, DOT_FP32=dtype == "fp32")),
+        ("hybrid_linear gemm", gemm_kernel, gemm,
+         dict(B=16, BP=16, BITS=16, HAS_BIAS=True, DOT_FP32=dtype == "fp32")),
         ("hybrid_linear decode", hybrid_linear.decode_tuned, decode,
          dict(_TILES16, BM=16, SPLIT_K=False)),
         ("hybrid_linear decode split-K", hybrid_linear.decode_tuned, decode,
          dict(_TILES16, BM=1, SPLIT_K=True)),
+        ("hybrid_linear_q gemm int4", gemm_kernel,
+         {**gemm, "d_vals": int4, "s_vals": int4, "t_dense": "*fp32", "scales": "*fp16"},
+         dict(B=16, BP=16, BITS=4, HAS_BIAS=True, DOT_FP32=dtype == "fp32")),
+        ("hybrid_linear_q decode int4 split-K", hybrid_linear.decode_tuned,
+         {**decode, **_packed_signature(int4), "scales": "*fp16"},
+         dict(_TILES16, TOPK=k4, TOPK_STRIDE=stride4, BITS=4, BM=1, SPLIT_K=True)),
+        ("hybrid_linear_q decode int8", hybrid_linear.decode_tuned,
+         {**decode, **_packed_signature(int8), "scales": "*fp16"},
+         dict(_TILES16, TOPK=k8, TOPK_STRIDE=stride8, BITS=8, BM=16, SPLIT_K=False)),
         ("wanda_scores", scores.wanda_kernel,
          {"w": f"*{dtype}", "norm": "*fp32", "scores": "*fp32", "block_scores": "*fp32",
           "N": "i32", "K_in": "i32", "NBC": "i32"}, dict(B=16, BP=16, CB=16)),

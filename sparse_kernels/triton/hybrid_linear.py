@@ -41,34 +41,58 @@ def _tier_range(rowptr, r, s, split):
     return lo, tl.minimum(lo + chunk, end)
 
 
+@triton.jit
+def _values(vals, elem, mask, BITS: tl.constexpr):
+    """Elements ``elem`` of a tier's values as fp32: float values or int8 codes as stored, int4
+    codes from their byte (element 2j in the low nibble; ``(n ^ 8) - 8`` signs it)."""
+    if BITS == 4:
+        pair = tl.load(vals + elem // 2, mask=mask, other=0).to(tl.int32)
+        nibble = (pair >> ((elem % 2) * 4)) & 15
+        return ((nibble ^ 8) - 8).to(tl.float32)
+    else:
+        return tl.load(vals + elem, mask=mask, other=0).to(tl.float32)
+
+
+@triton.jit
+def _dequant(w, scales, row, col, ok, N, N_GROUPS, GS, BITS: tl.constexpr):
+    """Low-bit codes ``w`` at (``row``, ``col``) of the weight times their group's fp16 scale
+    (``scales [N, N_GROUPS]``, groups of ``GS`` columns); float values unchanged."""
+    if BITS < 16:
+        s = tl.load(scales + row * N_GROUPS + col // GS, mask=ok & (row < N), other=0.0)
+        w = w * s.to(tl.float32)
+    return w
+
+
 # Each loader below takes the NB tier entries e0 .. e0 + NB - 1 (those below ``hi``) side by side
 # along the last axis, so one loop step has NB blocks' loads in flight.
 
 @triton.jit
-def _dense_blocks(vals, cols, e0, hi, B: tl.constexpr, BP: tl.constexpr, NB: tl.constexpr):
-    """Values [BP (out), NB*BP], their x columns [NB*BP] and valid mask [NB*BP]."""
+def _dense_blocks(vals, cols, e0, hi, B: tl.constexpr, BP: tl.constexpr, NB: tl.constexpr,
+                  BITS: tl.constexpr):
+    """Values (fp32; codes when low-bit) [BP (out), NB*BP], their x columns [NB*BP] and valid
+    mask [NB*BP]."""
     i = tl.arange(0, BP)
     k = tl.arange(0, NB * BP)
     e = e0 + k // BP
     j = k % BP
     ok = (e < hi) & (j < B)
     col = tl.load(cols + e, mask=ok, other=0) * B + j
-    w = tl.load(vals + e[None, :] * (B * B) + i[:, None] * B + j[None, :],
-                mask=(i < B)[:, None] & ok[None, :], other=0.0)
+    w = _values(vals, e[None, :] * (B * B) + i[:, None] * B + j[None, :],
+                (i < B)[:, None] & ok[None, :], BITS)
     return w, col, ok
 
 
 @triton.jit
 def _s24_blocks(vals, meta, cols, e0, hi, B: tl.constexpr, BP: tl.constexpr, HP: tl.constexpr,
-                NB: tl.constexpr):
-    """Kept values [BP (out), NB*HP], their column inside the block, the block's first x column,
+                NB: tl.constexpr, BITS: tl.constexpr):
+    """Kept values (fp32; codes when low-bit) [BP (out), NB*HP], their column inside the block, the block's first x column,
     and the valid mask (all [BP, NB*HP])."""
     i = tl.arange(0, BP)[:, None]
     k = tl.arange(0, NB * HP)[None, :]
     e = e0 + k // HP
     h = k % HP
     ok = (e < hi) & (h < B // 2) & (i < B)
-    v = tl.load(vals + e * (B * B // 2) + i * (B // 2) + h, mask=ok, other=0.0)
+    v = _values(vals, e * (B * B // 2) + i * (B // 2) + h, ok, BITS)
     bits = tl.load(meta + e * B + i, mask=ok, other=0).to(tl.int32) & 0xFFFF
     inner = 4 * (h // 2) + ((bits >> (2 * h)) & 3)
     first = tl.load(cols + e, mask=ok, other=0) * B
@@ -87,9 +111,10 @@ def _store_output(acc, out, bias, m, out_col, c_ok, o_ok, N, HAS_BIAS: tl.conste
 @triton.jit
 def _decode_kernel(x, out, bias, partials, counters,
                    d_rowptr, d_cols, d_vals, s_rowptr, s_cols, s_vals, s_meta,
-                   t_rowptr, t_cols, t_vals, t_pos,
-                   M, N, K_in, stride_xm, split,
+                   t_rowptr, t_cols, t_vals, t_pos, scales,
+                   M, N, K_in, stride_xm, split, N_GROUPS, GS,
                    B: tl.constexpr, BP: tl.constexpr, HP: tl.constexpr, TOPK: tl.constexpr,
+                   TOPK_STRIDE: tl.constexpr, BITS: tl.constexpr,
                    BM: tl.constexpr, HAS_BIAS: tl.constexpr,
                    SPLIT_K: tl.constexpr, NB: tl.constexpr):
     r = tl.program_id(0)
@@ -102,18 +127,21 @@ def _decode_kernel(x, out, bias, partials, counters,
 
     lo, hi = _tier_range(d_rowptr, r, s, split)
     for e0 in range(lo, hi, NB):
-        w, col, ok = _dense_blocks(d_vals, d_cols, e0, hi, B, BP, NB)
+        w, col, ok = _dense_blocks(d_vals, d_cols, e0, hi, B, BP, NB, BITS)
+        w = _dequant(w, scales, (r * B + i)[:, None], col[None, :], ok[None, :], N, N_GROUPS,
+                     GS, BITS)
         xt = tl.load(x_rows[:, None] + col[None, :],
                      mask=m_ok[:, None] & (ok & (col < K_in))[None, :], other=0.0)
-        acc += tl.sum(xt.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+        acc += tl.sum(xt.to(tl.float32)[:, None, :] * w[None, :, :], axis=2)
 
     lo, hi = _tier_range(s_rowptr, r, s, split)
     for e0 in range(lo, hi, NB):
-        v, inner, first, ok = _s24_blocks(s_vals, s_meta, s_cols, e0, hi, B, BP, HP, NB)
+        v, inner, first, ok = _s24_blocks(s_vals, s_meta, s_cols, e0, hi, B, BP, HP, NB, BITS)
         col = first + inner
+        v = _dequant(v, scales, (r * B + i)[:, None], col, ok, N, N_GROUPS, GS, BITS)
         xg = tl.load(x_rows[:, None, None] + col[None, :, :],
                      mask=m_ok[:, None, None] & (ok & (col < K_in))[None, :, :], other=0.0)
-        acc += tl.sum(xg.to(tl.float32) * v.to(tl.float32)[None, :, :], axis=2)
+        acc += tl.sum(xg.to(tl.float32) * v[None, :, :], axis=2)
 
     # Top-K: one kept entry of each of the NB blocks per inner step, so the live tensors stay
     # [BM, NB, BP] whatever K is.
@@ -123,9 +151,10 @@ def _decode_kernel(x, out, bias, partials, counters,
         ok = e < hi
         first = tl.load(t_cols + e, mask=ok, other=0) * B
         for k in range(0, TOPK):
-            v = tl.load(t_vals + e * TOPK + k, mask=ok, other=0.0).to(tl.float32)
+            v = _values(t_vals, e * TOPK_STRIDE + k, ok, BITS)
             p = tl.load(t_pos + e * TOPK + k, mask=ok, other=0).to(tl.int32)
             col = first + p % B
+            v = _dequant(v, scales, r * B + p // B, col, ok, N, N_GROUPS, GS, BITS)
             xg = tl.load(x_rows[:, None] + col[None, :],
                          mask=m_ok[:, None] & (ok & (col < K_in))[None, :], other=0.0)
             contrib = xg.to(tl.float32) * v[None, :]                        # [BM, NB]
@@ -155,9 +184,12 @@ def _decode_kernel(x, out, bias, partials, counters,
 
 
 @triton.jit
-def _expand_column(tiers, slots, d_vals, s_vals, s_meta, t_dense, r0, bc, NBR, NBC,
-                   B: tl.constexpr, BP: tl.constexpr, G: tl.constexpr):
-    """Blocks (r0 .. r0 + G - 1, bc) expanded to dense fp32 tiles [G, BP (out), BP (in)].
+def _expand_column(tiers, slots, d_vals, s_vals, s_meta, t_dense, scales, r0, bc, NBR, NBC,
+                   N, N_GROUPS, GS, B: tl.constexpr, BP: tl.constexpr, G: tl.constexpr,
+                   BITS: tl.constexpr):
+    """Blocks (r0 .. r0 + G - 1, bc) expanded to dense fp32 tiles [G, BP (out), BP (in)]; low-bit
+    codes times the scales of their rows in block column bc's group (one group: G is a multiple
+    of B).
 
     ``tiers`` / ``slots`` [NBR, NBC] give each block's tier and its index in that tier's arrays;
     ``t_dense`` holds the top-K blocks already expanded to B x B. Every entry is loaded under its
@@ -175,27 +207,26 @@ def _expand_column(tiers, slots, d_vals, s_vals, s_meta, t_dense, r0, bc, NBR, N
     c = tl.arange(0, BP)[None, None, :]
     inside = (i < B) & (c < B)
 
-    w = tl.load(d_vals + slot * (B * B) + i * B + c, mask=inside & (tier == 0),
-                other=0.0).to(tl.float32)
+    w = _values(d_vals, slot * (B * B) + i * B + c, inside & (tier == 0), BITS)
 
     # 2:4: column c of group q is kept by slot 2q or 2q+1 when that slot's position names it.
     is24 = inside & (tier == 1)
     meta = tl.load(s_meta + slot * B + i, mask=(i < B) & (tier == 1), other=0).to(tl.int32)
     q = c // 4
-    kept = s_vals + slot * (B * B // 2) + i * (B // 2) + 2 * q
-    w += tl.load(kept, mask=is24 & (((meta >> (4 * q)) & 3) == c % 4), other=0.0).to(tl.float32)
-    w += tl.load(kept + 1, mask=is24 & (((meta >> (4 * q + 2)) & 3) == c % 4),
-                 other=0.0).to(tl.float32)
+    kept = slot * (B * B // 2) + i * (B // 2) + 2 * q
+    w += _values(s_vals, kept, is24 & (((meta >> (4 * q)) & 3) == c % 4), BITS)
+    w += _values(s_vals, kept + 1, is24 & (((meta >> (4 * q + 2)) & 3) == c % 4), BITS)
 
     w += tl.load(t_dense + slot * (B * B) + i * B + c, mask=inside & (tier == 2),
                  other=0.0).to(tl.float32)
-    return w
+    return _dequant(w, scales, block_row[:, None, None] * B + i, bc * B, inside, N, N_GROUPS, GS,
+                    BITS)
 
 
 @triton.jit
-def _gemm_kernel(x, out, bias, tiers, slots, d_vals, s_vals, s_meta, t_dense,
-                 M, N, K_in, stride_xm, NBR, NBC,
-                 B: tl.constexpr, BP: tl.constexpr, HAS_BIAS: tl.constexpr,
+def _gemm_kernel(x, out, bias, tiers, slots, d_vals, s_vals, s_meta, t_dense, scales,
+                 M, N, K_in, stride_xm, NBR, NBC, N_GROUPS, GS,
+                 B: tl.constexpr, BP: tl.constexpr, BITS: tl.constexpr, HAS_BIAS: tl.constexpr,
                  DOT_FP32: tl.constexpr, BLOCK_M: tl.constexpr, G: tl.constexpr):
     """Program: BLOCK_M rows of x x G block-rows (G*B output features), over all block columns.
 
@@ -214,8 +245,8 @@ def _gemm_kernel(x, out, bias, tiers, slots, d_vals, s_vals, s_meta, t_dense,
         col = bc * B + j
         xt = tl.load(x_rows[:, None] + col[None, :],
                      mask=m_ok[:, None] & ((j < B) & (col < K_in))[None, :], other=0.0)
-        w = _expand_column(tiers, slots, d_vals, s_vals, s_meta, t_dense, r0, bc, NBR, NBC,
-                           B, BP, G)
+        w = _expand_column(tiers, slots, d_vals, s_vals, s_meta, t_dense, scales, r0, bc, NBR,
+                           NBC, N, N_GROUPS, GS, B, BP, G, BITS)
         w = tl.reshape(w, [G * BP, BP])
         if DOT_FP32:
             acc = tl.dot(xt.to(tl.float32), tl.trans(w), acc, input_precision="ieee")
@@ -291,12 +322,19 @@ def decode_split(block_rows: int, block_cols: int, device: torch.device) -> int:
 
 
 def run(x, dense_rowptr, dense_cols, dense_vals, s24_rowptr, s24_cols, s24_vals, s24_meta,
-        topk_rowptr, topk_cols, topk_vals, topk_pos, out_features, bias=None, split=None):
-    """Host side of both kernels; ``split`` overrides ``decode_split`` (decode only)."""
+        topk_rowptr, topk_cols, topk_vals, topk_pos, out_features, bias=None, split=None,
+        scales=None, group_size=0):
+    """Host side of both kernels; ``split`` overrides ``decode_split`` (decode only). Low-bit
+    values (int8, or int4 two per byte as uint8) come with ``scales [out, n_groups]`` and
+    ``group_size``; y is in x's dtype either way."""
     x = x.contiguous()
     rows, in_features = x.shape
     block = dense_vals.shape[1]
-    topk = topk_vals.shape[1]
+    topk = topk_pos.shape[1]
+    bits = {torch.int8: 8, torch.uint8: 4}.get(dense_vals.dtype, 16)
+    low_bit = dict(scales=x if scales is None else scales.contiguous(),
+                   N_GROUPS=0 if scales is None else scales.shape[1], GS=max(group_size, 1),
+                   BITS=bits)
     block_rows = dense_rowptr.shape[0] - 1
     packed = (dense_rowptr, dense_cols, dense_vals, s24_rowptr, s24_cols, s24_vals, s24_meta,
               topk_rowptr, topk_cols, topk_vals, topk_pos)
@@ -312,15 +350,17 @@ def run(x, dense_rowptr, dense_cols, dense_vals, s24_rowptr, s24_cols, s24_vals,
                                    topk_cols, block_cols)
         # Expanding a top-K block per use costs B*B*K compares; expanded once per call it is
         # one masked load, like a dense block (prefill is compute-bound; the extra bytes are not).
-        topk_dense = reference.expand_topk(topk_vals, topk_pos, block)
+        topk_dense = reference.expand_topk(reference.value_codes(topk_vals, topk) if bits < 16
+                                           else topk_vals, topk_pos, block)
         # The interpreter's bf16 tl.dot is wrong: it dots in fp32 (exact for 16-bit inputs).
         dot_fp32 = x.dtype == torch.float32 or interpreting()
         grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), triton.cdiv(block_rows, meta["G"]))
         kernel = gemm_fp32 if x.dtype == torch.float32 else gemm_16bit
         launch(kernel)[grid](
             x, y, bias_arg, tiers, slots, dense_vals, s24_vals, s24_meta, topk_dense,
-            rows, out_features, in_features, x.stride(0), block_rows, block_cols,
-            B=block, BP=side, HAS_BIAS=bias is not None, DOT_FP32=dot_fp32)
+            low_bit["scales"], rows, out_features, in_features, x.stride(0), block_rows,
+            block_cols, low_bit["N_GROUPS"], low_bit["GS"], B=block, BP=side, BITS=bits,
+            HAS_BIAS=bias is not None, DOT_FP32=dot_fp32)
         return y
 
     if split is None:
@@ -330,9 +370,10 @@ def run(x, dense_rowptr, dense_cols, dense_vals, s24_rowptr, s24_cols, s24_vals,
     # Zeroed per call (safe across streams); the kernel also leaves them at zero when it ends.
     counters = x.new_zeros((block_rows,), dtype=torch.int32) if split_k else y
     launch(decode_tuned)[(block_rows, split)](
-        x, y, bias_arg, partials, counters, *packed, rows, out_features, in_features,
-        x.stride(0), split, B=block, BP=side, HP=side // 2, TOPK=topk, BM=pow2_at_least(rows),
-        HAS_BIAS=bias is not None, SPLIT_K=split_k)
+        x, y, bias_arg, partials, counters, *packed, low_bit["scales"], rows, out_features,
+        in_features, x.stride(0), split, low_bit["N_GROUPS"], low_bit["GS"], B=block, BP=side,
+        HP=side // 2, TOPK=topk, TOPK_STRIDE=topk_vals.shape[1] * (2 if bits == 4 else 1),
+        BITS=bits, BM=pow2_at_least(rows), HAS_BIAS=bias is not None, SPLIT_K=split_k)
     return y
 
 
@@ -345,3 +386,17 @@ def hybrid_linear(x: torch.Tensor, dense_rowptr: torch.Tensor, dense_cols: torch
     """The Triton ``hybrid_linear``: same contract as ``reference.hybrid_linear``."""
     return run(x, dense_rowptr, dense_cols, dense_vals, s24_rowptr, s24_cols, s24_vals,
                s24_meta, topk_rowptr, topk_cols, topk_vals, topk_pos, out_features, bias)
+
+
+@triton_op("sparse_kernels::triton_hybrid_linear_q")
+def hybrid_linear_q(x: torch.Tensor, dense_rowptr: torch.Tensor, dense_cols: torch.Tensor,
+                    dense_vals: torch.Tensor, s24_rowptr: torch.Tensor, s24_cols: torch.Tensor,
+                    s24_vals: torch.Tensor, s24_meta: torch.Tensor, topk_rowptr: torch.Tensor,
+                    topk_cols: torch.Tensor, topk_vals: torch.Tensor, topk_pos: torch.Tensor,
+                    scales: torch.Tensor, group_size: int, out_features: int,
+                    bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The Triton ``hybrid_linear_q`` (codes dequantized as they load): same contract as
+    ``reference.hybrid_linear_q``."""
+    return run(x, dense_rowptr, dense_cols, dense_vals, s24_rowptr, s24_cols, s24_vals,
+               s24_meta, topk_rowptr, topk_cols, topk_vals, topk_pos, out_features, bias,
+               scales=scales, group_size=group_size)
