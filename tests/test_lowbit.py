@@ -6,8 +6,7 @@ import torch
 import sparse_kernels as sk
 from conftest import random_hybrid
 from sparse_kernels.format import CorruptWeightError, validate_packed
-from sparse_kernels.quant import (group_scales, pack_int4, quantize, round_to_grid,
-                                  unpack_int4)
+from sparse_kernels.quant import pack_int4, quantize, round_to_grid, unpack_int4
 from sparse_kernels.rules import group_size_for, packed_nbytes
 
 SHAPES = [(40, 200, 64), (17, 576, 64), (33, 130, 128), (64, 256, 128), (5, 48, 16)]

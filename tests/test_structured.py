@@ -239,7 +239,6 @@ def test_a_truncated_structured_checkpoint_raises_naming_the_missing_weights(tmp
 def test_importance_sums_each_units_weights():
     model = gqa_model(4, 2)
     units = discover_units(model)
-    u = units[0]
     layer = decoder_layers(model)[1][0]
     magnitude = unit_importance(model, units, "magnitude")
     group = 1
