@@ -14,7 +14,7 @@ from sparse_kernels import apply_tier_map
 from test_pruning_ops import NM, SHAPES, _bits, _random_24_blocks, _score_inputs
 
 OPS = ("wanda_scores", "block_topk_mask", "nm_mask", "compress_24", "hybrid_linear",
-       "hybrid_linear_decode", "unpack_hybrid")
+       "hybrid_linear_decode", "unpack_hybrid", "unpack_hybrid_q")
 
 
 def _cuda_skip_reason(op: str) -> str | None:
@@ -378,6 +378,27 @@ def test_prefill_through_unpack_and_cublas(monkeypatch, dtype, rows):
                   torch.randn(129).to(dtype).cuda())
 
 
+@needs_cuda("unpack_hybrid_q")
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("block_size,group", [(16, 32), (16, 128), (4, 8), (12, 36)])
+@pytest.mark.parametrize("topk", [5, 41])  # odd K: an int4 top-K row ends in a padding nibble
+def test_unpack_low_bit_is_exact(bits, block_size, group, topk):
+    topk = min(topk, block_size * block_size)
+    hw, dense = random_hybrid(37, 70, block_size=block_size, topk=topk, bits=bits,
+                              group_size=group, seed=topk)
+    got = hw.to("cuda").to_dense()
+    assert got.is_cuda and got.dtype == torch.float32 and torch.equal(got.cpu(), dense)
+
+
+@needs_cuda("unpack_hybrid_q")
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_low_bit_prefill_through_unpack_and_cublas(dtype):
+    hw, dense = random_hybrid(129, 250, topk=41, bits=4, group_size=64)
+    x = _random_x(backends.UNPACK_MIN_ROWS, 250, dtype)
+    got = sk.hybrid_linear(x, hw.to("cuda"), backend="cuda")
+    torch.testing.assert_close(got.cpu(), _expected(x, dense, None), **TOLERANCE[dtype])
+
+
 # --------------------------------------------------------------------------------------------
 # opcheck and the binding's argument checks
 
@@ -396,6 +417,10 @@ def _opcheck_args(op: str):
     if op == "unpack_hybrid":
         hw, _ = random_hybrid(37, 70, torch.float16)
         return (*hw.to("cuda").packed_tensors(), 37, 70)
+    if op == "unpack_hybrid_q":
+        hw, _ = random_hybrid(37, 70, topk=41, bits=4, group_size=32)
+        hw = hw.to("cuda")
+        return (*hw.packed_tensors(), hw.scales, 32, 37, 70)
     if op == "hybrid_linear_decode":
         hw, _ = random_hybrid(37, 72, torch.float16)
         layout = _layout(hw.to("cuda"), 9)

@@ -181,54 +181,75 @@ struct PackedArgs {
   }
 };
 
-// Shapes and dtypes of the packed format (sparse_kernels/format.py) for x [M, in] (or, with
-// anchor_name "dense_vals", for the weight alone) and the block size of dense_vals; every tensor
-// on the anchor's device.
-void check_packed(const PackedArgs& p, const at::Tensor& x, int64_t out_features,
-                  const char* anchor_name = "x") {
-  for (const auto& [name, t] : p.named()) check_same_device(*t, name, x, anchor_name);
+// Shapes of the packed format (sparse_kernels/format.py) for a weight of out_features rows, with
+// the values' last dimension divided by codes_per_element (rounded up: 2 for int4 codes two per
+// byte) and the block size of dense_vals; every tensor on the anchor's device.
+void check_packed(const PackedArgs& p, const at::Tensor& anchor, int64_t out_features,
+                  const char* anchor_name, int64_t codes_per_element = 1) {
+  const int64_t c = codes_per_element;
+  for (const auto& [name, t] : p.named()) check_same_device(*t, name, anchor, anchor_name);
   const at::Tensor& dense_vals = p.dense_vals;
-  TORCH_CHECK(dense_vals.dim() == 3 && dense_vals.size(1) == dense_vals.size(2),
-              "hybrid_linear: dense_vals must be [n, B, B], got ", dense_vals.sizes());
+  TORCH_CHECK(dense_vals.dim() == 3 && dense_vals.size(2) * c == dense_vals.size(1),
+              "hybrid_linear: dense_vals must be [n, B, B", c == 2 ? " / 2" : "", "], got ",
+              dense_vals.sizes());
   const int64_t b = dense_vals.size(1);
   check_block_size(b, "hybrid_linear: block size (dense_vals.size(1))");
   const int64_t nbr = ceil_div(out_features, b);
-  for (const at::Tensor* v : {&p.dense_vals, &p.s24_vals, &p.topk_vals}) {
-    TORCH_CHECK(v->scalar_type() == x.scalar_type(), "hybrid_linear: ", anchor_name, " is ",
-                x.scalar_type(), " but packed values are ", v->scalar_type());
-  }
   for (const at::Tensor* r : {&p.dense_rowptr, &p.s24_rowptr, &p.topk_rowptr}) {
     TORCH_CHECK(r->scalar_type() == at::kInt && r->dim() == 1 && r->numel() == nbr + 1,
                 "hybrid_linear: each rowptr must be int32 [ceil(out/B) + 1] = [", nbr + 1,
                 "], got ", r->scalar_type(), " ", r->sizes());
   }
-  for (const at::Tensor* c : {&p.dense_cols, &p.s24_cols, &p.topk_cols}) {
-    TORCH_CHECK(c->scalar_type() == at::kInt && c->dim() == 1,
-                "hybrid_linear: block column indices must be int32 [n], got ", c->scalar_type(),
-                " ", c->sizes());
+  for (const at::Tensor* cols : {&p.dense_cols, &p.s24_cols, &p.topk_cols}) {
+    TORCH_CHECK(cols->scalar_type() == at::kInt && cols->dim() == 1,
+                "hybrid_linear: block column indices must be int32 [n], got ",
+                cols->scalar_type(), " ", cols->sizes());
   }
   const at::Tensor& s24_vals = p.s24_vals;
-  TORCH_CHECK(s24_vals.dim() == 3 && s24_vals.size(1) == b && s24_vals.size(2) == b / 2,
-              "hybrid_linear: s24_vals must be [n, ", b, ", ", b / 2, "], got ", s24_vals.sizes());
+  TORCH_CHECK(s24_vals.dim() == 3 && s24_vals.size(1) == b && s24_vals.size(2) == b / 2 / c,
+              "hybrid_linear: s24_vals must be [n, ", b, ", ", b / 2 / c, "], got ",
+              s24_vals.sizes());
   const at::Tensor& s24_meta = p.s24_meta;
   TORCH_CHECK(s24_meta.scalar_type() == at::kShort && s24_meta.dim() == 2 &&
                   s24_meta.size(0) == s24_vals.size(0) && s24_meta.size(1) == b,
               "hybrid_linear: s24_meta must be int16 [", s24_vals.size(0), ", ", b, "], got ",
               s24_meta.scalar_type(), " ", s24_meta.sizes());
-  const at::Tensor& topk_vals = p.topk_vals;
-  TORCH_CHECK(topk_vals.dim() == 2 && topk_vals.size(1) <= b * b,
-              "hybrid_linear: topk_vals must be [n, K] with K <= B*B = ", b * b, ", got ",
-              topk_vals.sizes());
-  TORCH_CHECK(p.topk_pos.scalar_type() == at::kByte && p.topk_pos.sizes() == topk_vals.sizes(),
-              "hybrid_linear: topk_pos must be uint8 of topk_vals' shape ", topk_vals.sizes(),
-              ", got ", p.topk_pos.scalar_type(), " ", p.topk_pos.sizes());
+  const at::Tensor& topk_pos = p.topk_pos;
+  TORCH_CHECK(topk_pos.scalar_type() == at::kByte && topk_pos.dim() == 2 &&
+                  topk_pos.size(1) <= b * b,
+              "hybrid_linear: topk_pos must be uint8 [n, K] with K <= B*B = ", b * b, ", got ",
+              topk_pos.scalar_type(), " ", topk_pos.sizes());
+  const int64_t k = topk_pos.size(1);
+  TORCH_CHECK(p.topk_vals.dim() == 2 && p.topk_vals.size(0) == topk_pos.size(0) &&
+                  p.topk_vals.size(1) == ceil_div(k, c),
+              "hybrid_linear: topk_vals must be [", topk_pos.size(0), ", ", ceil_div(k, c),
+              "] for K = ", k, ", got ", p.topk_vals.sizes());
   TORCH_CHECK(p.dense_cols.numel() == dense_vals.size(0) &&
                   p.s24_cols.numel() == s24_vals.size(0) &&
-                  p.topk_cols.numel() == topk_vals.size(0),
+                  p.topk_cols.numel() == p.topk_vals.size(0),
               "hybrid_linear: each tier needs one block column per block of values, got ",
               p.dense_cols.numel(), "/", dense_vals.size(0), " (dense), ", p.s24_cols.numel(),
-              "/", s24_vals.size(0), " (2:4), ", p.topk_cols.numel(), "/", topk_vals.size(0),
+              "/", s24_vals.size(0), " (2:4), ", p.topk_cols.numel(), "/", p.topk_vals.size(0),
               " (top-K)");
+}
+
+// Float values share the dtype of `anchor` (x, or the values themselves for unpack).
+void check_values_dtype(const PackedArgs& p, const at::Tensor& anchor, const char* anchor_name) {
+  for (const at::Tensor* v : {&p.dense_vals, &p.s24_vals, &p.topk_vals}) {
+    TORCH_CHECK(v->scalar_type() == anchor.scalar_type(), "hybrid_linear: ", anchor_name, " is ",
+                anchor.scalar_type(), " but packed values are ", v->scalar_type());
+  }
+}
+
+// The tiers hold one block per block of a [out, in] weight.
+void check_block_count(const PackedArgs& p, int64_t out_features, int64_t in_features,
+                       const char* op) {
+  const int64_t b = p.dense_vals.size(1);
+  const int64_t n = p.dense_cols.numel() + p.s24_cols.numel() + p.topk_cols.numel();
+  TORCH_CHECK(n == ceil_div(out_features, b) * ceil_div(in_features, b), op, ": the tiers hold ",
+              p.dense_cols.numel(), " + ", p.s24_cols.numel(), " + ", p.topk_cols.numel(),
+              " blocks but a [", out_features, ", ", in_features, "] weight has ",
+              ceil_div(out_features, b) * ceil_div(in_features, b));
 }
 
 PackedWeight packed_weight(const PackedArgs& p, int64_t out_features, int64_t in_features) {
@@ -236,7 +257,7 @@ PackedWeight packed_weight(const PackedArgs& p, int64_t out_features, int64_t in
   w.out_features = out_features;
   w.in_features = in_features;
   w.block_size = static_cast<int>(p.dense_vals.size(1));
-  w.topk = static_cast<int>(p.topk_vals.size(1));
+  w.topk = static_cast<int>(p.topk_pos.size(1));  // values per block (int4: 2 per byte)
   w.n_dense = p.dense_vals.size(0);
   w.n_s24 = p.s24_vals.size(0);
   w.n_topk = p.topk_vals.size(0);
@@ -271,7 +292,8 @@ at::Tensor hybrid_linear(const at::Tensor& x_in, const at::Tensor& dense_rowptr,
                            s24_cols.contiguous(), aligned_contiguous(s24_vals),
                            s24_meta.contiguous(), topk_rowptr.contiguous(),
                            topk_cols.contiguous(), topk_vals.contiguous(), topk_pos.contiguous()};
-  check_packed(packed, x_in, out_features);
+  check_packed(packed, x_in, out_features, "x");
+  check_values_dtype(packed, x_in, "x");
   at::Tensor bias;
   if (bias_in) {
     check_same_device(*bias_in, "hybrid_linear: bias", x_in, "x");
@@ -313,18 +335,63 @@ at::Tensor unpack_hybrid(const at::Tensor& dense_rowptr, const at::Tensor& dense
                            topk_rowptr.contiguous(), topk_cols.contiguous(),
                            topk_vals.contiguous(), topk_pos.contiguous()};
   check_packed(packed, packed.dense_vals, out_features, "dense_vals");
-  const int64_t b = dense_vals.size(1);
-  TORCH_CHECK(packed.dense_cols.numel() + packed.s24_cols.numel() + packed.topk_cols.numel() ==
-                  ceil_div(out_features, b) * ceil_div(in_features, b),
-              "unpack_hybrid: the tiers hold ", packed.dense_cols.numel(), " + ",
-              packed.s24_cols.numel(), " + ", packed.topk_cols.numel(),
-              " blocks but a [", out_features, ", ", in_features, "] weight has ",
-              ceil_div(out_features, b) * ceil_div(in_features, b));
+  check_values_dtype(packed, packed.dense_vals, "dense_vals");
+  check_block_count(packed, out_features, in_features, "unpack_hybrid");
   at::Tensor dense = at::empty({out_features, in_features}, dense_vals.options());
   if (dense.numel() == 0) return dense;
   check_launch(launch_unpack_hybrid(packed_weight(packed, out_features, in_features), dtype,
                                     dense.data_ptr(), current_stream()),
                "unpack_hybrid");
+  return dense;
+}
+
+// ------------------------------------------------------------------------ unpack_hybrid_q
+
+// Low-bit values (int8 codes, or int4 two per byte as uint8) -> the fp32 [out, in] weight, the
+// codes times fp16 scales [out, ceil(in / group_size)].
+at::Tensor unpack_hybrid_q(const at::Tensor& dense_rowptr, const at::Tensor& dense_cols,
+                           const at::Tensor& dense_vals, const at::Tensor& s24_rowptr,
+                           const at::Tensor& s24_cols, const at::Tensor& s24_vals,
+                           const at::Tensor& s24_meta, const at::Tensor& topk_rowptr,
+                           const at::Tensor& topk_cols, const at::Tensor& topk_vals,
+                           const at::Tensor& topk_pos, const at::Tensor& scales_in,
+                           int64_t group_size, int64_t out_features, int64_t in_features) {
+  constexpr const char* op = "unpack_hybrid_q";
+  check_cuda(dense_vals, "unpack_hybrid_q: dense_vals");
+  const at::ScalarType codes = dense_vals.scalar_type();
+  TORCH_CHECK(codes == at::kChar || codes == at::kByte, op, ": low-bit values must be int8 codes "
+              "or uint8 (int4 two per byte), got ", codes);
+  for (const at::Tensor* v : {&s24_vals, &topk_vals}) {
+    TORCH_CHECK(v->scalar_type() == codes, op, ": every tier's values must be ", codes,
+                ", got ", v->scalar_type());
+  }
+  TORCH_CHECK(out_features >= 0 && in_features >= 0, op, ": negative shape [", out_features,
+              ", ", in_features, "]");
+  const c10::cuda::CUDAGuard guard(dense_vals.device());
+  const PackedArgs packed{dense_rowptr.contiguous(), dense_cols.contiguous(),
+                           dense_vals.contiguous(), s24_rowptr.contiguous(),
+                           s24_cols.contiguous(), s24_vals.contiguous(), s24_meta.contiguous(),
+                           topk_rowptr.contiguous(), topk_cols.contiguous(),
+                           topk_vals.contiguous(), topk_pos.contiguous()};
+  const int64_t codes_per_element = codes == at::kByte ? 2 : 1;
+  check_packed(packed, packed.dense_vals, out_features, "dense_vals", codes_per_element);
+  check_block_count(packed, out_features, in_features, op);
+  const int64_t b = dense_vals.size(1);
+  TORCH_CHECK(group_size > 0 && group_size % b == 0, op, ": group_size must be a positive "
+              "multiple of the block size ", b, ", got ", group_size);
+  const int64_t n_groups = ceil_div(in_features, group_size);
+  check_same_device(scales_in, "scales", dense_vals, "dense_vals");
+  TORCH_CHECK(scales_in.scalar_type() == at::kHalf && scales_in.dim() == 2 &&
+                  scales_in.size(0) == out_features && scales_in.size(1) == n_groups,
+              op, ": scales must be float16 [out_features, ceil(in_features / group_size)] = [",
+              out_features, ", ", n_groups, "], got ", scales_in.scalar_type(), " ",
+              scales_in.sizes());
+  const at::Tensor scales = scales_in.contiguous();
+  at::Tensor dense = at::empty({out_features, in_features}, scales.options().dtype(at::kFloat));
+  if (dense.numel() == 0) return dense;
+  check_launch(launch_unpack_hybrid_q(packed_weight(packed, out_features, in_features), codes == at::kByte ? 4 : 8, scales.data_ptr(),
+                                      group_size, dense.data_ptr<float>(), current_stream()),
+               op);
   return dense;
 }
 
@@ -412,4 +479,5 @@ TORCH_LIBRARY_IMPL(sparse_kernels, CUDA, m) {
   m.impl("hybrid_linear", &sparse_kernels_cuda::hybrid_linear);
   m.impl("hybrid_linear_decode", &sparse_kernels_cuda::hybrid_linear_decode);
   m.impl("unpack_hybrid", &sparse_kernels_cuda::unpack_hybrid);
+  m.impl("unpack_hybrid_q", &sparse_kernels_cuda::unpack_hybrid_q);
 }

@@ -46,6 +46,12 @@ cudaError_t launch_hybrid_linear(const void* x, int64_t rows, const PackedWeight
 cudaError_t launch_unpack_hybrid(const PackedWeight& w, DType dtype, void* dense,
                                  cudaStream_t stream);
 
+// Low-bit values (`bits` 8: int8 codes; 4: int4 codes two per byte, top-K rows padded to an even
+// count): dense[out, in] fp32 = code * scales[o][i / group_size] (fp16 scales
+// [out, ceil(in / group_size)]), exactly as sparse_kernels.reference.unpack_blocks_q.
+cudaError_t launch_unpack_hybrid_q(const PackedWeight& w, int bits, const void* scales,
+                                   int64_t group_size, float* dense, cudaStream_t stream);
+
 // The decode kernel (at most sk_decode::kMaxTokens rows of x, fp16 / bf16) on the execution layout
 // prepared from a packed weight (csrc/cuda/decode_layout.cuh, sparse_kernels/decode_layout.py).
 struct DecodeLayout {

@@ -24,6 +24,11 @@ _IMPLEMENTATIONS = {
     "compress_24": "compress:compress_24",
 }
 
+#: Ops the compiled CUDA library does not implement: on a GPU their ``CUDA`` key is Triton's
+#: (``register_for_cuda``). The low-bit matmul dequantizes on load in Triton's decode and GEMM
+#: kernels; a CUDA image of it is not written yet.
+SERVES_CUDA_ALONE = ("hybrid_linear_q",)
+
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 #: Device types the Triton kernels accept here.
