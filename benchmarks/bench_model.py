@@ -32,12 +32,15 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import sparse_kernels as sk  # noqa: E402
+from bench_linear import torch_lowbit_baseline  # noqa: E402
 from common import (TIER_MIXES, append_jsonl, relative_error, results_path,  # noqa: E402
                     significant, write_results)
+from sparse_kernels.quant import round_to_grid  # noqa: E402
+from sparse_kernels.rules import group_size_for  # noqa: E402
 
 # hidden, intermediate, layers, attention heads, key/value heads, vocabulary
 SHAPES = {
-    "tiny": (256, 688, 2, 4, 4, 1000),
+    "tiny": (256, 704, 2, 4, 4, 1000),
     "smollm2-135m": (576, 1536, 30, 9, 3, 49152),     # the embedded model's shapes
     "llama-1b": (2048, 5632, 22, 32, 4, 32000),       # TinyLlama-1.1B
     "llama2-7b": (4096, 11008, 32, 32, 32, 32000),
@@ -76,6 +79,53 @@ def prune_randomly(model, ratios, topk: int, block_size: int = 16, seed: int = 0
                                               block_size, scores=weight.float().abs()))
         maps[name] = tiers
     return maps
+
+
+@torch.no_grad()
+def round_pruned_to_grid(model, maps: dict, bits: int, group_size: int) -> None:
+    """Round every pruned Linear's weight to its ``bits`` grid (symmetric, groups of
+    ``rules.group_size_for`` its width), in place: the dense side then multiplies exactly the
+    values the packed codes stand for."""
+    modules = dict(model.named_modules())
+    for name in maps:
+        weight = modules[name].weight
+        grid, _ = round_to_grid(weight.float(), bits, group_size_for(weight.shape[1], group_size))
+        weight.copy_(grid.to(weight.dtype))
+
+
+class TorchLowBitLinear(torch.nn.Module):
+    """A Linear through torch's own dense int8 / int4 weight-only CPU kernel (the one torchao
+    uses; ``bench_linear.torch_lowbit_baseline``), x cast to bf16 (its fast path) and back."""
+
+    def __init__(self, linear: torch.nn.Linear, bits: int, group_size: int):
+        super().__init__()
+        baseline, why_not = torch_lowbit_baseline(
+            linear.weight, bits, group_size_for(linear.in_features, group_size))
+        if baseline is None:
+            raise ValueError(why_not)
+        self.call, self.nbytes = baseline[1][torch.bfloat16], baseline[2]
+        self.bias = linear.bias
+
+    def forward(self, x):
+        y = self.call(x.reshape(-1, x.shape[-1]).bfloat16()).to(x.dtype)
+        y = y.reshape(*x.shape[:-1], y.shape[-1])
+        return y if self.bias is None else y + self.bias
+
+
+def torch_lowbit_model(dense, maps: dict, bits: int, group_size: int):
+    """A copy of ``dense`` whose pruned Linears run :class:`TorchLowBitLinear`, or ``(None, why
+    not)``."""
+    if next(dense.parameters()).device.type != "cpu":
+        return None, "torch's int4 / int8 weight-only kernels here are the CPU ones"
+    model = copy.deepcopy(dense)
+    modules = dict(model.named_modules())
+    try:
+        for name in maps:
+            parent, _, child = name.rpartition(".")
+            setattr(modules[parent], child, TorchLowBitLinear(modules[name], bits, group_size))
+    except ValueError as exc:
+        return None, str(exc)
+    return model, None
 
 
 def timed(fn, device, repeats: int) -> float:
@@ -174,6 +224,12 @@ def main(argv=None):
     p.add_argument("--mix", choices=TIER_MIXES, default="hybrid",
                    help="tier fractions of every Linear (default hybrid: 0.35 / 0.45 / 0.20)")
     p.add_argument("--topk", type=int, default=15)
+    p.add_argument("--bits", type=int, choices=(16, 8, 4), default=16,
+                   help="precision of the packed values (8 / 4: codes with fp16 group scales; the "
+                        "dense side multiplies the same rounded values, and on the CPU a third "
+                        "model runs torch's dense int8 / int4 kernel); default 16")
+    p.add_argument("--group-size", type=int, default=128,
+                   help="preferred quantization group (rules.group_size_for; default 128)")
     p.add_argument("--batches", default="1,8", help="decode batch sizes (default 1,8)")
     p.add_argument("--prompt", type=int, default=128, help="prompt tokens (prefill)")
     p.add_argument("--new-tokens", type=int, default=32, help="greedy tokens generated")
@@ -192,7 +248,14 @@ def main(argv=None):
 
     dense = build_model(args.shape, dtype, device)
     maps = prune_randomly(dense, TIER_MIXES[args.mix], args.topk)
-    hybrid = sk.sparsify_model(copy.deepcopy(dense), maps, topk=args.topk, strict=True)
+    lowbit = None
+    if args.bits < 16:
+        round_pruned_to_grid(dense, maps, args.bits, args.group_size)
+        lowbit, why_not = torch_lowbit_model(dense, maps, args.bits, args.group_size)
+        if why_not:
+            print(f"(no torch int{args.bits} model: {why_not})")
+    hybrid = sk.sparsify_model(copy.deepcopy(dense), maps, topk=args.topk, strict=True,
+                               bits=args.bits, group_size=args.group_size)
     vocab = dense.config.vocab_size
     prompt = torch.randint(0, vocab, (1, args.prompt), generator=torch.Generator().manual_seed(1))
     prompt = prompt.to(device)
@@ -203,23 +266,39 @@ def main(argv=None):
     weights = [m.hybrid_weight for m in hybrid.modules() if isinstance(m, sk.HybridSparseLinear)]
     packed = sum(w.nbytes for w in weights)
     dense_linear = sum(w.dense_nbytes for w in weights)
-    print(f"{args.shape} {dtype} on {device}: {len(maps)} Linears packed to "
+    print(f"{args.shape} {dtype} on {device}: {len(maps)} Linears packed at {args.bits} bits to "
           f"{packed / dense_linear:.3f} of their bytes; logits within {error:.2g} of dense")
+    lowbit_fields = {}
+    if lowbit is not None:
+        lowbit_error = logits_error(dense, lowbit, prompt[:, :32])
+        lowbit_bytes = sum(m.nbytes for m in lowbit.modules() if isinstance(m, TorchLowBitLinear))
+        lowbit_fields = dict(torch_lowbit_fraction=significant(lowbit_bytes / dense_linear),
+                             torch_lowbit_logits_error=lowbit_error)
+        print(f"torch int{args.bits} model: {lowbit_bytes / dense_linear:.3f} of the bytes; "
+              f"logits within {lowbit_error:.2g} of dense")
 
     records = []
 
     def keep(rec):
         records.append(rec)
         append_jsonl(args.jsonl, rec)
+        versus = (f", torch int{args.bits} {rec['torch_lowbit_tokens_per_s']:>9.1f} tok/s "
+                  f"(hybrid {rec['speedup_vs_torch_lowbit']:.2f}x)"
+                  if "torch_lowbit_tokens_per_s" in rec else "")
         print(f"{rec['phase']:8} batch {rec['batch']:>3}: dense {rec['dense_tokens_per_s']:>9.1f} "
               f"tok/s, hybrid {rec['hybrid_tokens_per_s']:>9.1f} tok/s, "
-              f"{rec['speedup']:.2f}x", flush=True)
+              f"{rec['speedup']:.2f}x{versus}", flush=True)
 
     def rates(make_call, tokens):
         d = tokens / timed(make_call(dense), device, args.repeats)
         h = tokens / timed(make_call(hybrid), device, args.repeats)
-        return dict(dense_tokens_per_s=significant(d), hybrid_tokens_per_s=significant(h),
-                    speedup=significant(h / d))
+        rec = dict(dense_tokens_per_s=significant(d), hybrid_tokens_per_s=significant(h),
+                   speedup=significant(h / d))
+        if lowbit is not None:
+            t = tokens / timed(make_call(lowbit), device, args.repeats)
+            rec.update(torch_lowbit_tokens_per_s=significant(t),
+                       speedup_vs_torch_lowbit=significant(h / t))
+        return rec
 
     with torch.no_grad():
         keep(dict(phase="prefill", batch=1, tokens=args.prompt,
@@ -235,10 +314,12 @@ def main(argv=None):
                       **rates(generate, batch * args.new_tokens)))
             if graph_steps:
                 keep(step_record(dense, hybrid, ids, batch, graph_steps))
-    path = args.out or results_path(device, prefix=f"model-{args.shape}-")
+    suffix = "" if args.bits == 16 else f"int{args.bits}-"
+    path = args.out or results_path(device, prefix=f"model-{args.shape}-{suffix}")
     write_results(path, device, records, shape=args.shape, dims=SHAPES[args.shape],
                   dtype=str(dtype).removeprefix("torch."), mix=args.mix,
-                  tier_ratios=list(TIER_MIXES[args.mix]), topk=args.topk,
+                  tier_ratios=list(TIER_MIXES[args.mix]), topk=args.topk, bits=args.bits,
+                  group_size=args.group_size, **lowbit_fields,
                   packed_fraction=significant(packed / dense_linear), logits_error=error,
                   threads=torch.get_num_threads(),
                   backend=sk.backends.resolve_backend(None, device),

@@ -396,6 +396,23 @@ def test_bench_model_checks_logits_then_times_both_sides(tmp_path):
                                              rel=1e-2)
 
 
+def test_bench_model_low_bit_times_a_torch_int4_model_beside(tmp_path):
+    import bench_model
+
+    out = tmp_path / "model.json"
+    bench_model.main(["--shape", "tiny", "--batches", "1", "--new-tokens", "2", "--prompt", "32",
+                      "--repeats", "1", "--bits", "4", "--group-size", "32", "--out", str(out)])
+    payload = json.loads(out.read_text())
+    assert payload["bits"] == 4 and payload["group_size"] == 32
+    # The dense side multiplies the rounded weights, so the packed codes reproduce it.
+    assert payload["logits_error"] <= bench_model.TOLERANCE[torch.float32]
+    assert payload["packed_fraction"] < 0.3  # int4 codes of the default mix, vs fp32
+    assert payload["torch_lowbit_logits_error"] < 0.05  # torch's kernel runs x in bf16
+    for r in payload["records"]:
+        assert r["speedup_vs_torch_lowbit"] == pytest.approx(
+            r["hybrid_tokens_per_s"] / r["torch_lowbit_tokens_per_s"], rel=1e-2)
+
+
 def test_decode_step_with_a_static_cache_is_the_next_token_of_the_prompt():
     import bench_model
 
