@@ -8,7 +8,7 @@ import torch
 import pruning
 import sparse_kernels as sk
 from pruning.methods import get_method, quant_proxy
-from pruning.methods.sparsegpt import obs_sweep, prepare_obs
+from pruning.methods.sparsegpt import act_order, obs_sweep, ordered_sweep, prepare_obs
 from pruning.statistics import LinearStats
 from sparse_kernels.quant import round_to_grid
 from sparse_kernels.rules import group_size_for
@@ -64,6 +64,62 @@ def test_joint_sweep_equals_sequential_obs(bits, seed):
     assert torch.equal(kept, ~pruned) and scales.shape == (6, 3)
     on_grid, _ = round_to_grid(got, bits, 8, scales)
     assert torch.equal(on_grid, got)  # every kept weight is a code times its group's scale
+
+
+def test_act_order_takes_whole_runs_loudest_first_and_keeps_a_ragged_run_last():
+    diag = torch.tensor([1., 9., 2., 2., 5., 0., 7., 7., 100.])
+    order = act_order(torch.diag(diag), run=2)
+    # runs (0,1) max 9, (2,3) 2, (4,5) 5, (6,7) 7; column 8 is a ragged run: last, however loud
+    assert order.tolist() == [0, 1, 6, 7, 4, 5, 2, 3, 8]
+    assert act_order(torch.diag(diag), run=1).tolist() == torch.sort(
+        diag, descending=True, stable=True).indices.tolist()
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_ordered_sweep_is_the_sequential_obs_of_the_permuted_problem(bits):
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(6, 28, generator=g)  # 3 whole groups of 8 and a ragged one of 4
+    hessian = make_hessian(28, 3)
+    pruned = torch.rand(6, 28, generator=g) < 0.3
+    order = act_order(hessian, 8)
+    assert sorted(order[:24].tolist()) == list(range(24)) and order[24:].tolist() == [24, 25,
+                                                                                     26, 27]
+    got, kept, scales = ordered_sweep(w, hessian.float(), order, percdamp=0.01, nsamples=None,
+                                      mask=~pruned, bits=bits, group_size=8, blocksize=16,
+                                      block_size=4)
+    expected = torch.empty(6, 28, dtype=torch.float64)
+    expected[:, order] = sequential_obs(w[:, order], hessian[order][:, order], pruned[:, order],
+                                        bits, group=8)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-4)
+    assert torch.equal(kept, ~pruned)
+    # the scales come back in the weight's group order: every kept weight is on its grid
+    assert torch.equal(round_to_grid(got, bits, 8, scales)[0], got)
+
+
+def test_act_order_lowers_the_error_where_the_loud_inputs_come_last():
+    torch.manual_seed(1)
+    w = torch.randn(64, 128)
+    loud = torch.ones(128)
+    loud[96:] = 8.0  # the last group's inputs are 8x louder
+    x = (torch.randn(8, 32, 128) @ (torch.eye(128) + 0.3 * torch.randn(128, 128) / 11)) * loud
+    stats = LinearStats.empty(128, hessian=True)
+    stats.add_batch(x)
+    x = x.reshape(-1, 128)
+    for kind in ("dense", "2:4", "three_tier"):  # three_tier: the structure holds in act order
+        ratios = dict(tier_ratios=(0.25, 0.5, 0.25), topk=16) if kind == "three_tier" else {}
+        pattern = pruning.patterns.parse_pattern(kind, bits=4, group_size=32, **ratios)
+        error = {}
+        for ordered in (True, False):
+            r = get_method("sparsegpt", act_order=ordered).prune(w, stats, pattern)
+            error[ordered] = float(((x @ (r.weight - w).t()) ** 2).sum())
+            assert torch.equal(round_to_grid(r.weight, 4, 32, r.scales)[0], r.weight)
+            if kind == "2:4":
+                assert bool(((r.weight != 0).reshape(64, 32, 4).sum(-1) <= 2).all())
+            if kind == "three_tier":  # the tiers hold: top-K blocks keep at most K
+                blocks = (r.weight != 0).reshape(4, 16, 8, 16).sum((1, 3))
+                assert bool((blocks[r.tier_map == sk.TOPK] <= 16).all())
+        if kind != "three_tier":  # there pruning whole blocks dominates the error
+            assert error[True] < 0.8 * error[False], (kind, error)
 
 
 def test_gptq_lowers_the_output_error_of_round_to_nearest():

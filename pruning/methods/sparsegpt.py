@@ -26,12 +26,18 @@ Low-bit patterns quantize inside the same sweep (SparseGPT's joint mode; GPTQ wh
 pruned): when the sweep reaches the first column of a group of ``G`` input columns, each row's
 scale of that group is set from the largest of its current (already updated) weights not yet
 known to be pruned; every column is then pruned and its kept weights rounded to the grid in
-one step, and the error of both is spread over the later columns.
+one step, and the error of both is spread over the later columns. The sweep takes the groups in
+act order (GPTQ's ``desc_act``, :func:`act_order`): the groups holding the inputs with the
+largest ``H_jj`` first, while the most weights are left to absorb their error; whole groups
+(whole ``lcm(G, m)`` runs for N:M), so every group, block and N:M group stays one run of
+columns, and a ragged last group stays last. ``act_order=False`` sweeps left to right
+(benchmarks/NOTES-frontier.md measures both).
 
 Global torch settings (TF32 and the like) are left alone.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -46,7 +52,8 @@ from ..statistics.stats import LinearStats
 from . import (LayerPruning, check_hessian, check_pattern, check_weight,
                weight_rows)
 
-__all__ = ["SparseGPT", "prepare_obs", "obs_saliency", "obs_sweep", "obs_update"]
+__all__ = ["SparseGPT", "act_order", "ordered_sweep", "prepare_obs", "obs_saliency", "obs_sweep",
+           "obs_update"]
 
 
 def prepare_obs(weight: torch.Tensor, hessian: torch.Tensor, percdamp: float = 0.01,
@@ -87,6 +94,44 @@ def prepare_obs(weight: torch.Tensor, hessian: torch.Tensor, percdamp: float = 0
     if int(info) != 0 or not bool(torch.isfinite(u).all()):
         raise fail("Cholesky of H^-1")
     return w, u
+
+
+def act_order(hessian: torch.Tensor, run: int) -> torch.Tensor:
+    """int64 ``[in]``: the input columns in GPTQ's act order, in whole runs of ``run`` columns
+    (a ragged last run stays last), the runs by their largest ``H_jj``, descending (stable)."""
+    diag = hessian.diagonal().float()
+    n = diag.numel()
+    full = n - n % run
+    order = torch.sort(diag[:full].reshape(-1, run).amax(1), descending=True, stable=True).indices
+    columns = (order[:, None] * run + torch.arange(run, device=diag.device)).flatten()
+    return torch.cat([columns, torch.arange(full, n, device=diag.device)])
+
+
+def ordered_sweep(weight: torch.Tensor, hessian: torch.Tensor, order: torch.Tensor | None, *,
+                  percdamp: float, nsamples: int | None, block_size: int = DEFAULT_BLOCK_SIZE,
+                  mask: torch.Tensor | None = None, tier_map: torch.Tensor | None = None,
+                  prepared: tuple[torch.Tensor, torch.Tensor] | None = None, **sweep):
+    """:func:`obs_sweep` of ``weight`` with its columns taken in ``order`` (a permutation of the
+    input columns in whole block columns, as :func:`act_order` gives; None: left to right): the
+    problem (weight, Hessian, a fixed ``mask``, the ``tier_map``'s block columns) is permuted,
+    swept, and the weight and mask put back. Returns what :func:`obs_sweep` does. ``prepared``:
+    :func:`prepare_obs`'s ``(W, U)`` in column order, if the caller has them already."""
+    if order is None:
+        w, u = prepared or prepare_obs(weight, hessian, percdamp, nsamples)
+        return obs_sweep(w, u, mask=mask, tier_map=tier_map, block_size=block_size, **sweep)
+    order = order.to(weight.device)
+    w, u = prepare_obs(weight[:, order], hessian[order][:, order], percdamp, nsamples)
+    if mask is not None:
+        mask = mask[:, order]
+    if tier_map is not None:
+        tier_map = tier_map[:, order[::block_size] // block_size]
+    new, kept, scales = obs_sweep(w, u, mask=mask, tier_map=tier_map, block_size=block_size,
+                                  **sweep)
+    back = torch.argsort(order)
+    if scales is not None:  # the sweep's group p is the weight's group order[p * G] // G
+        g = sweep["group_size"]
+        scales = scales[:, torch.argsort(order[::g] // g)]
+    return new[:, back], kept[:, back], scales
 
 
 def obs_saliency(w: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -240,14 +285,15 @@ class _TierChoice:
 
 def obs_update(weight: torch.Tensor, hessian: torch.Tensor, mask: torch.Tensor, *,
                blocksize: int = 128, percdamp: float = 0.01, nsamples: int | None = None,
-               bits: int = 16, group_size: int = 128):
+               bits: int = 16, group_size: int = 128, ordered: bool = True):
     """``(weight, kept mask, scales)``: ``weight`` pruned to the fixed ``mask`` (True = kept)
-    with SparseGPT's OBS update (and with ``bits`` 8 / 4 quantized in the same sweep), in the
-    weight's dtype (a new tensor); the kept mask is ``mask`` less any weight that was zero
+    with SparseGPT's OBS update (and with ``bits`` 8 / 4 quantized in the same sweep, in act
+    order unless ``ordered=False``), in the weight's dtype (a new tensor); the kept mask is ``mask`` less any weight that was zero
     already (see :func:`obs_sweep`)."""
-    w, u = prepare_obs(weight, hessian, percdamp, nsamples)
-    new, kept, scales = obs_sweep(w, u, mask=mask, blocksize=blocksize, bits=bits,
-                                  group_size=group_size)
+    order = act_order(hessian, group_size) if bits < 16 and ordered else None
+    new, kept, scales = ordered_sweep(weight, hessian, order, percdamp=percdamp,
+                                      nsamples=nsamples, mask=mask, blocksize=blocksize,
+                                      bits=bits, group_size=group_size)
     return new.to(weight.dtype), kept, scales
 
 
@@ -257,11 +303,13 @@ PROXIES = ("error", "obs")
 @dataclass(frozen=True)
 class SparseGPT:
     """SparseGPT; ``blocksize`` columns per sweep block, damping ``percdamp * mean(diag H)``;
-    ``proxy``: what a byte-budget allocation counts (see :meth:`loss_proxy`)."""
+    ``proxy``: what a byte-budget allocation counts (see :meth:`loss_proxy`); ``act_order``:
+    low-bit sweeps take the groups in act order (the module docstring)."""
 
     blocksize: int = 128
     percdamp: float = 0.01
     proxy: str = "error"
+    act_order: bool = True
     name: ClassVar[str] = "sparsegpt"
     needs_hessian: ClassVar[bool] = True
     needs_activations: ClassVar[bool] = False
@@ -301,22 +349,31 @@ class SparseGPT:
         if pattern.use_variant:
             raise ValueError("use_variant is Wanda's cumulative-score variant; SparseGPT does "
                              "not support it (use method 'wanda' or 'wanda_obs')")
-        weight, w, u = self._prepare(weight, stats)
+        weight = check_weight(weight)
+        hessian = check_hessian(self.name, weight, stats)
+        group_size = pattern.group_for(weight.shape[1])
+        order = None
+        if pattern.bits < 16 and self.act_order:
+            order = act_order(hessian, group_size if pattern.kind != "nm" else
+                              math.lcm(group_size, pattern.m))
+        sweep = dict(percdamp=self.percdamp, nsamples=stats.nsamples, blocksize=self.blocksize,
+                     bits=pattern.bits, group_size=group_size, block_size=pattern.block_size)
         tiers = None
-        sweep = dict(blocksize=self.blocksize, bits=pattern.bits,
-                     group_size=pattern.group_for(weight.shape[1]))
         if pattern.kind in ("unstructured", "dense"):
             sparsity = pattern.sparsity if pattern.kind == "unstructured" else 0.0
-            new, mask, scales = obs_sweep(w, u, sparsity=sparsity, **sweep)
+            new, mask, scales = ordered_sweep(weight, hessian, order, sparsity=sparsity, **sweep)
         elif pattern.kind == "nm":
-            new, mask, scales = obs_sweep(w, u, nm=(pattern.n, pattern.m), **sweep)
+            new, mask, scales = ordered_sweep(weight, hessian, order, nm=(pattern.n, pattern.m),
+                                              **sweep)
         else:
+            _, w, u = self._prepare(weight, stats)  # the tiers by the saliency in column order
             fixed, tiers = build_mask(weight_rows(obs_saliency(w, u), stats, 1), pattern,
                                       weight=w, tier_map=tier_map)
             if pattern.kind == "block" or pattern.within_block == "magnitude":
-                new, mask, scales = obs_sweep(w, u, mask=fixed, **sweep)
+                new, mask, scales = ordered_sweep(weight, hessian, order, mask=fixed,
+                                                  prepared=(w, u), **sweep)
             else:
-                new, mask, scales = obs_sweep(
-                    w, u, tier_map=tiers, topk=pattern.topk, block_size=pattern.block_size,
+                new, mask, scales = ordered_sweep(
+                    weight, hessian, order, tier_map=tiers, topk=pattern.topk, prepared=(w, u),
                     row_weight=getattr(stats, "out_sensitivity", None), **sweep)
         return LayerPruning(mask, tiers, new.to(weight.dtype), scales)
