@@ -9,6 +9,7 @@
 #define SK_ISA_NS avx512
 #if SK_HAVE_X86_VARIANTS
 #define SK_ISA_HAS_AVX2 1
+#define SK_ISA_HAS_AVX512 1
 #if defined(__clang__)
 #pragma clang attribute push(__attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,f16c"))), \
                              apply_to = function)

@@ -14,16 +14,21 @@
 // sets the target (hybrid_isa_*.cpp), so every function here exists once per ISA in its own
 // namespace and nothing compiled for AVX-512 can be linked into a caller built for another ISA.
 // SK_ISA_HAS_AVX2 (0 or 1) says whether AVX2 code may be used: GCC's C++ front end does not
-// define __AVX2__ after `#pragma GCC target`, so the includer says it.
+// define __AVX2__ after `#pragma GCC target`, so the includer says it; SK_ISA_HAS_AVX512 likewise
+// for the 512-bit int4 decode paths.
 #ifndef SK_ISA_NS
 #error "define SK_ISA_NS (the instruction set's namespace) before including hybrid_kernels.h"
 #endif
 #ifndef SK_ISA_HAS_AVX2
 #define SK_ISA_HAS_AVX2 0
 #endif
+#ifndef SK_ISA_HAS_AVX512
+#define SK_ISA_HAS_AVX512 0
+#endif
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "cpu/packed_view.h"
 
@@ -222,6 +227,163 @@ inline void dense_block_rows16(const U* base, int64_t off, const float* xc, int6
   }
 }
 
+#if SK_ISA_HAS_AVX512
+// ------------------------------------------------------------------------------------------
+// int4 decode with AVX-512 (B = 16). Widening 8 codes at a time costs more instructions than the
+// products they feed, which leaves the 256-bit path compute-bound at a third of the bytes
+// (benchmarks/NOTES-lowbit.md). Here 16 bytes of codes widen at once, one byte per 32-bit lane:
+// the low nibbles are the even elements of a row, the high nibbles the odd ones, and each meets
+// x permuted to match (one 16-float x block is one register).
+
+// The codes of 16 lanes holding one byte each, as fp32: the low and the high nibbles. The bits
+// 0x4B000000 | (n ^ 8) are the float 2^23 + 8 + code exactly, so one subtraction converts.
+inline void nibble_codes(__m512i bytes, __m512& lo, __m512& hi) {
+  const __m512i nibble = _mm512_set1_epi32(0xF), magic = _mm512_set1_epi32(0x4B000008);
+  const __m512 bias = _mm512_set1_ps(8388616.0f);  // 2^23 + 8
+  constexpr int kAndXor = 0x6A;                     // ternary logic (a & b) ^ c
+  lo = _mm512_sub_ps(
+      _mm512_castsi512_ps(_mm512_ternarylogic_epi32(bytes, nibble, magic, kAndXor)), bias);
+  hi = _mm512_sub_ps(_mm512_castsi512_ps(_mm512_ternarylogic_epi32(
+                         _mm512_srli_epi32(bytes, 4), nibble, magic, kAndXor)),
+                     bias);
+}
+
+// Blocks ahead whose codes are prefetched: a block's products take about as long as fetching it
+// from memory, so without prefetching the two add up (benchmarks/NOTES-lowbit.md).
+constexpr int64_t kPrefetchBlocks = 16;
+
+inline void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
+
+inline __m512i widen16(const q4_t* bytes) {
+  return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes)));
+}
+
+// Per-row sums of block-row br's int4 dense blocks for M rows of x, added to sums[m][row].
+// Two block rows per register: lanes 0-7 row 2r's bytes, 8-15 row 2r + 1's.
+template <int M>
+void q4_dense_rows16(const PackedView<q4_t>& p, int64_t br, const float* xf, int64_t in_pad,
+                     float (&sums)[M][16]) {
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 0, 2, 4, 6, 8, 10, 12, 14);
+  const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+  __m512 acc[M][8], scale[8];
+  for (int m = 0; m < M; ++m)
+    for (int r = 0; r < 8; ++r) acc[m][r] = _mm512_setzero_ps();
+  float s[16] = {};
+  int64_t group = -1, built = -1;
+  for (int32_t e = p.dense_rowptr[br]; e < p.dense_rowptr[br + 1]; ++e) {
+    const int64_t bc = p.dense_cols[e];
+    block_scales(p, br, bc, s, group);
+    if (group != built) {
+      built = group;
+      for (int r = 0; r < 8; ++r)
+        scale[r] = _mm512_insertf32x8(_mm512_set1_ps(s[2 * r]), _mm256_set1_ps(s[2 * r + 1]), 1);
+    }
+    __m512 x_even[M], x_odd[M];
+    for (int m = 0; m < M; ++m) {
+      const __m512 x = _mm512_loadu_ps(xf + m * in_pad + bc * 16);
+      x_even[m] = _mm512_permutexvar_ps(even, x);
+      x_odd[m] = _mm512_permutexvar_ps(odd, x);
+    }
+    const q4_t* codes = p.dense_vals + static_cast<int64_t>(e) * 128;
+    prefetch(codes + kPrefetchBlocks * 128);
+    prefetch(codes + kPrefetchBlocks * 128 + 64);
+    for (int r = 0; r < 8; ++r) {
+      __m512 lo, hi;
+      nibble_codes(widen16(codes + r * 16), lo, hi);
+      for (int m = 0; m < M; ++m)
+        acc[m][r] = _mm512_fmadd_ps(
+            scale[r], _mm512_fmadd_ps(hi, x_odd[m], _mm512_mul_ps(lo, x_even[m])), acc[m][r]);
+    }
+  }
+  for (int m = 0; m < M; ++m)
+    for (int r = 0; r < 8; ++r) {
+      sums[m][2 * r] += _mm512_mask_reduce_add_ps(0x00FF, acc[m][r]);
+      sums[m][2 * r + 1] += _mm512_mask_reduce_add_ps(0xFF00, acc[m][r]);
+    }
+}
+
+// The same for int4 2:4 blocks: four block rows per register (a row's 8 codes are 4 bytes),
+// lane 4r + j holding slots 2j (low nibble) and 2j + 1 (high) of row r, which sit in columns
+// 4j + the 2-bit fields j of the row's meta; x is permuted to those columns.
+template <int M>
+void q4_s24_rows16(const PackedView<q4_t>& p, int64_t br, const float* xf, int64_t in_pad,
+                   float (&sums)[M][16]) {
+  const __m512i spread = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+  const __m512i shifts = _mm512_setr_epi32(0, 4, 8, 12, 0, 4, 8, 12, 0, 4, 8, 12, 0, 4, 8, 12);
+  const __m512i group_col = shifts;  // 4j: the shift of group j's fields is its first column
+  const __m512i three = _mm512_set1_epi32(3);
+  constexpr int kAndOr = 0xEA;  // ternary logic (a & b) | c
+  __m512 acc[M][4], scale[4];
+  for (int m = 0; m < M; ++m)
+    for (int q = 0; q < 4; ++q) acc[m][q] = _mm512_setzero_ps();
+  float s[16] = {};
+  int64_t group = -1, built = -1;
+  for (int32_t e = p.s24_rowptr[br]; e < p.s24_rowptr[br + 1]; ++e) {
+    const int64_t bc = p.s24_cols[e];
+    block_scales(p, br, bc, s, group);
+    if (group != built) {
+      built = group;
+      for (int q = 0; q < 4; ++q)
+        scale[q] = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_loadu_ps(s + 4 * q)));
+    }
+    __m512 x[M];
+    for (int m = 0; m < M; ++m) x[m] = _mm512_loadu_ps(xf + m * in_pad + bc * 16);
+    const q4_t* codes = p.s24_vals + static_cast<int64_t>(e) * 64;
+    const int16_t* meta = p.s24_meta + static_cast<int64_t>(e) * 16;
+    prefetch(codes + kPrefetchBlocks * 64);
+    prefetch(meta + kPrefetchBlocks * 16);
+    for (int q = 0; q < 4; ++q) {
+      const __m512i metas = _mm512_permutexvar_epi32(
+          spread, _mm512_cvtepu16_epi32(_mm256_zextsi128_si256(
+                      _mm_loadl_epi64(reinterpret_cast<const __m128i*>(meta + 4 * q)))));
+      const __m512i fields = _mm512_srlv_epi32(metas, shifts);
+      const __m512i col_even = _mm512_ternarylogic_epi32(fields, three, group_col, kAndOr);
+      const __m512i col_odd =
+          _mm512_ternarylogic_epi32(_mm512_srli_epi32(fields, 2), three, group_col, kAndOr);
+      __m512 lo, hi;
+      nibble_codes(widen16(codes + q * 16), lo, hi);
+      for (int m = 0; m < M; ++m) {
+        const __m512 dot = _mm512_fmadd_ps(hi, _mm512_permutexvar_ps(col_odd, x[m]),
+                                           _mm512_mul_ps(lo, _mm512_permutexvar_ps(col_even, x[m])));
+        acc[m][q] = _mm512_fmadd_ps(scale[q], dot, acc[m][q]);
+      }
+    }
+  }
+  for (int m = 0; m < M; ++m)
+    for (int q = 0; q < 4; ++q) {
+      alignas(64) float lanes[16];
+      _mm512_store_ps(lanes, acc[m][q]);
+      for (int r = 0; r < 4; ++r)
+        sums[m][4 * q + r] += lanes[4 * r] + lanes[4 * r + 1] + lanes[4 * r + 2] + lanes[4 * r + 3];
+    }
+}
+
+// One int4 block's values as fp32 in their stored order, each times its row's scale: a dense
+// block's 16 rows of 16 (kRowLen 16) or a 2:4 block's 16 rows of 8 slots (kRowLen 8). Each
+// 16 bytes widen to lanes of two (or four) rows' bytes; interleaving their low and high nibbles
+// gives 32 consecutive values.
+template <int kRowLen>
+inline void q4_block_to_f32(const q4_t* codes, const float (&scale)[16], float* out) {
+  const __m512i first = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const __m512i second = _mm512_add_epi32(first, _mm512_set1_epi32(8));
+  // Row of each lane of 16 consecutive values, from the first one's row.
+  const __m512i lane_row = kRowLen == 16 ? _mm512_setzero_si512()
+      : _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+  const __m512 s = _mm512_loadu_ps(scale);
+  for (int k = 0; k < kRowLen / 2; ++k) {
+    __m512 lo, hi;
+    nibble_codes(widen16(codes + 16 * k), lo, hi);
+    for (int half = 0; half < 2; ++half) {
+      const int o = 2 * k + half;  // values 16 * o .. 16 * o + 15
+      const __m512 row_scale = _mm512_permutexvar_ps(
+          _mm512_add_epi32(_mm512_set1_epi32(16 * o / kRowLen), lane_row), s);
+      const __m512 v = _mm512_permutex2var_ps(lo, half ? second : first, hi);
+      _mm512_store_ps(out + 16 * o, _mm512_mul_ps(v, row_scale));
+    }
+  }
+}
+#endif
+
 // Decode, M (1..3, a template parameter so loops over rows of x unroll) rows of x, B = 16.
 // xf: [M][in_pad] fp32; pairs: M pair tables (build_pair_table), pair_stride entries apart; with
 // AVX2 the 2:4 rows permute x in registers instead and pairs is not read (may be null).
@@ -233,18 +395,28 @@ void row_dot_block_row16(const PackedView<T>& p, int64_t br, const float* xf, in
                          const uint64_t* pairs, int64_t pair_stride, float* out) {
   constexpr int B = 16;
   f32x8 acc[M][B] = {};
-  float acc_topk[M][B] = {};
+  float acc_topk[M][B] = {};  // scalar per-row sums (top-K entries, the 512-bit int4 paths)
   float scale[B] = {};  // low-bit values: the rows' scales of the current group
   int64_t group = -1;
+#if SK_ISA_HAS_AVX512
+  // int4 dense and 2:4 blocks take the 512-bit paths above (their sums land in acc_topk).
+  constexpr bool kWideQ4 = std::is_same_v<T, q4_t>;
+  if constexpr (kWideQ4) {
+    q4_dense_rows16<M>(p, br, xf, in_pad, acc_topk);
+    q4_s24_rows16<M>(p, br, xf, in_pad, acc_topk);
+  }
+#else
+  constexpr bool kWideQ4 = false;
+#endif
 
-  for (int32_t e = p.dense_rowptr[br]; e < p.dense_rowptr[br + 1]; ++e) {
+  for (int32_t e = p.dense_rowptr[br]; !kWideQ4 && e < p.dense_rowptr[br + 1]; ++e) {
     const int64_t bc = p.dense_cols[e];
     if constexpr (is_low_bit<T>) block_scales(p, br, bc, scale, group);
     dense_block_rows16<T, M>(p.dense_vals, static_cast<int64_t>(e) * B * B, xf + bc * B, in_pad,
                              acc, scale);
   }
 
-  for (int32_t e = p.s24_rowptr[br]; e < p.s24_rowptr[br + 1]; ++e) {
+  for (int32_t e = p.s24_rowptr[br]; !kWideQ4 && e < p.s24_rowptr[br + 1]; ++e) {
     const int64_t off = static_cast<int64_t>(e) * B * (B / 2), bc = p.s24_cols[e];
     const int16_t* meta = p.s24_meta + static_cast<int64_t>(e) * B;
     if constexpr (is_low_bit<T>) block_scales(p, br, bc, scale, group);
@@ -323,16 +495,32 @@ void outer_block_row16(const PackedView<T>& p, int64_t br, const float* xt, floa
     if constexpr (is_low_bit<T>) return v * scale[row];
     return v;
   };
+#if SK_ISA_HAS_AVX512
+  // int4 blocks are decoded whole, 32 codes per step, into `tile` (scaled): one code at a time
+  // costs more than the V products each feeds.
+  constexpr bool kTileQ4 = std::is_same_v<T, q4_t>;
+#else
+  constexpr bool kTileQ4 = false;
+#endif
+  alignas(64) float tile[B * B];
+  // Value k of the block whose values start at element blk of a tier, as it multiplies.
+  const auto value = [&](const T* base, int64_t blk, int64_t k, int row) {
+    if constexpr (kTileQ4) return tile[k];
+    else return weight(value1(base, blk + k), row);
+  };
 
   for (int32_t e = p.dense_rowptr[br]; e < p.dense_rowptr[br + 1]; ++e) {
     const int64_t blk = static_cast<int64_t>(e) * B * B, bc = p.dense_cols[e];
     const float* xc = xt + bc * B * W;
     if constexpr (is_low_bit<T>) block_scales(p, br, bc, scale, group);
+#if SK_ISA_HAS_AVX512
+    if constexpr (kTileQ4) q4_block_to_f32<16>(p.dense_vals + blk / 2, scale, tile);
+#endif
     for (int i = 0; i < B; ++i) {
       f32x8 a[V];
       for (int v = 0; v < V; ++v) a[v] = acc[i][v];
       for (int c = 0; c < B; ++c) {
-        const f32x8 w = splat8(weight(value1(p.dense_vals, blk + i * B + c), i));
+        const f32x8 w = splat8(value(p.dense_vals, blk, i * B + c, i));
         for (int v = 0; v < V; ++v) a[v] += w * load8(xc + c * W + v * 8);
       }
       for (int v = 0; v < V; ++v) acc[i][v] = a[v];
@@ -344,13 +532,16 @@ void outer_block_row16(const PackedView<T>& p, int64_t br, const float* xt, floa
     const int16_t* meta = p.s24_meta + static_cast<int64_t>(e) * B;
     const float* xc = xt + bc * B * W;
     if constexpr (is_low_bit<T>) block_scales(p, br, bc, scale, group);
+#if SK_ISA_HAS_AVX512
+    if constexpr (kTileQ4) q4_block_to_f32<8>(p.s24_vals + blk / 2, scale, tile);
+#endif
     for (int i = 0; i < B; ++i) {
       int c[B / 2];
       slot_columns<B>(meta[i], c);
       f32x8 a[V];
       for (int v = 0; v < V; ++v) a[v] = acc[i][v];
       for (int j = 0; j < B / 2; ++j) {
-        const f32x8 w = splat8(weight(value1(p.s24_vals, blk + i * (B / 2) + j), i));
+        const f32x8 w = splat8(value(p.s24_vals, blk, i * (B / 2) + j, i));
         for (int v = 0; v < V; ++v) a[v] += w * load8(xc + c[j] * W + v * 8);
       }
       for (int v = 0; v < V; ++v) acc[i][v] = a[v];
