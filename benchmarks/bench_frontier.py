@@ -80,14 +80,20 @@ FIXED = {
     "sparsegpt-model-K15/32/64@0.5625": dict(_RECIPE, budget=0.5625, topk=(15, 32, 64)),
     # Today's fp16 recipe at its default budget, beside the low-bit series of one run.
     "sparsegpt-model@0.62": dict(_RECIPE, budget=0.62),
-    # Quantization alone, from the same code (pattern "dense"): GPTQ and round-to-nearest.
+    # Quantization alone, from the same code (pattern "dense"): GPTQ (in act order, and left to
+    # right) and round-to-nearest.
     "gptq-int8-g64": dict(method="sparsegpt", pattern="dense", bits=8, group_size=64),
     "gptq-int4-g64": dict(method="sparsegpt", pattern="dense", bits=4, group_size=64),
+    "gptq-int4-g64-left-to-right": dict(method="sparsegpt", pattern="dense", bits=4,
+                                        group_size=64, method_options={"act_order": False}),
     "rtn-int4-g64": dict(method="magnitude", pattern="dense", bits=4, group_size=64),
     "gptq-int4-g128": dict(method="sparsegpt", pattern="dense", bits=4, group_size=128),
     # The fixed-structure peers with low-bit values: 2:4 + int4 (Sparse-Marlin's format), and
     # int8 at the structures of the fp16 baselines (int8 must cost them nearly nothing).
     "sparsegpt-2:4-int4-g64": dict(method="sparsegpt", pattern="2:4", bits=4, group_size=64),
+    "sparsegpt-2:4-int4-g64-left-to-right": dict(method="sparsegpt", pattern="2:4", bits=4,
+                                                 group_size=64,
+                                                 method_options={"act_order": False}),
     "sparsegpt-2:4-int8-g64": dict(method="sparsegpt", pattern="2:4", bits=8, group_size=64),
     "sparsegpt-mix-0.35/0.45/0.20-int8-g64": dict(method="sparsegpt", pattern="three_tier",
                                                   tier_ratios=(0.35, 0.45, 0.20), bits=8,
