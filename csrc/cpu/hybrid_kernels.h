@@ -140,6 +140,23 @@ inline float value1(const q4_t* base, int64_t e) {
   return static_cast<float>((nibble ^ 8) - 8);
 }
 
+// Bytes of `count` values of type T (int4: two per byte).
+template <typename T>
+constexpr int64_t value_bytes(int64_t count) {
+  return std::is_same_v<T, q4_t> ? (count + 1) / 2 : count * static_cast<int64_t>(sizeof(T));
+}
+
+// Decode reads each tier's blocks in storage order, doing about as much arithmetic per block as
+// fetching it from memory takes; without software prefetch the two add up instead of overlapping
+// (benchmarks/NOTES-lowbit.md). So each block asks for the `bytes` of the block
+// kPrefetchBlocks ahead (one request per 64-byte line; past the end a prefetch does nothing).
+constexpr int64_t kPrefetchBlocks = 16;
+
+inline void prefetch_ahead(const void* block, int64_t bytes) {
+  const char* ahead = static_cast<const char*>(block) + kPrefetchBlocks * bytes;
+  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(ahead + off, 0, 3);
+}
+
 // The scales of block-row br's 16 rows in the group of block column bc (low-bit values only),
 // reloaded only when the group changes (`group` is the one s holds); rows past the weight's
 // last one get 0.
@@ -248,12 +265,6 @@ inline void nibble_codes(__m512i bytes, __m512& lo, __m512& hi) {
                      bias);
 }
 
-// Blocks ahead whose codes are prefetched: a block's products take about as long as fetching it
-// from memory, so without prefetching the two add up (benchmarks/NOTES-lowbit.md).
-constexpr int64_t kPrefetchBlocks = 16;
-
-inline void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
-
 inline __m512i widen16(const q4_t* bytes) {
   return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes)));
 }
@@ -285,8 +296,7 @@ void q4_dense_rows16(const PackedView<q4_t>& p, int64_t br, const float* xf, int
       x_odd[m] = _mm512_permutexvar_ps(odd, x);
     }
     const q4_t* codes = p.dense_vals + static_cast<int64_t>(e) * 128;
-    prefetch(codes + kPrefetchBlocks * 128);
-    prefetch(codes + kPrefetchBlocks * 128 + 64);
+    prefetch_ahead(codes, 128);
     for (int r = 0; r < 8; ++r) {
       __m512 lo, hi;
       nibble_codes(widen16(codes + r * 16), lo, hi);
@@ -330,8 +340,8 @@ void q4_s24_rows16(const PackedView<q4_t>& p, int64_t br, const float* xf, int64
     for (int m = 0; m < M; ++m) x[m] = _mm512_loadu_ps(xf + m * in_pad + bc * 16);
     const q4_t* codes = p.s24_vals + static_cast<int64_t>(e) * 64;
     const int16_t* meta = p.s24_meta + static_cast<int64_t>(e) * 16;
-    prefetch(codes + kPrefetchBlocks * 64);
-    prefetch(meta + kPrefetchBlocks * 16);
+    prefetch_ahead(codes, 64);
+    prefetch_ahead(meta, 32);
     for (int q = 0; q < 4; ++q) {
       const __m512i metas = _mm512_permutexvar_epi32(
           spread, _mm512_cvtepu16_epi32(_mm256_zextsi128_si256(
@@ -411,6 +421,8 @@ void row_dot_block_row16(const PackedView<T>& p, int64_t br, const float* xf, in
 
   for (int32_t e = p.dense_rowptr[br]; !kWideQ4 && e < p.dense_rowptr[br + 1]; ++e) {
     const int64_t bc = p.dense_cols[e];
+    prefetch_ahead(reinterpret_cast<const char*>(p.dense_vals) + value_bytes<T>(e * B * B),
+                   value_bytes<T>(B * B));
     if constexpr (is_low_bit<T>) block_scales(p, br, bc, scale, group);
     dense_block_rows16<T, M>(p.dense_vals, static_cast<int64_t>(e) * B * B, xf + bc * B, in_pad,
                              acc, scale);
@@ -419,6 +431,9 @@ void row_dot_block_row16(const PackedView<T>& p, int64_t br, const float* xf, in
   for (int32_t e = p.s24_rowptr[br]; !kWideQ4 && e < p.s24_rowptr[br + 1]; ++e) {
     const int64_t off = static_cast<int64_t>(e) * B * (B / 2), bc = p.s24_cols[e];
     const int16_t* meta = p.s24_meta + static_cast<int64_t>(e) * B;
+    prefetch_ahead(reinterpret_cast<const char*>(p.s24_vals) + value_bytes<T>(off),
+                   value_bytes<T>(B * (B / 2)));
+    prefetch_ahead(meta, B * sizeof(int16_t));
     if constexpr (is_low_bit<T>) block_scales(p, br, bc, scale, group);
 #if SK_ISA_HAS_AVX2
     f32x8 x_lo[M], x_hi[M];
@@ -456,6 +471,9 @@ void row_dot_block_row16(const PackedView<T>& p, int64_t br, const float* xf, in
     const float* xc = xf + bc * B;
     const int64_t vals = e * p.topk_stride;
     const uint8_t* pos = p.topk_pos + e * p.topk;
+    prefetch_ahead(reinterpret_cast<const char*>(p.topk_vals) + value_bytes<T>(vals),
+                   value_bytes<T>(p.topk_stride));
+    prefetch_ahead(pos, p.topk);
     if constexpr (is_low_bit<T>) block_scales(p, br, bc, scale, group);
     if (p.topk >= kTopkAsTile) {
       std::memset(tile, 0, sizeof(tile));
