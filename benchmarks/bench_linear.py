@@ -455,6 +455,7 @@ def main(argv=None):
     path = args.out or results_path(device)
     write_results(path, device, records, threads=torch.get_num_threads(), cpu_isa=active_isa,
                   cache="warm" if args.warm_cache else "cold",
+                  flush_bytes=0 if flush is None else flush.buffer.numel() * 4,
                   command=" ".join(["bench_linear.py", *(argv if argv else sys.argv[1:])]))
     print(f"\nwrote {path}")
     return records

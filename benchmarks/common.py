@@ -1,5 +1,6 @@
 """What every benchmark shares: timing, the machine's name, and the JSON results file."""
 import datetime
+import glob
 import json
 import os
 import platform
@@ -62,13 +63,33 @@ def git_commit() -> str:
         return "unknown"
 
 
+def cpu_last_level_cache_bytes() -> int:
+    """The largest CPU cache sysfs reports (Linux), or 0 where it says nothing."""
+    sizes = []
+    for path in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
+        try:
+            text = open(path).read().strip().upper()
+        except OSError:
+            continue
+        unit = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        digits = text.rstrip("KMG")
+        if digits.isdigit():
+            sizes.append(int(digits) * unit)
+    return max(sizes, default=0)
+
+
 class CacheFlusher:
     """Evicts the weights from the caches between timed calls, as decode does: a model's layers
     together are far larger than any cache, so each layer's weight arrives from memory. Writing
     a buffer larger than the last-level cache (CPU L3, GPU L2) does it; the write is not timed.
+    On the CPU the buffer is twice the largest cache sysfs reports (some of these machines have
+    a 480 MiB L3), at least 256 MiB.
     """
 
-    def __init__(self, device: torch.device, nbytes: int = 256 << 20):
+    def __init__(self, device: torch.device, nbytes: int | None = None):
+        if nbytes is None:
+            llc = cpu_last_level_cache_bytes() if device.type == "cpu" else 0
+            nbytes = max(256 << 20, 2 * llc)
         self.buffer = torch.empty(nbytes // 4, dtype=torch.float32, device=device)
 
     def __call__(self) -> None:
