@@ -181,6 +181,19 @@ struct PackedArgs {
   }
 };
 
+// The packed tensors of an unpack op (argument order), made contiguous.
+PackedArgs contiguous_packed(const at::Tensor& dense_rowptr, const at::Tensor& dense_cols,
+                             const at::Tensor& dense_vals, const at::Tensor& s24_rowptr,
+                             const at::Tensor& s24_cols, const at::Tensor& s24_vals,
+                             const at::Tensor& s24_meta, const at::Tensor& topk_rowptr,
+                             const at::Tensor& topk_cols, const at::Tensor& topk_vals,
+                             const at::Tensor& topk_pos) {
+  return {dense_rowptr.contiguous(), dense_cols.contiguous(), dense_vals.contiguous(),
+          s24_rowptr.contiguous(),   s24_cols.contiguous(),   s24_vals.contiguous(),
+          s24_meta.contiguous(),     topk_rowptr.contiguous(), topk_cols.contiguous(),
+          topk_vals.contiguous(),    topk_pos.contiguous()};
+}
+
 // Shapes of the packed format (sparse_kernels/format.py) for a weight of out_features rows, with
 // the values' last dimension divided by codes_per_element (rounded up: 2 for int4 codes two per
 // byte) and the block size of dense_vals; every tensor on the anchor's device.
@@ -329,11 +342,9 @@ at::Tensor unpack_hybrid(const at::Tensor& dense_rowptr, const at::Tensor& dense
   TORCH_CHECK(out_features >= 0 && in_features >= 0, "unpack_hybrid: negative shape [",
               out_features, ", ", in_features, "]");
   const c10::cuda::CUDAGuard guard(dense_vals.device());
-  const PackedArgs packed{dense_rowptr.contiguous(), dense_cols.contiguous(),
-                           dense_vals.contiguous(), s24_rowptr.contiguous(),
-                           s24_cols.contiguous(), s24_vals.contiguous(), s24_meta.contiguous(),
-                           topk_rowptr.contiguous(), topk_cols.contiguous(),
-                           topk_vals.contiguous(), topk_pos.contiguous()};
+  const PackedArgs packed = contiguous_packed(dense_rowptr, dense_cols, dense_vals, s24_rowptr,
+                                              s24_cols, s24_vals, s24_meta, topk_rowptr,
+                                              topk_cols, topk_vals, topk_pos);
   check_packed(packed, packed.dense_vals, out_features, "dense_vals");
   check_values_dtype(packed, packed.dense_vals, "dense_vals");
   check_block_count(packed, out_features, in_features, "unpack_hybrid");
@@ -368,11 +379,9 @@ at::Tensor unpack_hybrid_q(const at::Tensor& dense_rowptr, const at::Tensor& den
   TORCH_CHECK(out_features >= 0 && in_features >= 0, op, ": negative shape [", out_features,
               ", ", in_features, "]");
   const c10::cuda::CUDAGuard guard(dense_vals.device());
-  const PackedArgs packed{dense_rowptr.contiguous(), dense_cols.contiguous(),
-                           dense_vals.contiguous(), s24_rowptr.contiguous(),
-                           s24_cols.contiguous(), s24_vals.contiguous(), s24_meta.contiguous(),
-                           topk_rowptr.contiguous(), topk_cols.contiguous(),
-                           topk_vals.contiguous(), topk_pos.contiguous()};
+  const PackedArgs packed = contiguous_packed(dense_rowptr, dense_cols, dense_vals, s24_rowptr,
+                                              s24_cols, s24_vals, s24_meta, topk_rowptr,
+                                              topk_cols, topk_vals, topk_pos);
   const int64_t codes_per_element = codes == at::kByte ? 2 : 1;
   check_packed(packed, packed.dense_vals, out_features, "dense_vals", codes_per_element);
   check_block_count(packed, out_features, in_features, op);
