@@ -109,7 +109,8 @@ def _train(args) -> TrainingData:
 
 def finetune_job(args) -> FinetuneJob:
     return FinetuneJob(_model(args), args.save, finetune_config(args), _train(args),
-                       args.teacher, _ppl(args), args.resume, args.overwrite)
+                       args.teacher, _ppl(args), args.resume, args.overwrite,
+                       args.distributed)
 
 
 def progressive_job(args) -> ProgressiveJob:

@@ -10,7 +10,7 @@ from sparse_kernels.rules import BITS, DEFAULT_GROUP_SIZE
 
 from .evaluation import EMBEDDED_TASK
 from .planning import RANKINGS
-from .recovery import LOSSES, MODES
+from .recovery import LOSSES, MODES, STRATEGIES
 from .structured import IMPORTANCES
 from .workflows import DEFAULT_BUDGET, EMBEDDED_NSAMPLES, HUB_NSAMPLES
 
@@ -263,5 +263,9 @@ def _add_finetune_args(p: argparse.ArgumentParser, progressive: bool = False) ->
                        help="save the training state every N steps (into DIR-finetune-state)")
         p.add_argument("--resume", action="store_true",
                        help="continue from DIR-finetune-state")
+        p.add_argument("--distributed", choices=STRATEGIES, default="auto",
+                       help="under torchrun / accelerate launch: ddp (every process the whole "
+                            "model) or fsdp (each process its shards); auto: the accelerate "
+                            "config's FSDP, else ddp with several processes, else single")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--seed", type=int, default=0)

@@ -31,7 +31,8 @@ from .evaluation import (EMBEDDED_TASK, decode_step_ms, embedded_task_dir, forma
                          perplexity, zero_shot)
 from . import loading
 from .loading import device_plan
-from .recovery import FinetuneConfig, ScheduleStep, finetune, finetune_data, progressive
+from .recovery import (FinetuneConfig, ScheduleStep, finetune, finetune_data, launch,
+                       progressive)
 from .recovery.progressive import progress_path
 from .report import format_report
 from .structured import save_structured, structured_prune, write_structured_outputs
@@ -189,7 +190,8 @@ class TrainingData:
 class FinetuneJob:
     """Fine-tune the pruned model in ``model.name`` (a folder ``run_prune`` saved) and save it
     packed to ``save``; ``teacher``: the dense model to distil from (default: the one its
-    report.json names)."""
+    report.json names); ``distributed``: ``auto | single | ddp | fsdp``, how the processes a
+    launcher started share the work (:mod:`pruning.recovery.distributed`)."""
 
     model: ModelSource
     save: str
@@ -199,6 +201,7 @@ class FinetuneJob:
     ppl: Perplexity = field(default_factory=Perplexity)
     resume: bool = False
     overwrite: bool = False
+    distributed: str = "auto"
 
 
 def source_model(folder: str) -> str:
@@ -211,12 +214,21 @@ def source_model(folder: str) -> str:
 
 
 def run_finetune(job: FinetuneJob) -> dict:
+    """Fine-tune, measure before and after, save packed. Under torchrun / accelerate launch
+    every process runs this: each loads the pruned model on CPU, trains its part, and the main
+    process alone gathers the result (FSDP: onto a fresh copy it loads) and writes it."""
     if job.model.name is None:
         raise ValueError("finetune --model DIR: the folder hybrid-prune prune --save wrote")
     check_output_folder(job.save, overwrite=job.overwrite)
+    where = launch(job.distributed)
+    if where.distributed and job.model.device:
+        raise ValueError(f"--device {job.model.device}: with several processes the launcher "
+                         f"gives each its device; leave --device out")
+    show = print if where.main else (lambda *a, **k: None)
     pruned = load_pruned(job.model.name, dtype=job.model.dtype, device=job.model.device)
     source = source_model(job.model.name)
-    out = {"model": source, "pruned_model": job.model.name, "finetune": {}, "ppl": {}}
+    out = {"model": source, "pruned_model": job.model.name, "finetune": {}, "ppl": {},
+           "distributed": where.describe()}
     teacher = None
     if job.config.distills:
         name = job.teacher or (None if source == EMBEDDED_MODEL_NAME else source)
@@ -226,31 +238,43 @@ def run_finetune(job: FinetuneJob) -> dict:
     def eval_fn(model):
         return job.ppl(model, pruned.tokenizer)
 
-    out["ppl"]["before"] = eval_fn(pruned.model)
-    print(f"perplexity before ({job.ppl.source}): {out['ppl']['before']:.3f}")
     state = Path(f"{str(job.save).rstrip('/')}-finetune-state")
-    result = finetune(pruned.model, data, pruned.masks, job.config, teacher=teacher,
-                      eval_fn=eval_fn, checkpoint_dir=state, resume=job.resume)
-    pruned.model = result.model
-    out["ppl"]["after"] = eval_fn(result.model)
-    if pruned.quantized:  # trained off the grid: saved at full precision
-        pruned.full_precision()
-        print("the fine-tuned weights left their low-bit grid: saved with 16-bit values; "
-              "quantize them again with hybrid-prune quantize --model "
-              f"{job.save} --bits {max(b for b in pruned.bits.values()) if pruned.bits else 4}")
+    masks, pruned.masks = pruned.masks, {}  # the fine-tune keeps each process's rows only
+    result = finetune(pruned.model, data, masks, job.config, teacher=teacher,
+                      eval_fn=eval_fn, checkpoint_dir=state, resume=job.resume, launch=where,
+                      eval_ends=True, progress=where.main)
+    del masks
+    out["ppl"] = dict(result.evals)
+    show(f"perplexity before ({job.ppl.source}): {out['ppl']['before']:.3f}")
+    if where.strategy == "fsdp":
+        gathered = where.full_state_dict(result.model)
+        if where.main:
+            pruned = load_pruned(job.model.name, dtype=job.model.dtype)
+            pruned.model.load_state_dict(gathered)
+        del gathered
+    else:
+        pruned.model = result.model
     out["finetune"] = {"config": dataclasses.asdict(job.config),
                        "steps": result.steps, "tokens": result.tokens,
                        "seconds": round(result.seconds, 1), "history": result.history,
-                       "lora": result.lora}
-    print(f"fine-tuned {result.steps} steps on {result.tokens:,} tokens in "
-          f"{result.seconds:.0f} s; perplexity after: {out['ppl']['after']:.3f}")
+                       "lora": result.lora, "mask_bytes_per_process": result.mask_bytes}
+    show(f"fine-tuned {result.steps} steps on {result.tokens:,} tokens in "
+         f"{result.seconds:.0f} s ({where.strategy}, {where.processes} process"
+         f"{'es' if where.processes > 1 else ''}); perplexity after: {out['ppl']['after']:.3f}")
     if result.lora:
-        print(f"LoRA merge: the re-mask removed {result.lora['removed_fraction']:.1%} of the "
-              f"update's energy")
-    save_pruned(job.save, pruned.model, pruned.tokenizer, pruned, out, source_model=source,
-                overwrite=job.overwrite)
-    print(f"saved to {job.save}")
-    if state.is_dir():  # only resuming needed it
+        show(f"LoRA merge: the re-mask removed {result.lora['removed_fraction']:.1%} of the "
+             f"update's energy")
+    if where.main:
+        if pruned.quantized:  # trained off the grid: saved at full precision
+            pruned.full_precision()
+            print("the fine-tuned weights left their low-bit grid: saved with 16-bit values; "
+                  "quantize them again with hybrid-prune quantize --model "
+                  f"{job.save} --bits {max(pruned.bits.values(), default=4)}")
+        save_pruned(job.save, pruned.model, pruned.tokenizer, pruned, out, source_model=source,
+                    overwrite=job.overwrite)
+        print(f"saved to {job.save}")
+    where.barrier()
+    if where.main and state.is_dir():  # only resuming needed it
         shutil.rmtree(state)
     return out
 
