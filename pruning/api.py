@@ -10,6 +10,7 @@ with the planner's tier maps and the method -> the report.
 from __future__ import annotations
 
 import os
+import time
 import warnings
 from dataclasses import dataclass, field, replace
 
@@ -22,6 +23,7 @@ from sparse_kernels.rules import (DEFAULT_GROUP_SIZE, DENSE, SPARSE_24, packed_n
 
 from .calibration import calibration_ids
 from .checkpoints import pack_model, save_tier_maps
+from .masks import BitMasks
 from .methods import Method, get_method
 from .models import (decoder_layers, get_weight, is_prunable, module_device, named_linears,
                      prunable_linears, set_weight)
@@ -35,7 +37,8 @@ from .statistics import LinearStats, layerwise
 
 @dataclass
 class PruneResult:
-    """What ``prune`` did: masks (True = kept), tier maps and their top-K slot counts (``topks``:
+    """What ``prune`` did: masks (True = kept; a :class:`pruning.masks.BitMasks`, one bit per
+    weight, each read as a bool tensor), tier maps and their top-K slot counts (``topks``:
     K per module, which a byte budget with several candidate K chooses per matrix) by module
     name, the report, and the pattern and policy it followed. ``bits``: each tiered module's
     value precision; ``scales``: the group scales of each low-bit module (its weight in the
@@ -155,18 +158,24 @@ class LayerPruner:
     """Prunes one decoder layer's Linears in its turn (the ``layerwise`` callback): each takes
     its tier map from the planner (or ranks its own blocks by the pattern), the method decides
     its mask and weight (magnitude instead for an expert that saw fewer than ``min_tokens``
-    calibration tokens), and the pruned weight is installed. Collects what the result holds."""
+    calibration tokens), and the pruned weight is installed. Collects what the result holds,
+    and the seconds each layer spent in the planner (``"allocation"``) and the method
+    (``"sweep"``) in ``seconds`` (``layerwise`` adds its phases there too)."""
 
     def __init__(self, method: Method, pattern: Pattern, policy: TierPolicy,
                  planner: TierPlanner, expert_names: set[str], min_tokens: int, calibrated: bool):
         self.method, self.pattern, self.policy, self.planner = method, pattern, policy, planner
         self.expert_names, self.min_tokens, self.calibrated = expert_names, min_tokens, calibrated
-        self.masks, self.tier_maps, self.topks, self.packed = {}, {}, {}, {}
+        self.masks, self.tier_maps, self.topks, self.packed = BitMasks(), {}, {}, {}
         self.bits, self.scales = {}, {}
         self.expert_tokens, self.too_few = {}, {}
+        self.seconds: dict[str, list[float]] = {}
 
     def __call__(self, layer_name: str, _layer, linears: dict, stats: dict) -> None:
+        started = time.perf_counter()
         plan = self.planner.for_layer(layer_name, linears, stats)
+        self.seconds.setdefault("allocation", []).append(time.perf_counter() - started)
+        started = time.perf_counter()
         for name, module in linears.items():
             full = f"{layer_name}.{name}"
             weight = get_weight(module).detach()
@@ -195,6 +204,7 @@ class LayerPruner:
                                                    own.block_size, own.bits,
                                                    own.group_for(new.shape[1])),
                                      new.numel() * torch.empty((), dtype=dtype).element_size())
+        self.seconds.setdefault("sweep", []).append(time.perf_counter() - started)
 
     def report(self, model: nn.Module) -> dict:
         """The sparsity report, expert token counts, coverage and packed bytes."""
@@ -208,6 +218,8 @@ class LayerPruner:
                           f"{self.min_tokens} calibration tokens and were pruned by magnitude: "
                           f"{shown}{', ...' if len(self.too_few) > 6 else ''} (more calibration "
                           f"samples route more tokens to every expert)", stacklevel=3)
+        report["seconds_per_layer"] = {phase: [round(t, 3) for t in times]
+                                       for phase, times in self.seconds.items()}
         report["coverage"] = coverage_report(model, self.masks)
         _warn_uncovered(report["coverage"])
         if self.packed:
@@ -232,7 +244,7 @@ def prune(model: nn.Module, calibration="embedded", method: str = "wanda",
           seqlen: int | None = None, seed: int = 0, batch_size: int = 1, device=None,
           previous_tier_maps: dict[str, torch.Tensor] | None = None,
           min_tokens: int = MIN_TOKENS, strict: bool = False,
-          progress: bool = True) -> PruneResult:
+          offload_dir: str | os.PathLike | None = None, progress: bool = True) -> PruneResult:
     """Prune every Linear of the model's decoder layers in place, one layer at a time.
 
     calibration: a source ``pruning.calibration`` accepts (needs ``tokenizer``) or token ids
@@ -273,7 +285,9 @@ def prune(model: nn.Module, calibration="embedded", method: str = "wanda",
     and the OBS methods never revive a zero weight.
 
     seqlen defaults to the model's context, at most 2048. device: where each layer runs for its
-    turn. Masks are applied (and OBS-updated weights written); the result holds the masks, the
+    turn. offload_dir: a folder where each pruned layer is written and mapped back from, so that
+    a model loaded from safetensors in its own dtype (mapped, not read) is pruned holding one
+    layer in memory, not all the pruned ones (keep the folder while the model is used). Masks are applied (and OBS-updated weights written); the result holds the masks, the
     tier maps of tiered patterns (and of 2:4, every block 2:4), their K per module and a report
     (sparsity, and where there are tier maps the measured packed bytes; ``coverage``: what the
     pruned modules hold of all decoder-layer weights, and each parameter left out with why). When
@@ -302,6 +316,7 @@ def prune(model: nn.Module, calibration="embedded", method: str = "wanda",
         seqlen = min(getattr(model.config, "max_position_embeddings", 2048) or 2048, 2048)
     calibrated = meth.needs_activations or meth.needs_hessian
     context = PlanContext(model, meth, [], device, progress)
+    started = time.perf_counter()
     if calibrated or sensitivity is not None:
         ids = calibration_ids(calibration, tokenizer, nsamples, seqlen, seed)
         context.batches = list(ids.split(batch_size))
@@ -313,9 +328,12 @@ def prune(model: nn.Module, calibration="embedded", method: str = "wanda",
     planner.prepare(context)
     pruner = LayerPruner(meth, spec, policy, planner, _expert_names(model), min_tokens,
                          calibrated)
+    # Before the first layer: the unpruned model's pass (sensitivity, model-wide allocation).
+    pruner.seconds["whole_model"] = [time.perf_counter() - started]
     if calibrated:
         layerwise(model, context.batches, pruner, needs_hessian=meth.needs_hessian,
-                  device=device, progress=progress, sensitivity=context.row_weights)
+                  device=device, progress=progress, sensitivity=context.row_weights,
+                  seconds=pruner.seconds, offload_dir=offload_dir)
     else:  # magnitude needs no calibration: prune the weights where they are
         path, layers = decoder_layers(model)
         for i, layer in enumerate(layers):

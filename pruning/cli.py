@@ -96,7 +96,8 @@ def prune_job(args) -> PruneJob:
                       bits=bits[0] if len(bits) == 1 else tuple(bits),
                       group_size=args.group_size,
                       sensitivity=None if args.sensitivity == "none" else args.sensitivity,
-                      sensitivity_samples=args.sensitivity_samples, **tier_arguments(args))
+                      sensitivity_samples=args.sensitivity_samples,
+                      offload_dir=args.offload_dir, **tier_arguments(args))
     return PruneJob(_model(args), prune_args, args.calibration, args.nsamples, args.seqlen,
                     args.seed, args.batch_size, _ppl(args) if eval_ppl else None,
                     embedded if args.sparsify is None else args.sparsify, args.save,

@@ -104,6 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sensitivity-samples", type=int, default=8,
                    help="calibration samples of the gradient pass (default 8)")
     p.add_argument("--use-variant", action="store_true", help="Wanda's per-row variant")
+    p.add_argument("--offload-dir", default=None, metavar="DIR",
+                   help="write each pruned layer to DIR and map it back, so that a model "
+                        "larger than memory is pruned holding one layer (keep DIR until the "
+                        "model is saved; delete it after)")
     _add_calibration_args(p)
     p.add_argument("--batch-size", type=int, default=4, help="samples per forward call")
     p.add_argument("--save", default=None, metavar="DIR",

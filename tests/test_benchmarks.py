@@ -464,3 +464,27 @@ def test_bench_moe_reports_tokens_per_expert_and_checks_the_packed_model(tmp_pat
         low = {n for n, t in r["tokens_per_expert"].items() if t < 12}
         assert low == {n for n in r["magnitude_fallback"] if ".gate_up." in n}
         assert r["packed_generate_equal"] and r["unpruned_weight_fraction"] < 0.01
+
+
+def test_bench_scale_measures_memory_and_phases_of_each_configuration(tmp_path):
+    out = tmp_path / "scale.json"
+    model = tmp_path / "model"
+    done = subprocess.run([sys.executable, os.path.join(BENCH, "bench_scale.py"), "--shape",
+                           "tiny", "--model-dir", str(model), "--layers", "2", "--nsamples", "2",
+                           "--seqlen", "32", "--offload", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    payload = json.loads(out.read_text())
+    index = json.loads((model / "model.safetensors.index.json").read_text())
+    assert payload["model_bytes"] == index["metadata"]["total_size"]
+    assert [r["config"] for r in payload["records"]] == ["sparsegpt-2:4", "recipe-0.62-layer"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("pruned-layers-")]
+    for r in payload["records"]:
+        assert r["offload"] and r["peak_rss"] >= r["rss_after_load"] > 0
+        phases = r["seconds_per_layer"]
+        assert {"statistics", "allocation", "sweep", "forward"} <= set(phases)
+        assert all(len(phases[p]) == 2 for p in ("statistics", "sweep", "forward"))
+    two_four, recipe = payload["records"]
+    assert two_four["sparsity"] == pytest.approx(0.5)  # of the pruned layers' matrices
+    assert 0.55 < recipe["packed_fraction"] < 0.65
+    assert payload["h100_prediction"]["seconds_32_layers"] > 0

@@ -228,3 +228,24 @@ def test_row_ranking_gives_every_block_row_the_ratios():
         for row in tiers:
             assert int((row == DENSE).sum()) == int(per_row * 0.25), name
             assert int((row == SPARSE_24).sum()) == int(per_row * 0.5), name
+
+
+def test_offload_dir_maps_each_pruned_layer_from_disk_and_changes_nothing(tmp_path):
+    llama = ARCHITECTURES["llama"]
+    here, spilled = llama(), llama()
+    ids = calibration_ids()
+    expected = pruning.prune(here, ids, method="sparsegpt", pattern="2:4", progress=False)
+    got = pruning.prune(spilled, ids, method="sparsegpt", pattern="2:4", progress=False,
+                        offload_dir=tmp_path / "layers")
+    for (name, a), (_, b) in zip(here.state_dict().items(), spilled.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert all(torch.equal(expected.masks[n], got.masks[n]) for n in expected.masks)
+    files = sorted((tmp_path / "layers").glob("*.pt"))
+    assert [f.name for f in files] == ["layer-0000.pt", "layer-0001.pt"]
+    with open("/proc/self/maps") as f:  # the layers' tensors are pages of those files
+        mapped = f.read()
+    assert all(str(f) in mapped for f in files)
+    assert len(decoder_layers(spilled)[1]) == 2
+    with pytest.raises(FileExistsError, match="already holds layer files"):
+        pruning.prune(llama(), ids, method="wanda", pattern="2:4", progress=False,
+                      offload_dir=tmp_path / "layers")

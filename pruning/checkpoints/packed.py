@@ -18,6 +18,7 @@ from sparse_kernels.experts import unfuse_where_named
 from sparse_kernels.rules import DEFAULT_BLOCK_SIZE, DEFAULT_GROUP_SIZE
 
 from ..loading import load_model
+from ..masks import BitMasks
 from ..models import get_weight, named_linears
 from .tier_maps import load_tier_maps, save_tier_maps
 
@@ -28,7 +29,7 @@ __all__ = ["PrunedModel", "load_pruned", "unpack_model", "packable_tier_maps", "
 @dataclass
 class PrunedModel:
     """A pruned model ready for more work (fine-tuning, evaluation): dense ``nn.Linear`` weights
-    with ``masks`` (True = the format keeps a slot there), and the ``tier_maps`` / ``topks`` /
+    with ``masks`` (True = the format keeps a slot there; :class:`pruning.masks.BitMasks`), and the ``tier_maps`` / ``topks`` /
     ``block_size`` (and, for low-bit values, ``bits`` / ``scales`` / ``group_size``: the
     weights lie on the scales' grid) to pack it again; ``meta`` is what made them (tier-map file
     metadata). Work that moves the weights off their grid (fine-tuning) drops ``bits`` and
@@ -75,7 +76,7 @@ def unpack_model(model: nn.Module) -> PrunedModel:
     ``HybridWeight.kept_mask``)."""
     floats = [p.dtype for p in model.parameters() if p.is_floating_point()]
     model_dtype = floats[0] if floats else torch.get_default_dtype()
-    unpacked = PrunedModel(model, None, {}, {}, {})
+    unpacked = PrunedModel(model, None, BitMasks(), {}, {})
     names = [n for n, m in model.named_modules() if isinstance(m, sk.HybridSparseLinear)]
     for name in names:
         parent_name, _, attr = name.rpartition(".")
@@ -135,8 +136,9 @@ def load_pruned(folder: str | os.PathLike, *, dtype: torch.dtype | None = None,
             pruned.topks[name] = pruned.meta["topks"][name]
     if not pruned.masks and getattr(model.config, "structured_layers", None):
         # Structurally pruned only: nothing inside the matrices is pruned, every weight trains.
-        pruned.masks = {n: torch.ones_like(get_weight(m), dtype=torch.bool, device="cpu")
-                        for n, m in named_linears(model).items()}
+        pruned.masks = BitMasks({n: torch.ones_like(get_weight(m), dtype=torch.bool,
+                                                     device="cpu")
+                                 for n, m in named_linears(model).items()})
     if not pruned.masks:
         raise ValueError(f"{str(folder)!r} holds no pruned model: no packed modules, no "
                          f"tier_maps.safetensors and no structured sizes (write it with "

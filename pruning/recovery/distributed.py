@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..masks import pack_bits, unpack_bits
 from ..models import decoder_layers
 
 __all__ = ["STRATEGIES", "Launch", "launch", "check_launch", "ShardMask", "local_tensor",
@@ -181,15 +182,6 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
-_BIT_VALUES = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
-
-
-def _pack_bits(mask: torch.Tensor) -> torch.Tensor:
-    flat = mask.reshape(-1).to(torch.uint8)
-    flat = torch.nn.functional.pad(flat, (0, -flat.numel() % 8))
-    return (flat.view(-1, 8) * _BIT_VALUES.to(flat.device)).sum(1, dtype=torch.uint8)
-
-
 class ShardMask:
     """The rows of a weight's mask that this process holds, as bits.
 
@@ -210,7 +202,7 @@ class ShardMask:
             raise ValueError(f"a shard of shape {tuple(local.shape)} at row {start} does not "
                              f"fit a mask of shape {tuple(full.shape)}")
         self.shape = tuple(local.shape)
-        self.bits = _pack_bits(full[start:start + rows].to(local.device))
+        self.bits = pack_bits(full[start:start + rows].to(local.device))
 
     @property
     def nbytes(self) -> int:
@@ -218,8 +210,7 @@ class ShardMask:
 
     def expand(self) -> torch.Tensor:
         """bool ``self.shape``: the local rows of the mask."""
-        bits = self.bits.unsqueeze(1) & _BIT_VALUES.to(self.bits.device)
-        return (bits != 0).reshape(-1)[:math.prod(self.shape)].view(self.shape)
+        return unpack_bits(self.bits, self.shape)
 
 
 def split_batch(batch, rank: int, processes: int):

@@ -8,6 +8,8 @@ layer's weights and statistics plus the activations of the samples.
 from __future__ import annotations
 
 import dataclasses
+import os
+import time
 from typing import Callable
 
 import torch
@@ -16,6 +18,7 @@ from torch import nn
 
 from ..models import (capture_layer_inputs, decoder_layers, get_weight, hidden_states_of,
                      layer_output, module_device, move_to, prunable_linears, with_hidden_states)
+from .spill import check_spill_folder, own_tensors, spill_layer
 from .stats import LinearStats
 
 # process_layer(layer_name, layer, {name in layer: module}, {name in layer: LinearStats})
@@ -84,14 +87,23 @@ def _collect_stats(layer: nn.Module, linears: dict, inputs: list[tuple], needs_h
 def layerwise(model: nn.Module, batches: list[torch.Tensor], process_layer: LayerCallback, *,
               needs_hessian: bool = False, device: torch.device | str | None = None,
               progress: bool = True, desc: str = "pruning layers",
-              sensitivity: dict[str, torch.Tensor] | None = None) -> None:
+              sensitivity: dict[str, torch.Tensor] | None = None,
+              seconds: dict[str, list[float]] | None = None,
+              offload_dir: str | os.PathLike | None = None) -> None:
     """Run ``process_layer`` on every decoder layer with its Linears' calibration statistics.
 
     batches: token ids ``[batch, seqlen]``. device: where each layer runs for its turn (default:
     where it already is); a layer moved there goes back afterwards. ``process_layer`` may change
     the layer's weights: the next layer sees the outputs of the changed layer. sensitivity:
     ``{full module name: [out] tensor}`` set as each Linear's ``LinearStats.out_sensitivity``.
+    seconds: gains, per layer, ``"statistics"`` (the layer's forward over the calibration
+    batches with the statistics hooks) and ``"forward"`` (the pruned layer's forward that feeds
+    the next layer). offload_dir: each layer, once done, is written there and mapped back
+    (:func:`.spill.spill_layer`): pruning then holds one layer in its own memory, not every
+    pruned layer; the files must stay while the model is used.
     """
+    seconds = {} if seconds is None else seconds
+    spill_to = check_spill_folder(offload_dir) if offload_dir is not None else None
     path, layers = decoder_layers(model)
     inputs = capture_layer_inputs(model, batches)
     was_training = model.training
@@ -100,19 +112,27 @@ def layerwise(model: nn.Module, batches: list[torch.Tensor], process_layer: Laye
         for index, layer in enumerate(tqdm(layers, desc=desc, disable=not progress)):
             home = module_device(layer)
             run_on = torch.device(device) if device is not None else home
+            if spill_to is not None:
+                own_tensors(layer)
             layer.to(run_on)
             inputs = move_to(inputs, run_on)
             linears = prunable_linears(layer)
+            started = time.perf_counter()
             stats = _collect_stats(layer, linears, inputs, needs_hessian, run_on)
+            seconds.setdefault("statistics", []).append(time.perf_counter() - started)
             for name, s in stats.items():
                 given = (sensitivity or {}).get(f"{path}.{index}.{name}")
                 s.out_sensitivity = None if given is None else given.to(run_on)
             process_layer(f"{path}.{index}", layer, linears, stats)
             del stats
+            started = time.perf_counter()
             outputs = _run_layer(layer, inputs)
+            seconds.setdefault("forward", []).append(time.perf_counter() - started)
             inputs = [with_hidden_states(args, kwargs, out)
                       for (args, kwargs), out in zip(inputs, outputs)]
             layer.to(home)
+            if spill_to is not None:
+                spill_layer(layer, spill_to / f"layer-{index:04d}.pt")
     finally:
         model.train(was_training)
 
