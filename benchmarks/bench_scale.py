@@ -177,7 +177,7 @@ def child(args) -> dict:
     layers.extend(kept)
     seconds = result.report["seconds_per_layer"]
     per_layer = {phase: sum(t) / len(t) for phase, t in seconds.items() if phase != "whole_model"}
-    return {"config": args.child, "prune_args": CONFIGS[args.child], "layers": args.layers,
+    return {"config": args.child, "prune_args": CONFIGS[args.child],
             "load_seconds": round(load_seconds, 1), "rss_after_load": after_load,
             "peak_rss": peak_rss_bytes(), "rss_after_prune": resident,
             "prune_seconds": round(prune_seconds, 1),
@@ -252,48 +252,64 @@ def main():
     if unknown:
         raise SystemExit(f"unknown --configs {sorted(unknown)}; choose from {', '.join(CONFIGS)}")
     model_bytes = build_model(args.model_dir, shape)
-    records = []
-    for name in args.configs.split(","):
-        command = [sys.executable, __file__, "--child", name, "--model-dir", str(args.model_dir),
-                   "--layers", str(args.layers), "--nsamples", str(args.nsamples),
-                   "--seqlen", str(args.seqlen), "--shape", args.shape] + \
-            (["--offload"] if args.offload else [])
-        group = memory_cgroup(int(args.memory_cap_gb * 1e9)) if args.memory_cap_gb else None
-        try:
-            run = subprocess.run(command, stdout=subprocess.PIPE, text=True, preexec_fn=None
-                                 if group is None else lambda: (group / "cgroup.procs")
-                                 .write_text(str(os.getpid())))
-        finally:
-            if group is not None:
-                group.rmdir()
-        lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
-        if run.returncode != 0 or not lines:
-            raise SystemExit(f"{name}: the pruning process failed ({run.returncode})")
-        record = json.loads(lines[-1][len("RESULT "):])
-        record.update(memory_cap_gb=args.memory_cap_gb, offload=args.offload)
-        per_layer = sum(record["mean_seconds_per_layer"].values())
-        # The whole-model pass before the first layer ran over the layers kept: it scales too.
-        scale = shape["num_hidden_layers"] / args.layers
-        record["extrapolated_all_layers_seconds"] = round(
-            scale * record["whole_model_seconds"] + shape["num_hidden_layers"] * per_layer, 1)
-        record["peak_over_model_gb"] = round((record["peak_rss"] - model_bytes) / 1e9, 2)
-        records.append(record)
-        print(f"{name}: load {record['load_seconds']} s, RSS after load "
-              f"{record['rss_after_load'] / 1e9:.2f} GB, peak {record['peak_rss'] / 1e9:.2f} GB "
-              f"(model {model_bytes / 1e9:.2f} GB + {record['peak_over_model_gb']} GB); "
-              f"per layer {per_layer:.1f} s {record['mean_seconds_per_layer']}; all "
-              f"{shape['num_hidden_layers']} layers ~"
-              f"{record['extrapolated_all_layers_seconds'] / 60:.1f} min", flush=True)
     device = torch.device("cpu")
     path = args.out or results_path(device, "scale-")
-    write_results(path, device, records, model=f"{args.shape} shape, random bf16 weights",
-                  model_bytes=model_bytes, nsamples=args.nsamples, seqlen=args.seqlen,
-                  layers=args.layers, memory_gib=round(os.sysconf("SC_PAGE_SIZE")
-                                                       * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
-                  h100_prediction=h100_prediction(args.nsamples, args.seqlen),
-                  memory_arithmetic=memory_arithmetic())
+    records, failed = [], []
+    for name in args.configs.split(","):
+        record = run_configuration(name, args, shape, model_bytes)
+        records.append(record)
+        failed += [name] if "failed" in record else []
+        # Written after every configuration: a later one that fails loses nothing before it.
+        write_results(path, device, records, model=f"{args.shape} shape, random bf16 weights",
+                      model_bytes=model_bytes, nsamples=args.nsamples, seqlen=args.seqlen,
+                      layers=args.layers,
+                      memory_gib=round(os.sysconf("SC_PAGE_SIZE")
+                                       * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+                      h100_prediction=h100_prediction(args.nsamples, args.seqlen),
+                      memory_arithmetic=memory_arithmetic())
     print(f"wrote {path}")
+    if failed:
+        raise SystemExit(f"failed: {', '.join(failed)} (recorded in {path})")
 
+
+def run_configuration(name: str, args, shape: dict, model_bytes: int) -> dict:
+    """One configuration in its own process (in a memory cgroup with ``--memory-cap-gb``): its
+    record, or ``{"config", "failed": exit status, "seconds"}`` when the process died (a
+    negative status is the signal: -9 is the cgroup's out-of-memory kill)."""
+    command = [sys.executable, __file__, "--child", name, "--model-dir", str(args.model_dir),
+               "--layers", str(args.layers), "--nsamples", str(args.nsamples),
+               "--seqlen", str(args.seqlen), "--shape", args.shape] + \
+        (["--offload"] if args.offload else [])
+    group = memory_cgroup(int(args.memory_cap_gb * 1e9)) if args.memory_cap_gb else None
+    started = time.perf_counter()
+    try:
+        run = subprocess.run(command, stdout=subprocess.PIPE, text=True, preexec_fn=None
+                             if group is None else lambda: (group / "cgroup.procs")
+                             .write_text(str(os.getpid())))
+    finally:
+        if group is not None:
+            group.rmdir()
+    settings = dict(memory_cap_gb=args.memory_cap_gb, offload=args.offload, layers=args.layers)
+    lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
+    if run.returncode != 0 or not lines:
+        print(f"{name}: the pruning process failed ({run.returncode})", flush=True)
+        return {"config": name, "failed": run.returncode,
+                "seconds": round(time.perf_counter() - started, 1), **settings}
+    record = json.loads(lines[-1][len("RESULT "):])
+    record.update(settings)
+    per_layer = sum(record["mean_seconds_per_layer"].values())
+    # The whole-model pass before the first layer ran over the layers kept: it scales too.
+    scale = shape["num_hidden_layers"] / args.layers
+    record["extrapolated_all_layers_seconds"] = round(
+        scale * record["whole_model_seconds"] + shape["num_hidden_layers"] * per_layer, 1)
+    record["peak_over_model_gb"] = round((record["peak_rss"] - model_bytes) / 1e9, 2)
+    print(f"{name}: load {record['load_seconds']} s, RSS after load "
+          f"{record['rss_after_load'] / 1e9:.2f} GB, peak {record['peak_rss'] / 1e9:.2f} GB "
+          f"(model {model_bytes / 1e9:.2f} GB + {record['peak_over_model_gb']} GB); "
+          f"per layer {per_layer:.1f} s {record['mean_seconds_per_layer']}; all "
+          f"{shape['num_hidden_layers']} layers ~"
+          f"{record['extrapolated_all_layers_seconds'] / 60:.1f} min", flush=True)
+    return record
 
 if __name__ == "__main__":
     main()

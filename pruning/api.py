@@ -33,6 +33,7 @@ from .planning import (PlanContext, TierPlanner, TierPolicy, make_planner, tier_
 from .planning.sensitivity import unpruned_stats
 from .report import coverage_report, sparsity_report
 from .statistics import LinearStats, layerwise
+from .statistics.spill import check_spill_folder, layer_turn
 
 
 @dataclass
@@ -287,8 +288,9 @@ def prune(model: nn.Module, calibration="embedded", method: str = "wanda",
     seqlen defaults to the model's context, at most 2048. device: where each layer runs for its
     turn. offload_dir: a folder where each pruned layer is written and mapped back from, so that
     a model loaded from safetensors in its own dtype (mapped, not read) is pruned holding one
-    layer in memory, not all the pruned ones (keep the folder while the model is used). Masks are applied (and OBS-updated weights written); the result holds the masks, the
-    tier maps of tiered patterns (and of 2:4, every block 2:4), their K per module and a report
+    layer in memory, not all the pruned ones (keep the folder while the model is used). Masks
+    are applied (and OBS-updated weights written); the result holds the masks, the tier maps
+    of tiered patterns (and of 2:4, every block 2:4), their K per module and a report
     (sparsity, and where there are tier maps the measured packed bytes; ``coverage``: what the
     pruned modules hold of all decoder-layer weights, and each parameter left out with why). When
     more than ``UNPRUNED_WARNING`` of the decoder layers' weights (2-D and up) were not pruned
@@ -336,11 +338,13 @@ def prune(model: nn.Module, calibration="embedded", method: str = "wanda",
                   seconds=pruner.seconds, offload_dir=offload_dir)
     else:  # magnitude needs no calibration: prune the weights where they are
         path, layers = decoder_layers(model)
+        spill_to = check_spill_folder(offload_dir) if offload_dir is not None else None
         for i, layer in enumerate(layers):
-            linears = prunable_linears(layer)
-            pruner(f"{path}.{i}", layer, linears,
-                   {n: uncalibrated_stats(f"{path}.{i}.{n}", context.row_weights)
-                    for n in linears})
+            with layer_turn(layer, spill_to, i):
+                linears = prunable_linears(layer)
+                pruner(f"{path}.{i}", layer, linears,
+                       {n: uncalibrated_stats(f"{path}.{i}.{n}", context.row_weights)
+                        for n in linears})
     return PruneResult(pruner.masks, pruner.tier_maps, pruner.report(model), meth.name, spec,
                        pruner.topks, policy, pruner.bits, pruner.scales)
 

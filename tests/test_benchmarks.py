@@ -488,3 +488,14 @@ def test_bench_scale_measures_memory_and_phases_of_each_configuration(tmp_path):
     assert two_four["sparsity"] == pytest.approx(0.5)  # of the pruned layers' matrices
     assert 0.55 < recipe["packed_fraction"] < 0.65
     assert payload["h100_prediction"]["seconds_32_layers"] > 0
+
+
+def test_bench_scale_records_a_configuration_whose_process_died(tmp_path):
+    out = tmp_path / "scale.json"
+    done = subprocess.run([sys.executable, os.path.join(BENCH, "bench_scale.py"), "--shape",
+                           "tiny", "--model-dir", str(tmp_path / "model"), "--layers", "2",
+                           "--nsamples", "0", "--configs", "sparsegpt-2:4", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and "failed: sparsegpt-2:4" in done.stderr
+    record, = json.loads(out.read_text())["records"]
+    assert record["config"] == "sparsegpt-2:4" and record["failed"] != 0

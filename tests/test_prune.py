@@ -246,6 +246,11 @@ def test_offload_dir_maps_each_pruned_layer_from_disk_and_changes_nothing(tmp_pa
         mapped = f.read()
     assert all(str(f) in mapped for f in files)
     assert len(decoder_layers(spilled)[1]) == 2
+    # Magnitude prunes without calibration, on the same turns.
+    magnitude = llama()
+    pruning.prune(magnitude, ids, method="magnitude", pattern="2:4", progress=False,
+                  offload_dir=tmp_path / "magnitude")
+    assert len(list((tmp_path / "magnitude").glob("layer-*.pt"))) == 2
     with pytest.raises(FileExistsError, match="already holds layer files"):
         pruning.prune(llama(), ids, method="wanda", pattern="2:4", progress=False,
                       offload_dir=tmp_path / "layers")

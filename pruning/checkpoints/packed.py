@@ -29,8 +29,8 @@ __all__ = ["PrunedModel", "load_pruned", "unpack_model", "packable_tier_maps", "
 @dataclass
 class PrunedModel:
     """A pruned model ready for more work (fine-tuning, evaluation): dense ``nn.Linear`` weights
-    with ``masks`` (True = the format keeps a slot there; :class:`pruning.masks.BitMasks`), and the ``tier_maps`` / ``topks`` /
-    ``block_size`` (and, for low-bit values, ``bits`` / ``scales`` / ``group_size``: the
+    with ``masks`` (True = the format keeps a slot there; :class:`pruning.masks.BitMasks`), and
+    the ``tier_maps`` / ``topks`` / ``block_size`` (and, for low-bit values, ``bits`` / ``scales`` / ``group_size``: the
     weights lie on the scales' grid) to pack it again; ``meta`` is what made them (tier-map file
     metadata). Work that moves the weights off their grid (fine-tuning) drops ``bits`` and
     ``scales`` (:meth:`full_precision`)."""

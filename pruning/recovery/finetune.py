@@ -223,14 +223,13 @@ def _loss(config: FinetuneConfig, student_out, teacher_out, batch: Batch, counte
                       log_target=True, reduction="sum")
         total = total + kl * t * t
     total = total * processes / max(counted_total, 1)
-    if config.distills:
-        if config.hidden_weight > 0:
-            mask = batch.attention_mask.to(logits.device).unsqueeze(-1).float()
-            terms = []
-            for hs, ht in zip(student_out.hidden_states[1:], teacher_out.hidden_states[1:]):
-                error = ((hs.float() - ht.float()) ** 2 * mask).sum()
-                terms.append(error / ((ht.float() ** 2 * mask).sum() + 1e-12))
-            total = total + config.hidden_weight * torch.stack(terms).mean()
+    if config.distills and config.hidden_weight > 0:
+        mask = batch.attention_mask.to(logits.device).unsqueeze(-1).float()
+        terms = []
+        for hs, ht in zip(student_out.hidden_states[1:], teacher_out.hidden_states[1:]):
+            error = ((hs.float() - ht.float()) ** 2 * mask).sum()
+            terms.append(error / ((ht.float() ** 2 * mask).sum() + 1e-12))
+        total = total + config.hidden_weight * torch.stack(terms).mean()
     return total
 
 

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..models import (capture_layer_inputs, decoder_layers, get_weight, hidden_states_of,
                      layer_output, module_device, move_to, prunable_linears, with_hidden_states)
-from .spill import check_spill_folder, own_tensors, spill_layer
+from .spill import check_spill_folder, layer_turn
 from .stats import LinearStats
 
 # process_layer(layer_name, layer, {name in layer: module}, {name in layer: LinearStats})
@@ -110,29 +110,26 @@ def layerwise(model: nn.Module, batches: list[torch.Tensor], process_layer: Laye
     model.eval()
     try:
         for index, layer in enumerate(tqdm(layers, desc=desc, disable=not progress)):
-            home = module_device(layer)
-            run_on = torch.device(device) if device is not None else home
-            if spill_to is not None:
-                own_tensors(layer)
-            layer.to(run_on)
-            inputs = move_to(inputs, run_on)
-            linears = prunable_linears(layer)
-            started = time.perf_counter()
-            stats = _collect_stats(layer, linears, inputs, needs_hessian, run_on)
-            seconds.setdefault("statistics", []).append(time.perf_counter() - started)
-            for name, s in stats.items():
-                given = (sensitivity or {}).get(f"{path}.{index}.{name}")
-                s.out_sensitivity = None if given is None else given.to(run_on)
-            process_layer(f"{path}.{index}", layer, linears, stats)
-            del stats
-            started = time.perf_counter()
-            outputs = _run_layer(layer, inputs)
-            seconds.setdefault("forward", []).append(time.perf_counter() - started)
-            inputs = [with_hidden_states(args, kwargs, out)
-                      for (args, kwargs), out in zip(inputs, outputs)]
-            layer.to(home)
-            if spill_to is not None:
-                spill_layer(layer, spill_to / f"layer-{index:04d}.pt")
+            with layer_turn(layer, spill_to, index):
+                home = module_device(layer)
+                run_on = torch.device(device) if device is not None else home
+                layer.to(run_on)
+                inputs = move_to(inputs, run_on)
+                linears = prunable_linears(layer)
+                started = time.perf_counter()
+                stats = _collect_stats(layer, linears, inputs, needs_hessian, run_on)
+                seconds.setdefault("statistics", []).append(time.perf_counter() - started)
+                for name, s in stats.items():
+                    given = (sensitivity or {}).get(f"{path}.{index}.{name}")
+                    s.out_sensitivity = None if given is None else given.to(run_on)
+                process_layer(f"{path}.{index}", layer, linears, stats)
+                del stats
+                started = time.perf_counter()
+                outputs = _run_layer(layer, inputs)
+                seconds.setdefault("forward", []).append(time.perf_counter() - started)
+                inputs = [with_hidden_states(args, kwargs, out)
+                          for (args, kwargs), out in zip(inputs, outputs)]
+                layer.to(home)
     finally:
         model.train(was_training)
 

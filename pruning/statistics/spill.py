@@ -10,10 +10,12 @@ loads it back mapped (``torch.load(mmap=True)``), so its pages are file pages to
 A weight mapped from a file is mapped privately: pruning writes into it in place, and the
 written pages become the process's own copies for as long as any tensor of that file is alive
 (another layer of the same shard keeps it). :func:`own_tensors` first gives the layer private
-copies, which :func:`spill_layer` then lets go.
+copies, which :func:`spill_layer` then lets go. :func:`layer_turn` does both around one layer's
+pruning turn.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -22,7 +24,7 @@ from torch import nn
 
 from sparse_kernels.atomic import atomic_file
 
-__all__ = ["own_tensors", "spill_layer", "check_spill_folder"]
+__all__ = ["own_tensors", "spill_layer", "check_spill_folder", "layer_turn"]
 
 
 def check_spill_folder(folder: str | os.PathLike) -> Path:
@@ -51,3 +53,15 @@ def spill_layer(layer: nn.Module, file: Path) -> None:
         torch.save(state, tmp)
     del state
     layer.load_state_dict(torch.load(file, mmap=True, weights_only=True), assign=True)
+
+
+@contextlib.contextmanager
+def layer_turn(layer: nn.Module, folder: Path | None, index: int):
+    """Around decoder layer ``index``'s pruning turn: with a ``folder`` (from
+    :func:`check_spill_folder`), private copies before it and ``folder/layer-NNNN.pt`` mapped
+    back after it; without one, nothing."""
+    if folder is not None:
+        own_tensors(layer)
+    yield
+    if folder is not None:
+        spill_layer(layer, folder / f"layer-{index:04d}.pt")
